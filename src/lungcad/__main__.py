@@ -1,0 +1,7 @@
+"""`python -m lungcad` (also what `torchrun -m lungcad` runs)."""
+
+import sys
+
+from lungcad.cli import main
+
+sys.exit(main())

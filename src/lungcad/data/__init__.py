@@ -1,0 +1,1 @@
+"""Data: discovery of labelled images, grouping into patient proxies, splits, preprocessing."""

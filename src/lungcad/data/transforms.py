@@ -1,0 +1,127 @@
+"""The one preprocessing path shared by training and inference.
+
+    decoded pixels --prepare()--> uint8 tensor CxSxS (cached) --[augment]--> normalise() --> model
+
+`prepare` fixes the geometry so that the frame of the source image cannot leak into the model:
+the image is cropped to its foreground (the body on a CT slice), padded to a square and resized.
+On IQ-OTH/NCCD every non-square (623x512, 801x512) image is malignant, so feeding the frame shape
+or the black margins through would teach the model a shortcut instead of the lung.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The preprocessing contract stored with every model (model.json `preprocessing`)."""
+
+    image_size: int = 224  # ResNet-50's ImageNet resolution; smaller trades accuracy for speed
+    colour: str = "grey"  # "grey" (CT: decoded as one channel, repeated to 3) or "rgb" (histopathology)
+    geometry: str = "foreground-square"  # crop to foreground, pad to square ("square-pad": pad only)
+    foreground_threshold: int = 20  # grey level above which a pixel counts as body, not air/background
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # ImageNet statistics: what the pretrained stem expects
+    std: tuple[float, float, float] = IMAGENET_STD
+    # DICOM CT: Hounsfield units are windowed to this level/width before anything else (lung window)
+    window_level: float = -600.0
+    window_width: float = 1500.0
+    augment: dict = field(
+        default_factory=lambda: {"degrees": 10.0, "scale": [0.9, 1.1], "translate": 0.05, "hflip": 0.5}
+    )
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.colour == "grey" else 3
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for key in ("mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+def foreground_box(grey: np.ndarray, threshold: int, min_fraction: float = 0.02) -> tuple[int, int, int, int]:
+    """Bounding box (top, left, bottom, right) of rows/columns that hold real foreground.
+
+    A row or column counts only if at least `min_fraction` of it is above `threshold`, so stray
+    text labels or scanner-table specks do not stretch the box. Falls back to the whole image.
+    """
+    mask = grey > threshold
+    h, w = mask.shape
+    rows = np.flatnonzero(mask.mean(axis=1) >= min_fraction)
+    cols = np.flatnonzero(mask.mean(axis=0) >= min_fraction)
+    if rows.size == 0 or cols.size == 0:
+        return 0, 0, h, w
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def prepare(pixels: np.ndarray, pp: Preprocessing) -> torch.Tensor:
+    """Decoded uint8 pixels (HxW or HxWx3) -> uint8 tensor (C, S, S) with normalised geometry."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pp.colour == "grey" and pixels.shape[2] == 3:
+        pixels = np.asarray(np.round(pixels @ np.array([0.299, 0.587, 0.114])), dtype=np.uint8)[..., None]
+    elif pp.colour == "rgb" and pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    if pp.geometry == "foreground-square":
+        grey = pixels.mean(axis=2) if pixels.shape[2] == 3 else pixels[..., 0]
+        top, left, bottom, right = foreground_box(grey, pp.foreground_threshold)
+        pixels = pixels[top:bottom, left:right]
+    elif pp.geometry != "square-pad":
+        raise ValueError(f"unknown geometry {pp.geometry!r}")
+    h, w = pixels.shape[:2]
+    side = max(h, w)
+    square = np.zeros((side, side, pixels.shape[2]), dtype=np.uint8)  # pad with background (black)
+    y, x = (side - h) // 2, (side - w) // 2
+    square[y : y + h, x : x + w] = pixels
+    tensor = torch.from_numpy(square).permute(2, 0, 1).contiguous()
+    return F.resize(tensor, [pp.image_size, pp.image_size], antialias=True)
+
+
+def normalise(x: torch.Tensor, pp: Preprocessing) -> torch.Tensor:
+    """uint8 (C, S, S) or (N, C, S, S) -> float32 with 3 channels, ImageNet-normalised."""
+    x = x.to(torch.float32).div_(255.0)
+    if x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    mean = torch.tensor(pp.mean, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(pp.std, dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(pixels: np.ndarray, pp: Preprocessing) -> torch.Tensor:
+    """Inference path: decoded pixels -> model-ready float tensor (3, S, S)."""
+    return normalise(prepare(pixels, pp), pp)
+
+
+def train_augmentation(pp: Preprocessing) -> v2.Compose:
+    """Random rotation, scaling, shift and flips (the seed's augmentation), on cached uint8 tensors."""
+    a = pp.augment
+    ops: list = [
+        v2.RandomAffine(
+            degrees=a.get("degrees", 0.0),
+            translate=(a.get("translate", 0.0),) * 2,
+            scale=tuple(a.get("scale", (1.0, 1.0))),
+            interpolation=v2.InterpolationMode.BILINEAR,
+        )
+    ]
+    if a.get("hflip", 0.0) > 0:
+        ops.append(v2.RandomHorizontalFlip(a["hflip"]))
+    if a.get("vflip", 0.0) > 0:
+        ops.append(v2.RandomVerticalFlip(a["vflip"]))
+    return v2.Compose(ops)

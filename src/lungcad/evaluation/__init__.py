@@ -1,0 +1,1 @@
+"""Evaluation: metrics, (later) confidence intervals, calibration and reports."""

@@ -1,0 +1,1 @@
+"""Inference: running a model under its contract (no training code here)."""

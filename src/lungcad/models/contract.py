@@ -1,0 +1,110 @@
+"""The model contract: everything inference needs to use a model exactly as it was trained.
+
+A run folder holds `model.safetensors` (weights only: loading never unpickles) beside
+`model.json` (this contract). `predict`, the web app and `evaluate` read preprocessing, classes,
+calibration and thresholds from here; they never re-declare them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lungcad.data.transforms import Preprocessing
+from lungcad.errors import LungcadError
+from lungcad.models.factory import create_model, logits_to_probs, num_outputs
+from lungcad.utils import atomic_path, atomic_write_json, sha256_file
+
+CONTRACT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONTRACT_FILE = "model.json"
+
+
+@dataclass
+class ModelContract:
+    arch: str
+    task: str  # "multiclass" or "binary"
+    classes: list[str]  # output classes in probability-column order
+    preprocessing: Preprocessing
+    temperature: float = 1.0  # calibration: logits are divided by this before softmax/sigmoid
+    thresholds: dict = field(default_factory=lambda: {"malignant": 0.5})  # decision threshold(s)
+    init: dict = field(default_factory=dict)  # what the backbone started from (+ sha256)
+    training: dict = field(default_factory=dict)  # data fingerprint, split, strategy, seed, epochs
+    metrics: dict = field(default_factory=dict)  # headline test-split metrics
+    versions: dict = field(default_factory=dict)
+    ood: dict = field(default_factory=dict)  # out-of-distribution detector parameters (if fitted)
+    model_sha256: str = ""
+    format_version: int = CONTRACT_VERSION
+
+    @property
+    def outputs(self) -> int:
+        return num_outputs(self.task, len(self.classes))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelContract:
+        d = dict(d)
+        d["preprocessing"] = Preprocessing.from_dict(d.get("preprocessing", {}))
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def save_model(run_dir: str | Path, model: nn.Module, contract: ModelContract) -> None:
+    """Write model.safetensors then model.json (with the weights' sha256), each atomically."""
+    run_dir = Path(run_dir)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(run_dir / MODEL_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"arch": contract.arch, "task": contract.task})
+    contract.model_sha256 = sha256_file(run_dir / MODEL_FILE)
+    atomic_write_json(run_dir / CONTRACT_FILE, contract.to_dict())
+
+
+def read_contract(run_dir: str | Path) -> ModelContract:
+    path = Path(run_dir) / CONTRACT_FILE
+    if not Path(run_dir).is_dir():
+        raise LungcadError("run folder not found", run_dir)
+    if not path.is_file():
+        raise LungcadError(f"no {CONTRACT_FILE} in the run folder (training not finished?)", run_dir)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        contract = ModelContract.from_dict(data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise LungcadError(f"corrupt model contract ({exc})", path) from None
+    if contract.format_version > CONTRACT_VERSION:
+        raise LungcadError(
+            f"model contract version {contract.format_version} is newer than this lungcad understands", path
+        )
+    return contract
+
+
+def load_model(run_dir: str | Path, verify: bool = True) -> tuple[nn.Module, ModelContract]:
+    """Load (model in eval mode, contract) from a run folder; checks the weights' sha256."""
+    run_dir = Path(run_dir)
+    contract = read_contract(run_dir)
+    weights = run_dir / MODEL_FILE
+    if not weights.is_file():
+        raise LungcadError(f"no {MODEL_FILE} in the run folder", run_dir)
+    if verify and contract.model_sha256 and sha256_file(weights) != contract.model_sha256:
+        raise LungcadError("weights do not match the sha256 recorded in model.json", weights)
+    model, _ = create_model(contract.arch, outputs=contract.outputs, pretrained="none")
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as exc:
+        raise LungcadError(f"cannot load weights ({str(exc).splitlines()[0][:200]})", weights) from None
+    model.eval()
+    return model, contract
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, batch: torch.Tensor, contract: ModelContract) -> torch.Tensor:
+    """Normalised float batch (N, 3, S, S) -> calibrated probabilities (N, C)."""
+    return logits_to_probs(model(batch), contract.task, contract.temperature)

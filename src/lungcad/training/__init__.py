@@ -1,0 +1,1 @@
+"""Training: transfer learning loop, checkpoints, resume."""
