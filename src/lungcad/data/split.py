@@ -28,8 +28,10 @@ class SplitRow:
 
 def _carve(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of about `fraction` of the samples, whole groups only, stratified by label."""
-    n_splits = max(2, round(1.0 / fraction))
-    n_splits = min(n_splits, len(np.unique(groups)))
+    # One fold is held out, so n_splits ~ 1/fraction; but a fold can only hold every class if each
+    # class has at least n_splits groups, so small datasets get a larger held-out share.
+    min_groups = min(len(np.unique(groups[labels == c])) for c in np.unique(labels))
+    n_splits = max(2, min(round(1.0 / fraction), min_groups))
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     _, held = next(sgkf.split(np.zeros(len(labels)), labels, groups))
     mask = np.zeros(len(labels), dtype=bool)

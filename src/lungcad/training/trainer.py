@@ -22,8 +22,8 @@ import io
 import json
 import logging
 import math
-import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,8 +253,10 @@ def _check_out(out: Path) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise LungcadError("parent folder of --out does not exist", parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LungcadError("cannot write here (permission denied)", parent)
+    try:  # a real probe: access() says yes to root even on read-only or virtual file systems
+        tempfile.TemporaryDirectory(dir=parent, prefix=".lungcad-probe-").cleanup()
+    except OSError as exc:
+        raise LungcadError(f"cannot write here ({exc.strerror or exc})", parent) from None
 
 
 def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = None) -> Path:
@@ -341,10 +343,11 @@ def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = No
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if not torch.isfinite(loss):
-                raise LungcadError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1}; try a lower --lr")
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise LungcadError(f"training diverged (loss {loss_value}) at epoch {epoch + 1}; try a lower --lr")
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss_value * len(y)
             pred = (logits.reshape(-1) > 0).long() if task == "binary" else logits.argmax(1)
             correct += int((pred == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")

@@ -1,0 +1,177 @@
+"""End-to-end through `main(argv)`: train one epoch on synthetic data, evaluate, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from lungcad.cli import main
+from lungcad.models import load_model
+
+FAST = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--no-progress"]
+
+
+def _files(run):
+    return sorted(p.name for p in run.iterdir())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("cli")
+    data = make_dataset(root / "data")
+    run = root / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *FAST]) == 0
+    return data, run
+
+
+def test_train_writes_a_self_describing_run_folder(trained_run):
+    data, run = trained_run
+    assert _files(run) == sorted([
+        "config.json", "data.json", "history.csv", "init.json", "metrics.json", "model.json",
+        "model.safetensors", "skipped.csv", "split.csv",
+    ])
+    contract = json.loads((run / "model.json").read_text())
+    assert contract["classes"] == ["normal", "benign", "malignant"] and contract["task"] == "multiclass"
+    assert contract["preprocessing"]["image_size"] == 64 and contract["preprocessing"]["colour"] == "grey"
+    assert contract["init"] == {"pretrained": "none"}
+    assert len(contract["training"]["data_fingerprint_sha256"]) == 64 and len(contract["model_sha256"]) == 64
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["subset"] == "test" and 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(metrics["per_class"]) == {"normal", "benign", "malignant"}
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == metrics["n"]
+    with open(run / "split.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 45
+    subsets_of_group = {}
+    for r in rows:
+        subsets_of_group.setdefault(r["group"], set()).add(r["subset"])
+        assert not r["path"].startswith("/")  # relative to the data folder
+    assert all(len(s) == 1 for s in subsets_of_group.values())
+    # the synthetic slices come in runs of 3 per patient (file numbers 1-3, 7-9, ...): grouping
+    # must keep each run together, and must not lump everything into a few groups
+    group_of = {(r["path"].split("/")[0], (int(r["path"].split("(")[1].split(")")[0]) - 1) // 6): set() for r in rows}
+    for r in rows:
+        group_of[(r["path"].split("/")[0], (int(r["path"].split("(")[1].split(")")[0]) - 1) // 6)].add(r["group"])
+    assert len(group_of) == 15 and all(len(g) == 1 for g in group_of.values())
+    assert 12 <= len(subsets_of_group) <= 15
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert len(history) == 1 and float(history[0]["train_loss"]) > 0
+
+
+def test_evaluate_reproduces_training_metrics(trained_run, capsys, tmp_path):
+    data, run = trained_run
+    assert main(["evaluate", str(run), "--out", str(tmp_path), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("n", "accuracy", "balanced_accuracy", "macro_f1"):
+        assert again[key] == pytest.approx(saved[key])
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--data", str(data), "--no-progress"]) == 0
+
+
+def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
+    from conftest import make_dataset
+    import lungcad.training.trainer as trainer
+
+    data = make_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    real_finish = trainer._finish
+
+    def crash(*a, **k):  # simulate a crash after the last epoch's checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_finish", crash)
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *FAST]) == 130
+    assert (run / "checkpoint.pt").is_file() and not (run / "model.json").exists()
+    monkeypatch.setattr(trainer, "_finish", real_finish)
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert [h["epoch"] for h in history] == ["1", "2"]
+    assert not (run / "checkpoint.pt").exists()
+    model, contract = load_model(run)
+    assert isinstance(model, torch.nn.Module) and contract.preprocessing.image_size == 64
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 1  # finished: nothing to resume
+
+
+def test_binary_task(tmp_path):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--task", "binary", *FAST]) == 0
+    contract = json.loads((run / "model.json").read_text())
+    assert contract["classes"] == ["not_malignant", "malignant"]
+    _, c = load_model(run)
+    assert c.outputs == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/nope", "--pretrained", "none"], "nope: data path does not exist"),
+    (["--data", "{data}", "--pretrained", "none", "--out", "/proc/lungcad-run"], "/proc: cannot write"),
+    (["--data", "{data}", "--weights", "{tmp}/w.pth"], "w.pth: weights file not found"),
+    (["--data", "{data}", "--pretrained", "imagenet"], "ImageNet weights.*--weights FILE.*--pretrained none"),
+    (["--data", "{tmp}/data/Normal cases", "--pretrained", "none"], "Normal cases: no class folders found"),
+])
+def test_bad_inputs_give_one_line_errors_and_no_run_folder(tmp_path, capsys, monkeypatch, args, message):
+    import re
+    import urllib.error
+
+    from conftest import make_dataset
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached ImageNet weights
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    data = make_dataset(tmp_path / "data")
+    argv = ["train", *(a.format(tmp=tmp_path, data=data) for a in args), "--epochs", "1", "--image-size", "64",
+            "--no-progress"]
+    out = tmp_path / "run"
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert not out.exists()
+    assert not list((tmp_path / "torch").rglob("*.pth"))  # no partial download left behind
+
+
+def test_existing_out_is_refused(tmp_path, capsys):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "keep.txt").write_text("precious")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "exists"), *FAST]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "precious"
+
+
+def test_corrupt_images_are_skipped_and_listed(tmp_path):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    (data / "Normal cases" / "Normal case (99).png").write_bytes(b"")
+    (data / "Normal cases" / "Normal case (98).jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *FAST]) == 0
+    skipped = list(csv.DictReader(open(run / "skipped.csv")))
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in skipped) == ["Normal case (98).jpg", "Normal case (99).png"]
+    assert len(list(csv.DictReader(open(run / "split.csv")))) == 45
+
+
+def test_audit_command(tmp_path, capsys):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    assert main(["audit", str(data), "--json", str(tmp_path / "a.json"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report  # structure is tested in test_audit.py
+    assert "malignant" in capsys.readouterr().out
