@@ -68,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_audit(args: argparse.Namespace) -> int:
     from lungcad.data.audit import format_audit, run_audit
     from lungcad.data.discovery import discover, parse_label_map
-    from lungcad.data.grouping import assign_groups, scan_images
+    from lungcad.data.grouping import assign_groups, near_duplicate_pairs, scan_images
 
     samples = discover(args.data, parse_label_map(args.label_map))
     infos, unreadable = scan_images(samples, progress=args.progress)
-    groups = assign_groups(samples, infos)
-    report = run_audit(samples, infos, unreadable, groups)
+    near = near_duplicate_pairs(infos)  # computed once, shared by grouping and the report
+    groups = assign_groups(samples, infos, near_pairs=near)
+    report = run_audit(samples, infos, unreadable, groups, near_pairs=near)
     print(format_audit(report))
     if args.json:
         _writable_file(args.json)
