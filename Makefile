@@ -29,7 +29,9 @@ main: install
 	$(BIN)/lungcad train --data $(DATA) --out $(RUN) --pretrained none $(TRAIN_ARGS)
 	$(BIN)/lungcad evaluate $(RUN)
 
+# system packages for the browser and PostgreSQL tests (chromium, postgresql; skipped when not root)
 test: install
+	bash scripts/install-system-deps.sh
 	$(BIN)/python -m pytest
 
 bench: install

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# System packages some tests need, from Debian's archive (idempotent; `make test` runs it).
+#   chromium    the browser tests (Playwright drives Debian's chromium: Playwright's own download fails offline)
+#   postgresql  the web app's PostgreSQL test (the test starts its own server on loopback)
+# Skips quietly when not root or without apt-get; the tests that need a package then skip with a reason.
+set -euo pipefail
+
+PACKAGES=(chromium postgresql)
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    exit 0
+fi
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+echo "install-system-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,0 +1,201 @@
+"""Database schema (SQLAlchemy 2 ORM) and connection set-up; the schema itself is created by Alembic.
+
+SQLite (a file in the data folder) is the zero-set-up default; PostgreSQL is used with a
+`postgresql://` URL. Every change of schema goes through a migration in `web/migrations/`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from lungcad.errors import LungcadError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("clinician", "admin")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_id() -> str:
+    """Random public id (URLs are not guessable or enumerable)."""
+    return secrets.token_hex(12)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # never the token itself
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    user: Mapped[User] = relationship()
+
+
+class Study(Base):
+    """One uploaded image and the model's result on it (pixels stored de-identified on disk)."""
+
+    __tablename__ = "studies"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # png / jpeg / dicom (sniffed from content)
+    input_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    group_key: Mapped[str] = mapped_column(String(64))  # hashed study UID (DICOM) or upload batch id
+    image_file: Mapped[str] = mapped_column(String(128))  # relative to the data folder
+    dicom_file: Mapped[str | None] = mapped_column(String(128), nullable=True)  # de-identified copy
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(32), default="")
+    decision: Mapped[str] = mapped_column(String(32), default="")
+    malignant_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
+    ood: Mapped[bool] = mapped_column(Boolean, default=False)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    dicom_meta: Mapped[dict] = mapped_column(JSON, default=dict)  # hashed UIDs, modality: no PHI
+    user: Mapped[User] = relationship()
+    feedback: Mapped[list[Feedback]] = relationship(back_populates="study", order_by="Feedback.id")
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    agree: Mapped[bool] = mapped_column(Boolean)
+    label: Mapped[str] = mapped_column(String(32))  # the clinician's label
+    confidence: Mapped[int] = mapped_column(Integer)  # 1..5
+    comment: Mapped[str] = mapped_column(Text, default="")
+    usability: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1..5 rating of the tool
+    model_label: Mapped[str] = mapped_column(String(32), default="")  # the model's label it answered
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    study: Mapped[Study] = relationship(back_populates="feedback")
+    user: Mapped[User] = relationship()
+
+
+class AuditEvent(Base):
+    """Append-only: the application never updates or deletes rows (enforced below and by triggers)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    username: Mapped[str] = mapped_column(String(64), default="")
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target: Mapped[str] = mapped_column(String(64), default="")
+    input_sha256: Mapped[str] = mapped_column(String(64), default="")
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+@event.listens_for(AuditEvent, "before_update")
+@event.listens_for(AuditEvent, "before_delete")
+def _refuse_audit_change(mapper: Any, connection: Any, target: AuditEvent) -> None:
+    raise PermissionError("the audit log is append-only")
+
+
+def audit(
+    session: Session,
+    action: str,
+    user: User | None = None,
+    *,
+    target: str = "",
+    input_sha256: str = "",
+    model_sha256: str = "",
+    username: str = "",
+    **detail: Any,
+) -> None:
+    """Add one audit row to the session (committed with the change it records)."""
+    session.add(
+        AuditEvent(
+            user_id=user.id if user else None, username=user.username if user else username, action=action,
+            target=target, input_sha256=input_sha256, model_sha256=model_sha256, detail=detail,
+        )
+    )
+
+
+def database_url(db: str | None, data_dir: str | Path) -> str:
+    """The SQLAlchemy URL: `db` if given (postgresql:// uses psycopg 3), else SQLite in the data folder."""
+    if not db:
+        return f"sqlite:///{Path(data_dir).resolve() / 'lungcad.sqlite3'}"
+    try:
+        url = make_url(db)
+    except ArgumentError:
+        raise LungcadError(f"not a database URL: {db.split('@')[-1]!r}") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    elif not url.drivername.startswith(("postgresql", "sqlite")):
+        raise LungcadError(f"unsupported database {url.drivername!r} (use sqlite or postgresql)")
+    return url.render_as_string(hide_password=False)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # check_same_thread off: FastAPI runs sync handlers in a thread pool; each request has its own session.
+        # Pool sized for FastAPI's 40 worker threads; SQLite serialises writers itself (WAL + busy timeout).
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
+                               max_overflow=30)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def open_database(db: str | None, data_dir: str | Path, upgrade: bool = True) -> tuple[Engine, sessionmaker[Session]]:
+    """Connect (creating the data folder for SQLite) and bring the schema up to date with Alembic."""
+    url = database_url(db, data_dir)
+    if url.startswith("sqlite"):
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
+    if upgrade:
+        from lungcad.web.migrate import upgrade_database
+
+        upgrade_database(engine)
+    return engine, sessionmaker(engine, expire_on_commit=False)

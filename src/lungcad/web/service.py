@@ -1,0 +1,280 @@
+"""What the web pages and the REST API do, independent of HTTP: uploads, predictions, feedback, stats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from lungcad.errors import LungcadError
+from lungcad.utils import atomic_path, sha256_bytes
+from lungcad.web.db import Feedback, Study, User, audit
+from lungcad.web.deid import deidentify
+from lungcad.web.security import keyed_hash
+from lungcad.web.uploads import check_upload
+
+log = logging.getLogger(__name__)
+
+EXPLAIN_SIZE = 384  # display size of the model-input / Grad-CAM images (upscaled from the model's size)
+
+
+class PredictorLike(Protocol):
+    """What the web app needs of lungcad.inference.predictor.Predictor (a fake in unit tests)."""
+
+    contract: Any
+
+    def load_pixels(self, data: bytes | Path, name: str | None = None) -> tuple[np.ndarray, dict]: ...
+
+    def predict(self, data: bytes | Path, name: str | None = None) -> Any: ...
+
+    def explain(self, data: bytes | Path, target: Any = None) -> Any: ...
+
+
+@dataclass
+class Store:
+    """Files of the web app under the data folder; names are generated ids, never upload filenames."""
+
+    root: Path
+    secret: str
+    predictor: PredictorLike
+    # Inference is CPU-bound and torch already uses every core: serialising the calls avoids
+    # oversubscription (threads fighting for 2 cores) and keeps per-request latency predictable.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        for sub in ("images", "dicom", "explain"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def model_sha256(self) -> str:
+        return str(getattr(self.predictor.contract, "model_sha256", "") or "")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(getattr(self.predictor.contract, "classes", []) or [])
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+
+
+def process_upload(session: Session, store: Store, user: User, raw: bytes, batch_id: str, label: str = "upload") -> Study:
+    """Validate, de-identify, predict and record one uploaded file; LungcadError for unusable input.
+
+    `label` names the file in error messages only (it is never stored or used as a path).
+    """
+    kind, width, height = check_upload(raw, label)
+    input_sha = sha256_bytes(raw)
+    dicom_bytes, dicom_meta = None, {}
+    if kind == "dicom":
+        # De-identify first, then work only from the de-identified bytes: PHI never reaches disk.
+        dicom_bytes, dicom_meta = deidentify(raw, store.secret, label)
+        raw = dicom_bytes
+    with store.lock:
+        pixels, _ = store.predictor.load_pixels(raw, name=label)
+        prediction = store.predictor.predict(raw, name=label)
+    if prediction.error:
+        raise LungcadError(prediction.error, label)
+    group = dicom_meta.get("study_uid") or batch_id
+    study = Study(
+        user_id=user.id, kind=kind, input_sha256=input_sha, group_key=keyed_hash(store.secret, group),
+        image_file="", width=width, height=height, label=prediction.label, decision=prediction.decision,
+        malignant_probability=_float(prediction.malignant_probability),
+        probabilities={k: float(v) for k, v in prediction.probabilities.items()}, ood=bool(prediction.ood),
+        ood_score=_float(prediction.ood_score), error="", model_sha256=prediction.model_sha256 or store.model_sha256,
+        dicom_meta={k: v for k, v in dicom_meta.items() if v},
+    )
+    session.add(study)
+    session.flush()  # assigns the id used for file names
+    study.image_file = f"images/{study.id}.png"
+    _write_png(store.path(study.image_file), pixels)
+    if dicom_bytes is not None:
+        study.dicom_file = f"dicom/{study.id}.dcm"
+        with atomic_path(store.path(study.dicom_file)) as tmp:
+            tmp.write_bytes(dicom_bytes)
+    audit(session, "upload", user, target=study.id, input_sha256=input_sha, kind=kind, width=width, height=height)
+    audit(
+        session, "prediction", user, target=study.id, input_sha256=input_sha, model_sha256=study.model_sha256,
+        label=study.label, decision=study.decision, ood=study.ood,
+    )
+    return study
+
+
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def explain_images(store: Store, study: Study) -> tuple[Path, Path]:
+    """(model-input image, Grad-CAM overlay) PNGs for a study, computed once and cached.
+
+    Grad-CAM runs on the stored de-identified pixels, which are exactly what the model received
+    (lossless PNG of the decoded/windowed image), so the map matches the stored prediction.
+    """
+    inp = store.path(f"explain/{study.id}_input.png")
+    overlay = store.path(f"explain/{study.id}_overlay.png")
+    if inp.is_file() and overlay.is_file():
+        return inp, overlay
+    with store.lock:
+        exp = store.predictor.explain(store.path(study.image_file))
+    for path, arr in ((inp, exp.image), (overlay, exp.overlay)):
+        im = Image.fromarray(np.ascontiguousarray(np.asarray(arr, dtype=np.uint8)))
+        im = im.resize((EXPLAIN_SIZE, EXPLAIN_SIZE), Image.Resampling.BILINEAR)
+        with atomic_path(path) as tmp:
+            im.save(tmp, format="PNG")
+    return inp, overlay
+
+
+@dataclass
+class FeedbackInput:
+    agree: bool
+    label: str
+    confidence: int
+    comment: str = ""
+    usability: int | None = None
+
+
+def validate_feedback(fb: FeedbackInput, classes: list[str]) -> FeedbackInput:
+    if fb.label not in classes:
+        raise LungcadError(f"label must be one of {', '.join(classes)}")
+    if not 1 <= int(fb.confidence) <= 5:
+        raise LungcadError("confidence must be 1-5")
+    if fb.usability is not None and not 1 <= int(fb.usability) <= 5:
+        raise LungcadError("usability rating must be 1-5")
+    if len(fb.comment) > 4000:
+        raise LungcadError("comment too long (4000 characters at most)")
+    return fb
+
+
+def add_feedback(session: Session, store: Store, study: Study, user: User, fb: FeedbackInput) -> Feedback:
+    """Store a clinician's feedback on a study (with the model sha it answers) and audit it."""
+    fb = validate_feedback(fb, store.classes)
+    # "agree" is derived from the labels when they contradict it, so the statistics stay coherent.
+    agree = bool(fb.agree) if fb.label == study.label else False
+    row = Feedback(
+        study_id=study.id, user_id=user.id, agree=agree, label=fb.label, confidence=int(fb.confidence),
+        comment=fb.comment.strip(), usability=fb.usability, model_label=study.label, model_sha256=study.model_sha256,
+    )
+    session.add(row)
+    session.flush()
+    audit(
+        session, "feedback", user, target=study.id, input_sha256=study.input_sha256, model_sha256=study.model_sha256,
+        feedback_id=row.id, agree=agree, label=fb.label,
+    )
+    return row
+
+
+def study_dict(study: Study, with_feedback: bool = False) -> dict:
+    d = {
+        "id": study.id, "created_at": study.created_at.isoformat(), "kind": study.kind,
+        "input_sha256": study.input_sha256, "width": study.width, "height": study.height,
+        "label": study.label, "decision": study.decision, "malignant_probability": study.malignant_probability,
+        "probabilities": study.probabilities, "ood": study.ood, "ood_score": study.ood_score,
+        "model_sha256": study.model_sha256, "url": f"/studies/{study.id}",
+        "feedback_count": len(study.feedback),
+        "disagreement": any(not f.agree for f in study.feedback),
+    }
+    if with_feedback:
+        d["feedback"] = [feedback_dict(f) for f in study.feedback]
+    return d
+
+
+def feedback_dict(f: Feedback) -> dict:
+    return {
+        "id": f.id, "study_id": f.study_id, "user": f.user.username if f.user else "", "created_at": f.created_at.isoformat(),
+        "agree": f.agree, "label": f.label, "model_label": f.model_label, "confidence": f.confidence,
+        "comment": f.comment, "usability": f.usability, "model_sha256": f.model_sha256,
+    }
+
+
+def list_studies(session: Session, status: str = "all", limit: int = 100, offset: int = 0) -> list[Study]:
+    """Recent studies; status: all / pending (no feedback) / disagree (some clinician disagreed)."""
+    q = select(Study).options(selectinload(Study.feedback).selectinload(Feedback.user), selectinload(Study.user))
+    if status == "disagree":
+        q = q.where(Study.id.in_(select(Feedback.study_id).where(Feedback.agree.is_(False))))
+    elif status == "pending":
+        q = q.where(~Study.id.in_(select(Feedback.study_id)))
+    elif status == "reviewed":
+        q = q.where(Study.id.in_(select(Feedback.study_id)))
+    q = q.order_by(Study.created_at.desc(), Study.id).limit(max(1, min(limit, 1000))).offset(max(0, offset))
+    return list(session.scalars(q))
+
+
+def wilson(k: int, n: int) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a proportion (scipy), None when n = 0."""
+    if n == 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def pilot_stats(session: Session, classes: list[str]) -> dict:
+    """Agreement overall and per model class (with CIs), model-vs-clinician confusion, usability, comments."""
+    rows = list(session.scalars(select(Feedback).options(selectinload(Feedback.user)).order_by(Feedback.id)))
+    n = len(rows)
+    k = sum(r.agree for r in rows)
+    per_class = []
+    for c in classes:
+        sub = [r for r in rows if r.model_label == c]
+        kc = sum(r.agree for r in sub)
+        per_class.append({"label": c, "n": len(sub), "agree": kc, "rate": kc / len(sub) if sub else None, "ci": wilson(kc, len(sub))})
+    index = {c: i for i, c in enumerate(classes)}
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)  # rows: clinician, columns: model
+    for r in rows:
+        if r.label in index and r.model_label in index:
+            confusion[index[r.label], index[r.model_label]] += 1
+    ratings = [r.usability for r in rows if r.usability is not None]
+    return {
+        "feedback": n,
+        "studies": session.scalar(select(func.count()).select_from(Study)) or 0,
+        "agree": k,
+        "agreement": k / n if n else None,
+        "agreement_ci": wilson(k, n),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "classes": classes,
+        "usability_n": len(ratings),
+        "usability_mean": float(np.mean(ratings)) if ratings else None,
+        "usability_hist": [ratings.count(i) for i in range(1, 6)],
+        "comments": [feedback_dict(r) for r in reversed(rows) if r.comment][:100],
+    }
+
+
+def _csv_safe(value: Any) -> Any:
+    # Spreadsheet formula injection: a comment starting with = + - @ would run as a formula in Excel.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def feedback_csv(session: Session) -> str:
+    rows = session.scalars(
+        select(Feedback).options(selectinload(Feedback.user), selectinload(Feedback.study)).order_by(Feedback.id)
+    )
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([
+        "feedback_id", "created_at", "user", "study_id", "model_label", "model_malignant_probability",
+        "model_decision", "clinician_label", "agree", "confidence", "usability", "comment", "model_sha256",
+    ])
+    for f in rows:
+        w.writerow([_csv_safe(v) for v in (
+            f.id, f.created_at.isoformat(), f.user.username, f.study_id, f.model_label,
+            f.study.malignant_probability, f.study.decision, f.label, int(f.agree), f.confidence,
+            "" if f.usability is None else f.usability, f.comment, f.model_sha256,
+        )])
+    return buf.getvalue()

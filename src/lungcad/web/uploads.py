@@ -1,0 +1,72 @@
+"""Upload validation: type by content (never by name or Content-Type), size and dimension caps."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+from lungcad.errors import LungcadError
+
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one file: a 512x512 CT slice is ~0.5 MB; a large DICOM ~30 MB
+MAX_FILES = 50  # per upload form / request
+# Decoded-dimension cap, checked from the header before decoding (decompression bombs):
+# CT and radiograph images are at most a few thousand pixels a side.
+MAX_SIDE = 8192
+MAX_PIXELS = 40_000_000
+
+KINDS = ("png", "jpeg", "dicom")
+
+
+def sniff(raw: bytes) -> str | None:
+    """The file type from its magic bytes: 'png', 'jpeg', 'dicom' or None."""
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if raw.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(raw) > 132 and raw[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def check_upload(raw: bytes, label: str = "upload") -> tuple[str, int, int]:
+    """(kind, width, height) of an acceptable upload; LungcadError naming `label` otherwise."""
+    if not raw:
+        raise LungcadError("empty file", label)
+    if len(raw) > MAX_UPLOAD_BYTES:
+        raise LungcadError(f"file too large ({len(raw) // 1024} KiB, limit {MAX_UPLOAD_BYTES // 1024 // 1024} MiB)", label)
+    kind = sniff(raw)
+    if kind is None:
+        raise LungcadError("not a PNG, JPEG or DICOM file", label)
+    if kind == "dicom":
+        width, height = _dicom_size(raw, label)
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+                    width, height = im.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise LungcadError(f"image too large (decompression bomb guard; limit {MAX_SIDE} pixels a side)", label) from None
+        except Exception:
+            raise LungcadError(f"not a readable {kind.upper()} image", label) from None
+    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+        raise LungcadError(f"image too large ({width}x{height} pixels; limit {MAX_SIDE} a side)", label)
+    if width < 8 or height < 8:
+        raise LungcadError(f"image too small ({width}x{height} pixels)", label)
+    return kind, width, height
+
+
+def _dicom_size(raw: bytes, label: str) -> tuple[int, int]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+        width, height = int(ds.Columns), int(ds.Rows)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:
+        raise LungcadError("not a readable DICOM image (no Rows/Columns)", label) from None
+    if frames > 1:
+        raise LungcadError(f"multi-frame DICOM ({frames} frames) is not supported: upload single slices", label)
+    return width, height
