@@ -1,0 +1,67 @@
+"""Grad-CAM on the last residual stage (layer4), through pytorch-grad-cam with explicit targets.
+
+The heatmap is computed on the *prepared* image (the square crop the model saw), so it lines up
+with `Explanation.image`, not with the original file's frame. Hooks are released after every call
+(pytorch-grad-cam's context manager), so a long-lived Predictor does not accumulate them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from lungcad.errors import LungcadError
+from lungcad.utils import atomic_path
+
+
+@dataclass
+class Explanation:
+    target: str  # the class the heatmap explains
+    heatmap: np.ndarray  # (S, S) float32 in [0, 1], on the prepared image
+    overlay: np.ndarray  # (S, S, 3) uint8 RGB: heatmap blended over the prepared image
+    image: np.ndarray  # the prepared image the model saw, (S, S) uint8 grey or (S, S, 3) RGB
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+    def save_overlay(self, path: str | Path) -> Path:
+        """Write the overlay as a PNG (atomically); returns the path."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(self.overlay, "RGB").save(tmp, format="PNG")
+        return path
+
+
+def _targets(classes: list[str], task: str, target: str):
+    try:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise LungcadError("Grad-CAM needs pytorch-grad-cam: pip install 'lungcad[explain]'") from None
+    if target not in classes:
+        raise LungcadError(f"unknown Grad-CAM target {target!r} (classes: {', '.join(classes)})")
+    if task == "binary":
+        # One sigmoid logit: evidence for "malignant" raises it, evidence against lowers it.
+        if target == classes[1]:
+            return [ClassifierOutputTarget(0)]
+        return [lambda output: -output[..., 0]]
+    return [ClassifierOutputTarget(classes.index(target))]
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, image: np.ndarray, classes: list[str], task: str,
+             target: str, layer: nn.Module | None = None) -> Explanation:
+    """Grad-CAM of `target` for one normalised input `x` (3, S, S); `image` is the prepared uint8 image."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    targets = _targets(classes, task, target)
+    layer = layer if layer is not None else model.layer4[-1]
+    batch = x.unsqueeze(0).to(torch.float32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(False), torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as cam:
+        heatmap = cam(input_tensor=batch, targets=targets)[0]
+    heatmap = np.nan_to_num(np.clip(heatmap, 0.0, 1.0)).astype(np.float32)  # flat maps give 0/0
+    base = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    overlay = show_cam_on_image(base.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=0.6)
+    return Explanation(target=target, heatmap=heatmap, overlay=overlay, image=image)

@@ -1,0 +1,456 @@
+"""Predicting from files: what `lungcad predict` and the web application call.
+
+    bytes --sniff--> DICOM (windowed, per frame) | image (decode_image)
+          --prepare/normalise (the contract's preprocessing)--> engine --> logits, features
+          --temperature--> calibrated probabilities --thresholds--> label, decision
+          features --OOD detector--> ood flag, score
+
+Label at the contract's thresholds: if p(malignant) >= thresholds["malignant"] the label is
+"malignant", otherwise the most probable of the other classes, so `label` and `decision` never
+disagree.
+
+Series (several DICOM slices or frames sharing a SeriesInstanceUID): every slice gets its own row,
+then one row with level "series" follows at the end of the stream. Aggregation rule: the series'
+probabilities are the mean of the probabilities of its SERIES_TOP_K slices with the highest
+malignant probability, among the slices that are not out of distribution (all slices if every
+one is). A nodule shows on a few slices only: a mean over the whole series would dilute it to
+nothing, the single highest slice would follow one noisy slice. The series is flagged OOD when
+more than half of its slices are; its ood_score is the median slice score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lungcad.data.images import IMAGE_SUFFIXES, decode_image
+from lungcad.data.transforms import normalise, prepare
+from lungcad.dicom.reader import is_dicom, read_dicom
+from lungcad.errors import LungcadError
+from lungcad.inference.engines import Engine, TorchEngine
+from lungcad.inference.explain import Explanation, grad_cam
+from lungcad.inference.ood import OODDetector
+from lungcad.models.contract import ModelContract, load_model
+from lungcad.models.factory import logits_to_probs
+
+log = logging.getLogger(__name__)
+
+SERIES_TOP_K = 3  # slices averaged for a series' probabilities (see the module docstring)
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
+DICOM_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "InstanceNumber", "frame")
+# Leading bytes of the image formats decode_image (Pillow) reads; used to pick files out of folders.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8", b"RIFF")
+
+
+@dataclass
+class Prediction:
+    source: str  # file path / upload name ("file.dcm#3" for frame 3; a folder for a series row)
+    probabilities: dict[str, float]  # calibrated (contract temperature), by class name
+    label: str  # predicted class at the contract's thresholds
+    malignant_probability: float
+    decision: str  # "malignant" or "not malignant" at contract.thresholds["malignant"]
+    ood: bool
+    ood_score: float | None
+    error: str = ""  # "" when fine; one line otherwise (the file is still reported)
+    model_sha256: str = ""
+    dicom: dict = field(default_factory=dict)  # UIDs (+ modality, instance, frame); never patient identity
+    level: str = "image"  # "image", "frame" (of a multi-frame DICOM) or "series" (aggregate)
+    slices: int = 1  # images aggregated into this row (series rows)
+    cam_path: str = ""  # Grad-CAM overlay PNG, when asked for
+
+    @classmethod
+    def failed(cls, source: str, error: str, model_sha256: str = "", dicom: dict | None = None) -> Prediction:
+        return cls(source=source, probabilities={}, label="", malignant_probability=math.nan, decision="",
+                   ood=False, ood_score=None, error=error, model_sha256=model_sha256, dicom=dict(dicom or {}))
+
+    def to_row(self) -> dict:
+        """Flat dict for CSV/JSON: p_<class> columns, DICOM UIDs as columns; None where not applicable."""
+        ok = not self.error
+        row: dict = {"source": self.source, "level": self.level, "label": self.label or None,
+                     "decision": self.decision or None,
+                     "malignant_probability": round(self.malignant_probability, 6) if ok else None}
+        for name, p in self.probabilities.items():
+            row[f"p_{name}"] = round(float(p), 6)
+        row["ood"] = self.ood if ok else None
+        row["ood_score"] = round(self.ood_score, 6) if self.ood_score is not None else None
+        row["error"] = self.error
+        row["model_sha256"] = self.model_sha256
+        row["slices"] = self.slices
+        for key in DICOM_COLUMNS:
+            row[key] = self.dicom.get(key)
+        row["cam_path"] = self.cam_path or None
+        return row
+
+
+@dataclass
+class _Item:
+    """One image (or frame) on its way through a batch."""
+
+    source: str
+    tensor: torch.Tensor | None  # prepared uint8 (C, S, S); None when decoding failed
+    error: str = ""
+    dicom: dict = field(default_factory=dict)
+    level: str = "image"
+
+
+def _make_engine(kind: str, run_dir: Path, model, contract: ModelContract) -> Engine:
+    if kind == "torch":
+        return TorchEngine(model)
+    try:  # exported runtimes (ONNX Runtime, OpenVINO) live beside TorchEngine when installed
+        from lungcad.inference.engines import make_engine
+    except ImportError:
+        raise LungcadError(f"engine {kind!r} is not available in this lungcad build (use --engine torch)") from None
+    return make_engine(kind, run_dir, model, contract)
+
+
+class Predictor:
+    """A trained run, loaded once, predicting and explaining files under its model contract."""
+
+    def __init__(self, run_dir: str | Path, engine: str = "torch", window: tuple[float, float] | None = None):
+        """`window` (level, width in HU) overrides the contract's CT window for DICOM input."""
+        t0 = time.perf_counter()
+        self.run_dir = Path(run_dir)
+        self.model, self.contract = load_model(self.run_dir)
+        self.engine = _make_engine(engine, self.run_dir, self.model, self.contract)
+        self.window = window
+        self.pp = self.contract.preprocessing
+        self.classes = list(self.contract.classes)
+        if "malignant" not in self.classes:
+            raise LungcadError(f"model classes {self.classes} have no 'malignant' class", self.run_dir)
+        self.threshold = float(self.contract.thresholds.get("malignant", 0.5))
+        self.ood_detector = OODDetector.load(self.run_dir, self.contract.ood) if self.contract.ood else None
+        if self.ood_detector is None:
+            log.warning("%s: no out-of-distribution detector in model.json; nothing will be flagged OOD", run_dir)
+        self.load_seconds = time.perf_counter() - t0
+        log.debug("model loaded in %.2f s (engine %s)", self.load_seconds, engine)
+
+    # ---------------------------------------------------------------------------------- decoding
+
+    @property
+    def model_sha256(self) -> str:
+        return self.contract.model_sha256
+
+    @property
+    def columns(self) -> list[str]:
+        """CSV columns of `Prediction.to_row` for this model (fixed, whatever the rows hold)."""
+        return (["source", "level", "label", "decision", "malignant_probability"]
+                + [f"p_{c}" for c in self.classes]
+                + ["ood", "ood_score", "error", "model_sha256", "slices", *DICOM_COLUMNS, "cam_path"])
+
+    def _frames(self, data: bytes | Path | str, name: str | None) -> list[tuple[np.ndarray, dict]]:
+        """Decoded uint8 frames with their DICOM metadata (one frame for ordinary images)."""
+        label = name if name is not None else (str(data) if isinstance(data, (str, Path)) else "<bytes>")
+        if isinstance(data, (str, Path)):
+            path = Path(data)
+            if path.is_dir():
+                raise LungcadError("is a folder (use predict_paths for folders)", label)
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise LungcadError(f"cannot read file ({exc.strerror or exc})", label) from None
+        else:
+            raw = bytes(data)
+        if not raw:
+            raise LungcadError("empty file (0 bytes)", label)
+        if is_dicom(raw[:132]):
+            dcm = read_dicom(raw, label, window=self.window, ct_window=(self.pp.window_level, self.pp.window_width))
+            if len(dcm.frames) == 1:
+                return [(dcm.frames[0], dict(dcm.metadata))]
+            return [(f, {**dcm.metadata, "frame": i}) for i, f in enumerate(dcm.frames)]
+        return [(decode_image(raw, self.pp.colour, name=label), {})]
+
+    def load_pixels(self, data: bytes | Path, name: str | None = None, frame: int | None = None
+                    ) -> tuple[np.ndarray, dict]:
+        """Decoded (DICOM: windowed) uint8 pixels and the DICOM UIDs; raises LungcadError.
+
+        For a multi-frame DICOM, `frame` picks one (default: the middle frame).
+        """
+        frames = self._frames(data, name)
+        index = len(frames) // 2 if frame is None else frame
+        if not 0 <= index < len(frames):
+            raise LungcadError(f"frame {index} out of range (the file has {len(frames)})", name or str(data))
+        pixels, meta = frames[index]
+        if len(frames) > 1:
+            meta = {**meta, "frames": len(frames)}
+        return pixels, meta
+
+    # --------------------------------------------------------------------------------- inference
+
+    def _run(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Prepared uint8 tensors -> (probabilities (N, C), ood flags, ood scores)."""
+        batch = normalise(torch.stack(tensors), self.pp).numpy()
+        logits, features = self.engine.run(batch)
+        probs = logits_to_probs(torch.as_tensor(np.asarray(logits), dtype=torch.float32),
+                                self.contract.task, self.contract.temperature).numpy()
+        if self.ood_detector is None:
+            return probs, None, None
+        flags, scores = self.ood_detector.is_ood(np.asarray(features))
+        return probs, flags, scores
+
+    def _decide(self, probs: np.ndarray) -> tuple[str, float, str]:
+        """(label, p(malignant), decision) at the contract's operating threshold."""
+        m = self.classes.index("malignant")
+        p_mal = float(probs[m])
+        if p_mal >= self.threshold:
+            return "malignant", p_mal, "malignant"
+        others = [i for i in range(len(self.classes)) if i != m]
+        return self.classes[max(others, key=lambda i: probs[i])], p_mal, "not malignant"
+
+    def _prediction(self, item: _Item, probs: np.ndarray, flag, score) -> Prediction:
+        label, p_mal, decision = self._decide(probs)
+        return Prediction(
+            source=item.source, probabilities={c: float(p) for c, p in zip(self.classes, probs)}, label=label,
+            malignant_probability=p_mal, decision=decision, ood=bool(flag) if flag is not None else False,
+            ood_score=float(score) if score is not None else None, model_sha256=self.model_sha256,
+            dicom=item.dicom, level=item.level,
+        )
+
+    def _items(self, data: bytes | Path | str, name: str | None) -> list[_Item]:
+        """Decode and prepare; a failure becomes one error item instead of an exception."""
+        source = name if name is not None else str(data) if isinstance(data, (str, Path)) else "<bytes>"
+        try:
+            frames = self._frames(data, name)
+            many = len(frames) > 1
+            return [_Item(f"{source}#{meta['frame']}" if many else source, prepare(pixels, self.pp),
+                          dicom=meta, level="frame" if many else "image") for pixels, meta in frames]
+        except LungcadError as exc:
+            return [_Item(source, None, error=_strip_path(str(exc), source))]
+        except Exception as exc:  # a decoder bug on one odd file must not stop a batch of thousands
+            log.debug("unexpected error on %s", source, exc_info=True)
+            return [_Item(source, None, error=f"unexpected error while reading ({type(exc).__name__}: {exc})"[:300])]
+
+    def predict(self, data: bytes | Path, name: str | None = None) -> Prediction:
+        """Predict one file or upload; never raises for bad input (the error field is set).
+
+        A multi-frame DICOM gives its series-level result (see the module docstring).
+        """
+        items = self._items(data, name)
+        if items[0].tensor is None:
+            return Prediction.failed(items[0].source, items[0].error, self.model_sha256)
+        probs, flags, scores = self._run([it.tensor for it in items])
+        preds = [self._prediction(it, probs[i], None if flags is None else flags[i],
+                                  None if scores is None else scores[i]) for i, it in enumerate(items)]
+        if len(preds) == 1:
+            return preds[0]
+        source = name if name is not None else str(data) if isinstance(data, (str, Path)) else "<bytes>"
+        return self._aggregate(source, preds)
+
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16, progress: bool = True,
+                      cam_dir: str | Path | None = None) -> Iterator[Prediction]:
+        """Stream predictions over files and folders (recursive), `batch_size` images per forward pass.
+
+        Yields rows in input order, then one series row per DICOM series of two or more slices.
+        Only one batch of prepared images is held in memory. With `cam_dir`, a Grad-CAM overlay
+        of the predicted label is written there for every image (`cam_path`).
+        """
+        if cam_dir is not None:
+            Path(cam_dir).mkdir(parents=True, exist_ok=True)
+        series: dict[str, dict[tuple, Prediction]] = {}  # SeriesInstanceUID -> (SOP, frame) -> slice
+        pending: list[_Item] = []
+        n_tensors = 0
+        bar = tqdm(desc="predicting", unit="file", disable=not progress)
+        try:
+            for path, problem in iter_inputs(paths):
+                bar.update(1)
+                items = [_Item(str(path), None, error=problem)] if problem else self._items(path, None)
+                pending.extend(items)
+                n_tensors += sum(it.tensor is not None for it in items)
+                if n_tensors >= batch_size:
+                    yield from self._flush(pending, series, cam_dir)
+                    pending, n_tensors = [], 0
+            yield from self._flush(pending, series, cam_dir)
+        finally:
+            bar.close()
+        for slices in series.values():
+            if len(slices) >= 2:
+                preds = list(slices.values())
+                yield self._aggregate(_common_source(p.source for p in preds), preds)
+
+    def _flush(self, pending: list[_Item], series: dict[str, dict[tuple, Prediction]],
+               cam_dir: str | Path | None) -> Iterator[Prediction]:
+        ok = [it for it in pending if it.tensor is not None]
+        results: dict[int, Prediction] = {}
+        if ok:
+            probs, flags, scores = self._run([it.tensor for it in ok])
+            for i, it in enumerate(ok):
+                results[id(it)] = self._prediction(it, probs[i], None if flags is None else flags[i],
+                                                   None if scores is None else scores[i])
+        for it in pending:
+            if it.tensor is None:
+                yield Prediction.failed(it.source, it.error, self.model_sha256, it.dicom)
+                continue
+            pred = results[id(it)]
+            if cam_dir is not None:
+                pred.cam_path = str(self._save_cam(it, pred, Path(cam_dir)))
+            uid = it.dicom.get("SeriesInstanceUID")
+            if uid:  # the same instance twice (e.g. re-encoded copies) counts once
+                series.setdefault(uid, {})[(it.dicom.get("SOPInstanceUID"), it.dicom.get("frame"))] = pred
+            yield pred
+
+    def _aggregate(self, source: str, preds: list[Prediction]) -> Prediction:
+        """One series-level Prediction from its slices (rule in the module docstring)."""
+        probs = np.array([[p.probabilities[c] for c in self.classes] for p in preds])
+        flags = np.array([p.ood for p in preds])
+        use = np.flatnonzero(~flags) if (~flags).any() else np.arange(len(preds))
+        m = self.classes.index("malignant")
+        top = use[np.argsort(-probs[use, m], kind="stable")[:SERIES_TOP_K]]
+        agg = probs[top].mean(axis=0)
+        scores = [p.ood_score for p in preds if p.ood_score is not None]
+        label, p_mal, decision = self._decide(agg)
+        dicom = {k: preds[0].dicom[k] for k in ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
+                 if k in preds[0].dicom}
+        return Prediction(
+            source=source, probabilities={c: float(p) for c, p in zip(self.classes, agg)}, label=label,
+            malignant_probability=p_mal, decision=decision, ood=bool(flags.mean() > 0.5),
+            ood_score=float(np.median(scores)) if scores else None, model_sha256=self.model_sha256,
+            dicom=dicom, level="series", slices=len(preds),
+        )
+
+    # ------------------------------------------------------------------------------ explanation
+
+    def _explain_tensor(self, tensor: torch.Tensor, target: str | None) -> Explanation:
+        probs, _, _ = self._run([tensor])
+        if target is None:
+            target = self._decide(probs[0])[0]
+        image = tensor.permute(1, 2, 0).numpy()
+        image = image[..., 0] if image.shape[2] == 1 else image
+        x = normalise(tensor, self.pp)
+        exp = grad_cam(self.model, x, np.ascontiguousarray(image), self.classes, self.contract.task, target)
+        exp.probabilities = {c: float(p) for c, p in zip(self.classes, probs[0])}
+        return exp
+
+    def explain(self, data: bytes | Path, target: str | None = None, name: str | None = None,
+                frame: int | None = None) -> Explanation:
+        """Grad-CAM for one file (default target: the predicted label); raises LungcadError on bad input."""
+        pixels, _ = self.load_pixels(data, name, frame)
+        return self._explain_tensor(prepare(pixels, self.pp), target)
+
+    def _save_cam(self, item: _Item, pred: Prediction, cam_dir: Path) -> Path:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(item.source.split("#")[0]).name)[:80] or "image"
+        frame = f"_f{item.dicom['frame']}" if "frame" in item.dicom else ""
+        self._cam_count = getattr(self, "_cam_count", 0) + 1  # keeps names unique across same-named files
+        path = cam_dir / f"{self._cam_count:06d}_{stem}{frame}_cam.png"
+        return self._explain_tensor(item.tensor, pred.label).save_overlay(path)
+
+
+# -------------------------------------------------------------------------------------- inputs
+
+
+def sniff(head: bytes) -> str | None:
+    """"dicom", "image" or None from a file's leading bytes (content, not the extension)."""
+    if is_dicom(head):
+        return "dicom"
+    if head.startswith(_IMAGE_MAGIC):
+        return "image"
+    return None
+
+
+def _wanted_in_folder(path: Path) -> bool:
+    """In folders: files whose content is DICOM or an image, and files *named* like one.
+
+    Named-like-one files are kept whatever their content, so a truncated or zero-byte scan is
+    reported rather than skipped; anything else (README, DICOMDIR, .DS_Store) is skipped quietly.
+    """
+    if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return sniff(fh.read(132)) is not None
+    except OSError:
+        return True  # unreadable: report it
+
+
+def iter_inputs(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
+    """(file, problem) for every input: files as given, folders walked recursively in sorted order.
+
+    `problem` is "" or a one-line reason the input cannot even be opened (missing path).
+    """
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = 0
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    fp = Path(root) / f
+                    if _wanted_in_folder(fp):
+                        found += 1
+                        yield fp, ""
+            if not found:
+                yield p, "folder holds no image or DICOM files"
+        elif p.exists():
+            yield p, ""
+        else:
+            yield p, "file not found"
+
+
+def _common_source(sources: Iterable[str]) -> str:
+    paths = [s.split("#")[0] for s in sources]
+    if len(set(paths)) == 1:
+        return paths[0]
+    try:
+        return os.path.commonpath(paths)
+    except ValueError:
+        return paths[0]
+
+
+def _strip_path(message: str, source: str) -> str:
+    """LungcadError messages start with the path; the row already has it in `source`."""
+    prefix = f"{source}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+# -------------------------------------------------------------------------------------- output
+
+
+def write_predictions(predictions: Iterable[Prediction], out: str | Path | None, columns: list[str]
+                      ) -> tuple[int, int]:
+    """Stream rows to `out` (.csv or .json, written atomically) or CSV on stdout; returns (rows, failed)."""
+    import csv
+    import json
+    import sys
+
+    fmt = "csv" if out is None else Path(out).suffix.lower().lstrip(".")
+    if fmt not in ("csv", "json"):
+        raise LungcadError("output file must end in .csv or .json", out)
+    counts = [0, 0]
+
+    def emit(fh) -> None:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
+        if fmt == "csv":
+            writer.writeheader()
+        else:
+            fh.write("[")
+        for pred in predictions:
+            row = pred.to_row()
+            if fmt == "csv":
+                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            else:
+                row = {k: row.get(k) for k in columns}  # the same keys in every object, null when n/a
+                fh.write(("," if counts[0] else "") + "\n  " + json.dumps(row))
+            counts[0] += 1
+            counts[1] += bool(pred.error)
+        if fmt == "json":
+            fh.write("\n]\n")
+
+    if out is None:
+        emit(sys.stdout)
+        sys.stdout.flush()
+    else:
+        from lungcad.utils import atomic_path
+
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+            emit(fh)
+    return counts[0], counts[1]
