@@ -73,6 +73,19 @@ class Prediction:
         return cls(source=source, probabilities={}, label="", malignant_probability=math.nan, decision="",
                    ood=False, ood_score=None, error=error, model_sha256=model_sha256, dicom=dict(dicom or {}))
 
+    @classmethod
+    def from_row(cls, row: dict, classes: list[str]) -> Prediction:
+        """Inverse of `to_row` (merging sharded or resumed results)."""
+        dicom = {k: row[k] for k in DICOM_COLUMNS if row.get(k) is not None}
+        if row.get("error"):
+            return cls.failed(row["source"], row["error"], row.get("model_sha256", ""), dicom)
+        return cls(source=row["source"], probabilities={c: float(row[f"p_{c}"]) for c in classes},
+                   label=row["label"], malignant_probability=float(row["malignant_probability"]),
+                   decision=row["decision"], ood=bool(row["ood"]),
+                   ood_score=None if row.get("ood_score") is None else float(row["ood_score"]),
+                   model_sha256=row.get("model_sha256", ""), dicom=dicom, level=row.get("level", "image"),
+                   slices=int(row.get("slices") or 1), cam_path=row.get("cam_path") or "")
+
     def to_row(self) -> dict:
         """Flat dict for CSV/JSON: p_<class> columns, DICOM UIDs as columns; None where not applicable."""
         ok = not self.error
@@ -246,23 +259,24 @@ class Predictor:
         return self._aggregate(source, preds)
 
     def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16, progress: bool = True,
-                      cam_dir: str | Path | None = None) -> Iterator[Prediction]:
+                      cam_dir: str | Path | None = None, workers: int = 0, series_rows: bool = True,
+                      total: int | None = None) -> Iterator[Prediction]:
         """Stream predictions over files and folders (recursive), `batch_size` images per forward pass.
 
-        Yields rows in input order, then one series row per DICOM series of two or more slices.
-        Only one batch of prepared images is held in memory. With `cam_dir`, a Grad-CAM overlay
-        of the predicted label is written there for every image (`cam_path`).
+        Yields rows in input order, then (with `series_rows`) one series row per DICOM series of
+        two or more slices. Only one batch of prepared images (plus a bounded read-ahead when
+        `workers` threads decode in parallel) is held in memory. With `cam_dir`, a Grad-CAM
+        overlay of the predicted label is written there for every image (`cam_path`).
         """
         if cam_dir is not None:
             Path(cam_dir).mkdir(parents=True, exist_ok=True)
         series: dict[str, dict[tuple, Prediction]] = {}  # SeriesInstanceUID -> (SOP, frame) -> slice
         pending: list[_Item] = []
         n_tensors = 0
-        bar = tqdm(desc="predicting", unit="file", disable=not progress)
+        bar = tqdm(desc="predicting", unit="file", disable=not progress, total=total)
         try:
-            for path, problem in iter_inputs(paths):
+            for items in self._decode_all(iter_inputs(paths), workers):
                 bar.update(1)
-                items = [_Item(str(path), None, error=problem)] if problem else self._items(path, None)
                 pending.extend(items)
                 n_tensors += sum(it.tensor is not None for it in items)
                 if n_tensors >= batch_size:
@@ -271,10 +285,34 @@ class Predictor:
             yield from self._flush(pending, series, cam_dir)
         finally:
             bar.close()
-        for slices in series.values():
-            if len(slices) >= 2:
-                preds = list(slices.values())
+        if series_rows:
+            yield from self.series_predictions(series.values())
+
+    def series_predictions(self, series: Iterable[Iterable[Prediction] | dict]) -> Iterator[Prediction]:
+        """One series-level row per group of two or more slice predictions."""
+        for slices in series:
+            preds = list(slices.values()) if isinstance(slices, dict) else list(slices)
+            if len(preds) >= 2:
                 yield self._aggregate(_common_source(p.source for p in preds), preds)
+
+    def _decode_all(self, inputs: Iterable[tuple[Path, str]], workers: int) -> Iterator[list[_Item]]:
+        """Decoded items per input, in input order; `workers` > 1 decodes in a thread pool
+        (JPEG/PNG decoders and pydicom's codecs release the GIL) with a bounded read-ahead."""
+
+        def decode(entry: tuple[Path, str]) -> list[_Item]:
+            path, problem = entry
+            return [_Item(str(path), None, error=problem)] if problem else self._items(path, None)
+
+        if workers <= 1:
+            yield from map(decode, inputs)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        from itertools import islice
+
+        it = iter(inputs)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+            while chunk := list(islice(it, 4 * workers)):
+                yield from pool.map(decode, chunk)
 
     def _flush(self, pending: list[_Item], series: dict[str, dict[tuple, Prediction]],
                cam_dir: str | Path | None) -> Iterator[Prediction]:
