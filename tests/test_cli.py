@@ -33,7 +33,7 @@ def test_train_writes_a_self_describing_run_folder(trained_run):
     data, run = trained_run
     assert _files(run) == sorted([
         "config.json", "data.json", "history.csv", "init.json", "metrics.json", "model.json",
-        "model.safetensors", "skipped.csv", "split.csv",
+        "model.safetensors", "ood.safetensors", "skipped.csv", "split.csv",
     ])
     contract = json.loads((run / "model.json").read_text())
     assert contract["classes"] == ["normal", "benign", "malignant"] and contract["task"] == "multiclass"
@@ -175,3 +175,31 @@ def test_audit_command(tmp_path, capsys):
     report = json.loads((tmp_path / "a.json").read_text())
     assert report  # structure is tested in test_audit.py
     assert "malignant" in capsys.readouterr().out
+
+
+def test_extra_data_goes_to_training_only_and_is_recorded(tmp_path):
+    from PIL import Image
+
+    from conftest import make_dataset, synthetic_slice
+
+    import numpy as np
+
+    data = make_dataset(tmp_path / "data")
+    extra = tmp_path / "feedback"
+    (extra / "malignant").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    lines = ["path,label,group,feedback_id"]
+    for i in range(3):
+        Image.fromarray(synthetic_slice(rng, "malignant", 999 + i, 0)).save(extra / "malignant" / f"f{i}.png")
+        lines.append(f"malignant/f{i}.png,malignant,study{i},fb-{i}")
+    (extra / "manifest.csv").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--extra-data", str(extra),
+                 *FAST]) == 0
+    rows = list(csv.DictReader(open(run / "split.csv")))
+    extra_rows = [r for r in rows if r["group"].startswith("extra:")]
+    assert len(rows) == 48 and len(extra_rows) == 3
+    assert {r["subset"] for r in extra_rows} == {"train"}
+    summary = json.loads((run / "data.json").read_text())
+    assert summary["extra_data"]["feedback_ids"] == ["fb-0", "fb-1", "fb-2"]
+    assert summary["extra_data"]["images"] == 3

@@ -51,17 +51,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", metavar="FILE", help="reuse a split.csv (path,label,group,subset)")
     p.add_argument("--label-map", action="append", default=[], metavar="FOLDER=LABEL")
     p.add_argument("--colour", choices=["auto", "grey", "rgb"], default="auto")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--extra-data", metavar="DIR", help="training-only extra images (e.g. feedback export)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the rank's GPU)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision (auto: on for GPUs, off on CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="malignant operating point: threshold chosen on validation for this sensitivity")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="grouped K-fold cross-validation: one run per fold in --out, plus a summary")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on its test split or another folder")
     p.add_argument("run", metavar="RUNDIR")
     p.add_argument("--data", help="labelled folder to evaluate on instead of the run's test split")
     p.add_argument("--label-map", action="append", default=[], metavar="FOLDER=LABEL")
-    p.add_argument("--out", metavar="DIR", help="write metrics.json here")
+    p.add_argument("--out", metavar="DIR",
+                   help="write metrics.json + report.html here (default: RUNDIR, or RUNDIR/eval-NAME for --data)")
+    p.add_argument("--compare", action="append", default=[], metavar="RUNDIR",
+                   help="also score another run folder on the same images (e.g. a different initialisation)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the majority / texture / metadata baselines")
+    p.add_argument("--no-report", dest="report", action="store_false", help="metrics.json only")
+    p.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (>= 1000)")
     _add_common(p)
+
+    p = sub.add_parser("export", help="export a run's model to ONNX or OpenVINO (optionally INT8) with its contract")
+    p.add_argument("run", metavar="RUNDIR")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    p.add_argument("--int8", action="store_true",
+                   help="post-training INT8, calibrated on training images; accuracy change measured on the test split")
+    p.add_argument("--out", metavar="PATH", help="model file (.onnx / .xml) or folder (default RUNDIR/export/)")
+    p.add_argument("--calibration-images", type=int, default=128, help="training images used to calibrate INT8")
+    _add_common(p)
+
+    p = sub.add_parser("predict", help="predict image / DICOM files and folders with a trained run")
+    p.add_argument("run", metavar="RUNDIR")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image or DICOM files, or folders (recursive)")
+    p.add_argument("--out", metavar="FILE", help="results as .csv or .json (default: CSV on stdout)")
+    p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
+    p.add_argument("--window", metavar="L,W", help="DICOM window level,width in HU, e.g. --window=-600,1500 (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=0, help="threads decoding inputs in parallel (0: inline)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same --out, skipping inputs already done")
+    _add_common(p)
+
+    from lungcad.web.commands import add_web_commands  # argparse only: the web extra loads when run
+
+    COMMANDS.update(add_web_commands(sub, _add_common))
     return parser
 
 
@@ -93,22 +135,72 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, epochs=args.epochs if args.epochs is not None else 20,
         patience=args.patience, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
         split=args.split, label_map=args.label_map, colour=args.colour, workers=args.workers,
-        threads=args.threads, progress=args.progress,
+        threads=args.threads, progress=args.progress, extra_data=args.extra_data, augment=args.augment,
+        device=args.device, amp=args.amp, target_sensitivity=args.target_sensitivity,
     )
+    if not 0.0 < cfg.target_sensitivity <= 1.0:
+        raise LungcadError(f"--target-sensitivity must be in (0, 1], not {cfg.target_sensitivity}")
     if cfg.weights:
         cfg.pretrained = "file"
+    if args.folds:
+        from lungcad.training.crossval import cross_validate, format_summary
+
+        print(format_summary(cross_validate(cfg, args.folds)))
+        return 0
     out = train(cfg, resume=args.resume, resume_epochs=args.epochs)
     print(f"run complete: {out}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lungcad.evaluation.evaluate import evaluate_run
-    from lungcad.evaluation.metrics import format_metrics
+    from lungcad.evaluation.evaluate import evaluate_run, format_evaluation
 
-    metrics = evaluate_run(args.run, data=args.data, label_map=args.label_map, out=args.out, progress=args.progress)
-    print(format_metrics(metrics))
+    metrics = evaluate_run(args.run, data=args.data, label_map=args.label_map, out=args.out, progress=args.progress,
+                           compare=args.compare, baselines=args.baselines, report=args.report, n_boot=args.bootstrap)
+    print(format_evaluation(metrics))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lungcad.inference.export import export_model
+
+    result = export_model(args.run, args.format, args.out, int8=args.int8,
+                          calibration_images=args.calibration_images, progress=args.progress)
+    int8 = result.contract["export"].get("int8")
+    if int8:
+        t = int8["test_split"]
+        print(f"INT8 on the test split ({t['images']} images): accuracy {t['accuracy_fp32']:.3f} -> "
+              f"{t['accuracy_int8']:.3f} ({t['accuracy_change_pp']:+.2f} pp)")
+    print(f"exported: {result.path} (contract: {result.contract_path})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lungcad.dicom.reader import parse_window
+    from lungcad.inference.predictor import Predictor, write_predictions
+
+    window = parse_window(args.window) if args.window else None
+    if args.out:
+        _writable_file(args.out)
+        if Path(args.out).suffix.lower() not in (".csv", ".json"):
+            raise LungcadError("--out must end in .csv or .json", args.out)
+    if args.batch_size < 1:
+        raise LungcadError(f"--batch-size must be at least 1, not {args.batch_size}")
+    predictor = Predictor(args.run, engine=args.engine, window=window)
+    if args.out:  # resumable part files, sharded across ranks under torchrun, merged at the end
+        from lungcad.inference.batch import predict_archive
+
+        rows, failed = predict_archive(predictor, args.inputs, args.out, batch_size=args.batch_size,
+                                       workers=args.workers, cam_dir=args.cam, resume=args.resume,
+                                       progress=args.progress)
+    else:
+        rows, failed = write_predictions(
+            predictor.predict_paths(args.inputs, batch_size=args.batch_size, progress=args.progress,
+                                    cam_dir=args.cam, workers=args.workers),
+            args.out, predictor.columns)
+    print(f"lungcad predict: {rows} result(s), {failed} failed" + (f"; written to {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 1 if failed else 0  # any unreadable input makes the run fail, after reporting every file
 
 
 def _writable_file(path: str) -> None:
@@ -118,6 +210,8 @@ def _writable_file(path: str) -> None:
 
 
 COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate}
+COMMANDS["export"] = cmd_export
+COMMANDS["predict"] = cmd_predict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungcad {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = f"; resume with: lungcad train --resume --out {args.out}" if args.command == "train" else ""
+        hint = {"train": f"; resume with: lungcad train --resume --out {getattr(args, 'out', '')}",
+                "predict": "; run the same command with --resume to continue" if getattr(args, "out", None) else ""
+                }.get(args.command, "")
         print(f"lungcad {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -1,1 +1,1 @@
-"""Evaluation: metrics, (later) confidence intervals, calibration and reports."""
+"""Evaluation: metrics with group-bootstrap intervals, calibration and operating point, baselines, report."""

@@ -22,7 +22,9 @@ import io
 import json
 import logging
 import math
+import os
 import platform
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,7 +35,8 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 import lungcad
@@ -49,9 +52,20 @@ from lungcad.data.split import (
 )
 from lungcad.data.transforms import Preprocessing, train_augmentation
 from lungcad.errors import LungcadError
+from lungcad.evaluation.calibration import fit_operating_point
 from lungcad.evaluation.metrics import classification_metrics, format_metrics
 from lungcad.inference.engine import infer_logits
+from lungcad.inference.ood import fit_ood
 from lungcad.models.contract import ModelContract, save_model
+from lungcad.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    all_reduce_sum_tensor,
+    barrier,
+    broadcast_from_main,
+    init_distributed,
+    shutdown,
+)
 from lungcad.models.factory import (
     configure_finetuning,
     create_model,
@@ -89,8 +103,17 @@ class TrainConfig:
     colour: str = "auto"  # auto: greyscale if every image is greyscale (CT), else RGB (histopathology)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    workers: int = 0  # DataLoader workers; augmentation of cached tensors is cheap, 0 avoids fork cost
+    # DataLoader workers. One worker (1 torch thread) augments ~10x faster than the main process,
+    # whose multi-threaded small ops contend with themselves (measured on 2 cores: ~15 vs ~190 img/s).
+    workers: int = 1
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    # malignant operating point: the threshold on p(malignant) is the highest that still reaches this
+    # sensitivity on validation (a missed cancer costs more than a false alarm)
+    target_sensitivity: float = 0.95
+    extra_data: str | None = None  # training-only extra images (e.g. clinician feedback export)
+    augment: bool = True  # rotation/scale/shift/flip augmentation of training images
+    device: str = "auto"  # auto: this rank's GPU if any, else CPU
+    amp: str = "auto"  # mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off
     progress: bool = True
 
     @classmethod
@@ -107,6 +130,16 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------
 # data preparation
+
+
+@dataclass
+class DataPlan:
+    """What to train on, decided once (on rank 0 under torchrun) before any file is written."""
+
+    rows: list[SplitRow]
+    colour: str
+    skipped: list[tuple[Path, str]]
+    summary: dict
 
 
 @dataclass
@@ -129,8 +162,8 @@ def output_classes(task: str) -> list[str]:
     return list(BINARY_CLASSES) if task == "binary" else list(CLASSES)
 
 
-def prepare_data(cfg: TrainConfig, split_file: Path | None) -> PreparedData:
-    """Discover, scan, group, split and decode. Raises LungcadError before anything is written."""
+def plan_data(cfg: TrainConfig, split_file: Path | None) -> DataPlan:
+    """Discover, scan, group and split. Raises LungcadError before anything is written."""
     data = Path(cfg.data)
     label_map = parse_label_map(cfg.label_map)
     if split_file is not None:
@@ -155,24 +188,26 @@ def prepare_data(cfg: TrainConfig, split_file: Path | None) -> PreparedData:
             fractions=(1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
             seed=cfg.seed,
         )
+    modes = [info.mode for info in infos]
+    sha_of = {str(samples[i.index].path): i.sha256 for i in infos}
+    extra_summary = None
+    if cfg.extra_data:
+        extra_rows, extra_modes, extra_sha, extra_bad, feedback_ids = _plan_extra_data(cfg, label_map)
+        present = {str(r.path) for r in rows}  # a resumed run's split.csv already lists them
+        extra_rows = [r for r in extra_rows if str(r.path) not in present]
+        rows, unreadable, modes = rows + extra_rows, list(unreadable) + extra_bad, modes + extra_modes
+        sha_of.update(extra_sha)
+        extra_summary = {"path": cfg.extra_data, "images": len(extra_rows), "feedback_ids": feedback_ids}
     colour = cfg.colour
     if colour == "auto":
         grey_modes = {"L", "I;16", "I;16B", "I;16L", "I", "1", "LA"}
-        colour = "grey" if all(info.mode in grey_modes for info in infos) else "rgb"
-    pp = Preprocessing(image_size=cfg.image_size, colour=colour)
-    caches, targets = {}, {}
+        colour = "grey" if all(m in grey_modes for m in modes) else "rgb"
     for subset in ("train", "val", "test"):
-        sub = [r for r in rows if r.subset == subset]
-        caches[subset], bad = load_cache([r.path for r in sub], pp, progress=cfg.progress, desc=f"decoding {subset}")
-        if bad:  # scanned fine but failed now (changed on disk): refuse rather than train on zeros
-            raise LungcadError(f"image became unreadable during loading: {bad[0][1]}")
-        targets[subset] = [target_index(r.label, cfg.task) for r in sub]
-        if not sub:
+        if not any(r.subset == subset for r in rows):
             raise LungcadError(f"the {subset} subset is empty", split_file or data)
-    sha_of = {samples[i.index].path: i.sha256 for i in infos}
     fingerprint = hashlib.sha256()
     for r in sorted(rows, key=lambda r: str(r.path)):
-        fingerprint.update(f"{r.path.name},{r.label},{r.subset},{sha_of.get(r.path, '')}\n".encode())
+        fingerprint.update(f"{r.path.name},{r.label},{r.subset},{sha_of.get(str(r.path), '')}\n".encode())
     summary = {
         "data": str(data),
         "images": len(rows),
@@ -182,8 +217,48 @@ def prepare_data(cfg: TrainConfig, split_file: Path | None) -> PreparedData:
         "split": split_summary(rows),
         "fingerprint_sha256": fingerprint.hexdigest(),
     }
-    return PreparedData(rows, pp, caches, targets, list(unreadable), summary)
+    if extra_summary is not None:
+        summary["extra_data"] = extra_summary
+    return DataPlan(rows, colour, list(unreadable), summary)
 
+
+def _plan_extra_data(
+    cfg: TrainConfig, label_map: dict[str, str]
+) -> tuple[list[SplitRow], list[str], dict[str, str], list[tuple[Path, str]], list[str]]:
+    """Extra training-only images (e.g. from `lungcad feedback export`), never in val or test so
+    that evaluation stays comparable with runs without them.
+
+    Returns (rows, image modes, sha256 by path, unreadable, feedback ids from the manifest).
+    """
+    extra = Path(cfg.extra_data)
+    source = extra / "manifest.csv" if (extra / "manifest.csv").is_file() else extra
+    samples = discover(source, label_map)
+    infos, unreadable = scan_images(samples, progress=False)
+    rows = [
+        SplitRow(samples[i.index].path, samples[i.index].label,
+                 f"extra:{samples[i.index].group or samples[i.index].path.stem}", "train")
+        for i in infos
+    ]
+    feedback_ids: list[str] = []
+    if source.is_file():
+        with open(source, newline="", encoding="utf-8") as fh:
+            feedback_ids = [r["feedback_id"] for r in csv.DictReader(fh) if r.get("feedback_id")]
+    log.info("extra training data: %d images from %s (%d feedback rows)", len(rows), extra, len(feedback_ids))
+    sha_of = {str(samples[i.index].path): i.sha256 for i in infos}
+    return rows, [i.mode for i in infos], sha_of, list(unreadable), feedback_ids
+
+
+def load_data(plan: DataPlan, cfg: TrainConfig, progress: bool) -> PreparedData:
+    """Decode every image of the plan once into uint8 caches (the expensive, per-process part)."""
+    pp = Preprocessing(image_size=cfg.image_size, colour=plan.colour)
+    caches, targets = {}, {}
+    for subset in ("train", "val", "test"):
+        sub = [r for r in plan.rows if r.subset == subset]
+        caches[subset], bad = load_cache([r.path for r in sub], pp, progress=progress, desc=f"decoding {subset}")
+        if bad:  # scanned fine but failed now (changed on disk): refuse rather than train on zeros
+            raise LungcadError(f"image became unreadable during loading: {bad[0][1]}")
+        targets[subset] = [target_index(r.label, cfg.task) for r in sub]
+    return PreparedData(plan.rows, pp, caches, targets, plan.skipped, plan.summary)
 
 # --------------------------------------------------------------------------------------------
 # training
@@ -208,27 +283,43 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def _loss_fn(cfg: TrainConfig, train_targets: list[int]) -> nn.Module:
-    """Class-balanced loss: each class weighs as much as the others however many images it has."""
-    counts = np.bincount(train_targets, minlength=len(output_classes(cfg.task))).astype(np.float64)
-    if cfg.task == "binary":
-        pos, neg = counts[1], counts[0]
-        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([neg / max(pos, 1.0)], dtype=torch.float32))
-    weights = counts.sum() / (len(counts) * np.clip(counts, 1.0, None))
-    return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
+class BalancedLoss(nn.Module):
+    """Class-balanced loss: each class weighs as much as the others however many images it has.
+
+    Returns (weighted sum, normaliser) rather than a mean, so that under DDP the mean can be taken
+    over the *global* batch (normaliser all-reduced): the gradient is then exactly the
+    single-process one, class weights included.
+    """
+
+    def __init__(self, task: str, train_targets: list[int]):
+        super().__init__()
+        self.task = task
+        counts = np.bincount(train_targets, minlength=len(output_classes(task))).astype(np.float64)
+        if task == "binary":  # positives up-weighted by neg/pos, as BCEWithLogitsLoss(pos_weight)
+            weight = [1.0, counts[0] / max(counts[1], 1.0)]
+        else:
+            weight = counts.sum() / (len(counts) * np.clip(counts, 1.0, None))
+        self.register_buffer("weight", torch.tensor(weight, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "binary":
+            per = nn.functional.binary_cross_entropy_with_logits(
+                logits.reshape(-1), y.float(), pos_weight=self.weight[1], reduction="none")
+            return per.sum(), torch.tensor(float(len(y)), device=per.device)  # BCE means over samples
+        per = nn.functional.cross_entropy(logits, y, weight=self.weight, reduction="none")
+        return per.sum(), self.weight[y].sum()  # weighted CE means over the sample weights
 
 
-def _loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "binary":
-        return criterion(logits.reshape(-1), y.float())
-    return criterion(logits, y)
+def _mean_loss(criterion: BalancedLoss, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    total, norm = criterion(logits, y)
+    return total / norm
 
 
 def _evaluate(model: nn.Module, cache: torch.Tensor, targets: list[int], cfg: TrainConfig, pp: Preprocessing,
               criterion: nn.Module) -> tuple[dict, float, torch.Tensor]:
     logits = infer_logits(model, cache, pp, batch_size=max(cfg.batch_size, 32))
     y = torch.as_tensor(targets)
-    loss = float(_loss(criterion, logits, y, cfg.task))
+    loss = float(_mean_loss(criterion, logits, y))
     probs = logits_to_probs(logits, cfg.task).numpy()
     return classification_metrics(y.numpy(), probs, output_classes(cfg.task), cfg.task), loss, logits
 
@@ -263,123 +354,208 @@ def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = No
     """Train (or resume) a run; returns the run folder. See the module docstring for its layout.
 
     On resume the saved config.json wins; only `resume_epochs` (a new upper bound) may change it.
+    Under torchrun every rank calls this; rank 0 alone validates input and writes the run folder.
     """
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(ctx, cfg, resume, resume_epochs)
+    finally:
+        shutdown(ctx)
+
+
+def _setup(
+    ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int | None
+) -> tuple[TrainConfig, DataPlan, dict, nn.Module | None]:
+    """Rank 0: validate everything, plan the data, build the model; nothing is written yet."""
     out = Path(cfg.out)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)  # the head's (and, with --pretrained none, every layer's) initial weights
     if resume:
         cfg, split_file, state = _load_resume_state(out, cfg.progress, resume_epochs)
     else:
         _check_out(out)
-        split_file = Path(cfg.split) if cfg.split else None
-        state = None
-    seed_everything(cfg.seed)
-
-    prepared = prepare_data(cfg, split_file)
-    pp, task = prepared.pp, cfg.task
-    classes = output_classes(task)
-    outputs = num_outputs(task, len(classes))
+        split_file, state = (Path(cfg.split) if cfg.split else None), None
+    if cfg.batch_size % ctx.world_size:
+        raise LungcadError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
+    plan = plan_data(cfg, split_file)
+    classes = output_classes(cfg.task)
     if state is None:
-        model, init = create_model("resnet50", outputs=outputs, pretrained=cfg.pretrained, weights_file=cfg.weights)
+        model, init = create_model("resnet50", outputs=num_outputs(cfg.task, len(classes)),
+                                   pretrained=cfg.pretrained, weights_file=cfg.weights)
         if init["pretrained"] == "none" and cfg.finetune != "all":
             log.warning("--finetune %s with random initialisation freezes random features; use 'all'", cfg.finetune)
     else:
-        model, _ = create_model("resnet50", outputs=outputs, pretrained="none")
+        model, init = None, state["init"]
+    return cfg, plan, init, model
+
+
+def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int | None) -> Path:
+    out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    shared, model = None, None
+    if ctx.is_main:
+        try:
+            cfg, plan, init, model = _setup(ctx, cfg, resume, resume_epochs)
+            shared = (cfg, plan, init)
+        except LungcadError as exc:
+            shared = exc
+    # Other ranks get rank 0's plan (or its error); the model's weights reach them through DDP.
+    cfg, plan, init = broadcast_from_main(ctx, shared)
+    state = None
+    if resume:  # every rank reads the checkpoint (the run folder is on shared storage for multi-node)
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    seed_everything(cfg.seed)
+    classes = output_classes(cfg.task)
+    if model is None:
+        model, _ = create_model("resnet50", outputs=num_outputs(cfg.task, len(classes)), pretrained="none")
+    if state is not None:
         model.load_state_dict(state["model"])
-        init = state["init"]
 
-    # Everything validated: only now does the run folder appear.
-    if not resume:
-        out.mkdir(parents=False)
-        atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
-        write_split(out / "split.csv", prepared.rows, Path(cfg.data))
-        atomic_write_json(out / "init.json", init)
-    atomic_write_json(out / "data.json", {**prepared.summary, "skipped_files": [
-        {"path": str(p), "reason": r} for p, r in prepared.skipped]})
-    _write_skipped(out / "skipped.csv", prepared.skipped)
-    log.info("data: %s", json.dumps(prepared.summary["split"]))
+    # Everything validated: only now does the run folder appear (rank 0 writes, the others wait).
+    if ctx.is_main:
+        if not resume:
+            out.mkdir(parents=False)
+            atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+            write_split(out / "split.csv", plan.rows, Path(cfg.data))
+            atomic_write_json(out / "init.json", init)
+        atomic_write_json(out / "data.json", {**plan.summary, "skipped_files": [
+            {"path": str(p), "reason": r} for p, r in plan.skipped]})
+        _write_skipped(out / "skipped.csv", plan.skipped)
+        log.info("data: %s", json.dumps(plan.summary["split"]))
+    prepared = load_data(plan, cfg, progress=cfg.progress and ctx.is_main)
+    pp, task, device = prepared.pp, cfg.task, ctx.device
 
-    model = model.to(memory_format=torch.channels_last)  # oneDNN's fast path on CPU
     train_params = configure_finetuning(model, cfg.finetune)
+    model = model.to(device, memory_format=torch.channels_last)  # oneDNN / cuDNN fast path
+    core = model  # the unwrapped module: what gets saved and evaluated
+    if ctx.distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg.head_epochs > 0)  # head stage leaves the trunk without grads
     optimizer = _make_optimizer(cfg, train_params)
-    loader = DataLoader(
-        CachedImageDataset(prepared.caches["train"], prepared.targets["train"], pp, train_augmentation(pp)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(prepared.targets["train"]) > cfg.batch_size,  # no 1-image batches for BatchNorm
-        num_workers=cfg.workers,
-        generator=torch.Generator(),
-    )
+    dataset = CachedImageDataset(prepared.caches["train"], prepared.targets["train"], pp,
+                                 train_augmentation(pp) if cfg.augment else None)
+    # DistributedSampler also in a single process: with the same seed and global batch, the union
+    # of the ranks' batches is the single-process batch, so runs are comparable across world sizes.
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    per_rank = cfg.batch_size // ctx.world_size
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=len(sampler) > per_rank,  # no 1-image batches for BatchNorm
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
     steps_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
     )
-    criterion = _loss_fn(cfg, prepared.targets["train"])
+    criterion = BalancedLoss(task, prepared.targets["train"]).to(device)
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     history: list[dict] = []
     best_f1, best_epoch, start_epoch = -1.0, 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best_f1, best_epoch, start_epoch = state["history"], state["best_f1"], state["best_epoch"], state["epoch"]
-        log.info("resuming after epoch %d (best val macro-F1 %.3f at epoch %d)", start_epoch, best_f1, best_epoch)
+        if ctx.is_main:
+            log.info("resuming after epoch %d (best val macro-F1 %.3f at epoch %d)", start_epoch, best_f1, best_epoch)
+        del state
 
     for epoch in range(start_epoch, cfg.epochs):
         if epoch - best_epoch >= cfg.patience and best_epoch > 0:
-            log.info("early stop: no better validation macro-F1 for %d epochs", cfg.patience)
+            if ctx.is_main:
+                log.info("early stop: no better validation macro-F1 for %d epochs", cfg.patience)
             break
+        _fault_injection(ctx, epoch)
         stage = "fc" if epoch < cfg.head_epochs else cfg.finetune
-        configure_finetuning(model, stage)
-        set_train_mode(model, True)
-        seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seed: a resumed run replays the same batches
-        loader.generator.manual_seed(cfg.seed * 1000 + epoch)
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        configure_finetuning(core, stage)
+        set_train_mode(core, True)
+        seed_everything(cfg.seed * 1000 + epoch + 100_003 * ctx.rank)  # augmentation differs per rank
+        sampler.set_epoch(epoch)
+        t0, seen, loss_sum, norm_sum, correct = time.perf_counter(), 0, 0.0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} [{stage}]", unit="batch",
-                   disable=not cfg.progress, leave=False)
+                   disable=not (cfg.progress and ctx.is_main), leave=False)
         for x, y in bar:
-            x = x.contiguous(memory_format=torch.channels_last)
-            logits = model(x)
-            loss = _loss(criterion, logits, y, task)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+                total, norm = criterion(logits.float(), y)
+                # DDP averages gradients over ranks: scale so the result is the global-batch mean
+                loss = total * ctx.world_size / all_reduce_sum_tensor(ctx, norm.detach())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise LungcadError(f"training diverged (loss {loss_value}) at epoch {epoch + 1}; try a lower --lr")
+            total_value = total.item()
+            if not math.isfinite(total_value):
+                raise LungcadError(f"training diverged (loss {total_value}) at epoch {epoch + 1}; try a lower --lr")
             seen += len(y)
-            loss_sum += loss_value * len(y)
+            loss_sum += total_value
+            norm_sum += norm.item()
             pred = (logits.reshape(-1) > 0).long() if task == "binary" else logits.argmax(1)
             correct += int((pred == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            bar.set_postfix(loss=f"{loss_sum / norm_sum:.3f}")
         seconds = time.perf_counter() - t0
-        val, val_loss, _ = _evaluate(model, prepared.caches["val"], prepared.targets["val"], cfg, pp, criterion)
-        row = {
-            "epoch": epoch + 1, "stage": stage, "lr": f"{scheduler.get_last_lr()[0]:.3g}",
-            "train_loss": round(loss_sum / max(seen, 1), 5), "train_accuracy": round(correct / max(seen, 1), 5),
-            "val_loss": round(val_loss, 5), "val_accuracy": round(val["accuracy"], 5),
-            "val_balanced_accuracy": round(val["balanced_accuracy"] or 0.0, 5),
-            "val_macro_f1": round(val["macro_f1"], 5), "seconds": round(seconds, 1),
-            "images_per_second": round(seen / seconds, 2),
-        }
+        loss_sum, norm_sum, correct, seen = all_reduce_sum(ctx, [loss_sum, norm_sum, correct, seen])  # all ranks
+        verdict = None
+        if ctx.is_main:
+            val, val_loss, _ = _evaluate(core, prepared.caches["val"], prepared.targets["val"], cfg, pp, criterion.cpu())
+            criterion.to(device)
+            row = {
+                "epoch": epoch + 1, "stage": stage, "lr": f"{scheduler.get_last_lr()[0]:.3g}",
+                "train_loss": round(loss_sum / max(norm_sum, 1e-12), 5), "train_accuracy": round(correct / max(seen, 1), 5),
+                "val_loss": round(val_loss, 5), "val_accuracy": round(val["accuracy"], 5),
+                "val_balanced_accuracy": round(val["balanced_accuracy"] or 0.0, 5),
+                "val_macro_f1": round(val["macro_f1"], 5), "seconds": round(seconds, 1),
+                "images_per_second": round(seen / seconds, 2),
+            }
+            log.info(
+                "epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f bal-acc %.3f macro-F1 %.3f | %.1f img/s",
+                epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
+                row["val_accuracy"], row["val_balanced_accuracy"], row["val_macro_f1"], row["images_per_second"],
+            )
+            verdict = row
+        row = broadcast_from_main(ctx, verdict)  # every rank takes the same early-stopping decision
         history.append(row)
-        log.info(
-            "epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f bal-acc %.3f macro-F1 %.3f | %.1f img/s",
-            epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
-            row["val_accuracy"], row["val_balanced_accuracy"], row["val_macro_f1"], row["images_per_second"],
-        )
-        if val["macro_f1"] > best_f1:
-            best_f1, best_epoch = val["macro_f1"], epoch + 1
-            with atomic_path(out / "best.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        _write_history(out / "history.csv", history)
-        with atomic_path(out / "checkpoint.pt") as tmp:
-            torch.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                "best_f1": best_f1, "best_epoch": best_epoch, "init": init,
-            }, tmp)
+        if row["val_macro_f1"] > best_f1:
+            best_f1, best_epoch = row["val_macro_f1"], epoch + 1
+            if ctx.is_main:
+                with atomic_path(out / "best.safetensors") as tmp:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, str(tmp))
+        if ctx.is_main:
+            _write_history(out / "history.csv", history)
+            with atomic_path(out / "checkpoint.pt") as tmp:
+                torch.save({
+                    "model": {k: v.cpu() for k, v in core.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1, "history": history, "best_f1": best_f1, "best_epoch": best_epoch,
+                    "init": init, "world_size": ctx.world_size,
+                }, tmp)
+        barrier(ctx)  # nobody races ahead of a checkpoint that a resume would need
 
-    return _finish(out, cfg, prepared, init, best_epoch, best_f1, criterion)
+    if not ctx.is_main:
+        return out
+    return _finish(out, cfg, prepared, init, best_epoch, best_f1, criterion.cpu())
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision on GPUs only: this CPU has no bf16/fp16 matrix units, so it would be slower."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _fault_injection(ctx: DistContext, epoch: int) -> None:
+    """Test hook: LUNGCAD_FAULT_KILL_RANK=R:E kills rank R at the start of epoch E (0-based) the way
+    an OOM killer or a lost node would, to check that torchrun fails cleanly and --resume recovers."""
+    spec = os.environ.get("LUNGCAD_FAULT_KILL_RANK")
+    if spec and spec == f"{ctx.rank}:{epoch}":
+        log.error("fault injection: killing rank %d at epoch %d", ctx.rank, epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _finish(out: Path, cfg: TrainConfig, prepared: PreparedData, init: dict, best_epoch: int, best_f1: float,
@@ -389,7 +565,13 @@ def _finish(out: Path, cfg: TrainConfig, prepared: PreparedData, init: dict, bes
     model, _ = create_model("resnet50", outputs=num_outputs(cfg.task, len(classes)), pretrained="none")
     model.load_state_dict(load_file(str(out / "best.safetensors")))
     model = model.to(memory_format=torch.channels_last).eval()
-    test, test_loss, _ = _evaluate(model, prepared.caches["test"], prepared.targets["test"], cfg, prepared.pp, criterion)
+    test, test_loss, test_logits = _evaluate(model, prepared.caches["test"], prepared.targets["test"], cfg,
+                                             prepared.pp, criterion)
+    # Calibration and the malignant operating point, fitted on validation only; test metrics use both.
+    _, _, val_logits = _evaluate(model, prepared.caches["val"], prepared.targets["val"], cfg, prepared.pp, criterion)
+    op = fit_operating_point(val_logits, prepared.targets["val"], cfg.task, classes, cfg.target_sensitivity)
+    test = classification_metrics(prepared.targets["test"], logits_to_probs(test_logits, cfg.task, op["temperature"])
+                                  .numpy(), classes, cfg.task, op["threshold"])
     metrics = {"subset": "test", "best_epoch": best_epoch, "val_macro_f1": best_f1, "test_loss": test_loss, **test}
     contract = ModelContract(
         arch="resnet50", task=cfg.task, classes=classes, preprocessing=prepared.pp, init=init,
@@ -397,11 +579,16 @@ def _finish(out: Path, cfg: TrainConfig, prepared: PreparedData, init: dict, bes
             "data": cfg.data, "data_fingerprint_sha256": prepared.summary["fingerprint_sha256"],
             "split": prepared.summary["split"], "finetune": cfg.finetune, "head_epochs": cfg.head_epochs,
             "optimizer": cfg.optimizer, "lr": cfg.resolved_lr(), "best_epoch": best_epoch, "seed": cfg.seed,
+            "operating_point": op,
         },
+        temperature=op["temperature"], thresholds={"malignant": op["threshold"]},
         metrics={k: test[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc")},
         versions={"lungcad": lungcad.__version__, "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "python": platform.python_version()},
     )
+    # Out-of-distribution detector: fitted on training features, thresholded on validation ones.
+    contract.ood = fit_ood(out, model, prepared.caches["train"], prepared.caches["val"], prepared.pp,
+                           seed=cfg.seed, progress=cfg.progress)
     atomic_write_json(out / "metrics.json", metrics)
     save_model(out, model, contract)
     (out / "checkpoint.pt").unlink(missing_ok=True)
