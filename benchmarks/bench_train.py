@@ -1,0 +1,138 @@
+"""Training-speed benchmark on this machine (not part of the test suite).
+
+Measures, at 224 px with lungcad's own training step (model factory, fine-tuning strategy, frozen
+BatchNorm, channels_last, optimizer), images/s for `--finetune fc`, `layer4` and `all`, each also as
+a fraction of the CPU's fp32 peak (FLOPs counted with torch.utils.flop_counter, not assumed), the
+peak resident memory of each configuration (own subprocess, VmHWM), and the data pipeline's
+images/s (cached uint8 -> augmentation -> normalisation through the DataLoader used in training).
+
+    python benchmarks/bench_train.py [--peak-gflops 205] [--steps 6] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+PEAK_GFLOPS = 205.0  # 2 cores x AVX2 FMA (2 x 256-bit FMA/cycle) x clock, fp32, this machine
+
+
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, size: int) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lungcad.models.factory import configure_finetuning, create_model, set_train_mode
+
+    torch.manual_seed(0)
+    model, _ = create_model(outputs=3, pretrained="none")
+    params = configure_finetuning(model, strategy)
+    set_train_mode(model, True)
+    model = model.to(memory_format=torch.channels_last)
+    opt = (torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True))
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_image = counter.get_total_flops() / batch
+    step()  # warm-up: oneDNN primitive creation
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    ips = batch / median
+    return {
+        "what": f"train {strategy}", "optimizer": optimizer, "batch": batch, "image_size": size,
+        "images_per_s": round(ips, 2), "gflop_per_image": round(flops_per_image / 1e9, 2),
+        "fraction_of_peak": round(ips * flops_per_image / 1e9 / PEAK_GFLOPS, 3),
+        "peak_rss_mb": round(_vm_hwm_mb()), "step_times_s": [round(t, 3) for t in times],
+    }
+
+
+def run_data_pipeline(n: int, size: int, workers: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lungcad.data.dataset import CachedImageDataset
+    from lungcad.data.transforms import Preprocessing, train_augmentation
+
+    pp = Preprocessing(image_size=size)
+    cache = torch.randint(0, 255, (n, 1, size, size), dtype=torch.uint8)
+    ds = CachedImageDataset(cache, [0] * n, pp, train_augmentation(pp))
+    loader = DataLoader(ds, batch_size=16, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0)
+    for _ in loader:  # warm-up epoch (worker start)
+        pass
+    t0 = time.perf_counter()
+    seen = sum(len(x) for x, _ in loader)
+    seconds = time.perf_counter() - t0
+    return {"what": "data pipeline", "workers": workers, "image_size": size,
+            "images_per_s": round(seen / seconds, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:  # one configuration per process, so peak memory is its own
+        kind, *rest = args.child.split(":")
+        if kind == "train":
+            strategy, optimizer, batch = rest
+            result = run_training_config(strategy, optimizer, int(batch), args.steps, args.size)
+        else:
+            result = run_data_pipeline(512, args.size, int(rest[0]))
+        print(json.dumps(result))
+        return
+    configs = [
+        "train:fc:adamw:32", "train:layer4:adamw:16", "train:layer4:adamw:32",
+        "train:all:sgd:16", "train:all:adamw:16", "train:all:adamw:32",
+        "data:0", "data:1",
+    ]
+    results = []
+    for cfg in configs:
+        out = subprocess.run([sys.executable, __file__, "--child", cfg, "--steps", str(args.steps),
+                              "--size", str(args.size)], capture_output=True, text=True, env=os.environ)
+        if out.returncode != 0:
+            print(f"{cfg}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(r)
+        extra = (f"{r['gflop_per_image']:>6.1f} GFLOP/img  {100 * r['fraction_of_peak']:5.1f}% of peak  "
+                 f"peak RSS {r['peak_rss_mb']:>5} MB" if "gflop_per_image" in r else "")
+        label = f"{r['what']} {r.get('optimizer', '')} b{r.get('batch', '')}" if "batch" in r else \
+            f"{r['what']} workers={r['workers']}"
+        print(f"{label:<34}{r['images_per_s']:>8.1f} img/s  {extra}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"peak_gflops": args.peak_gflops, "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
