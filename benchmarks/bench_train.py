@@ -40,6 +40,10 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     params = configure_finetuning(model, strategy)
     set_train_mode(model, True)
     model = model.to(memory_format=torch.channels_last)
+    if strategy != "all":  # what the trainer runs: frozen stages folded, without autograd
+        from lungcad.models.fusion import FrozenTrunkView
+
+        model = FrozenTrunkView(model, strategy)
     opt = (torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw"
            else torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True))
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -99,6 +103,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--allocator", choices=["auto", "system"], default="auto",
+                    help="auto: preload jemalloc like the lungcad command does")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one configuration per process, so peak memory is its own
@@ -115,10 +121,19 @@ def main() -> None:
         "train:all:sgd:16", "train:all:adamw:16", "train:all:adamw:32",
         "data:0", "data:1",
     ]
+    # Same process set-up as the `lungcad` command: jemalloc preloaded when installed (runtime.py)
+    from lungcad.runtime import JEMALLOC_CONF, fast_allocator
+
+    env = dict(os.environ)
+    lib = None if args.allocator == "system" else fast_allocator()
+    if lib:
+        env["LD_PRELOAD"] = lib
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    print(f"allocator: {lib or 'system malloc'}; peak {args.peak_gflops} GFLOP/s; {args.size} px", flush=True)
     results = []
     for cfg in configs:
         out = subprocess.run([sys.executable, __file__, "--child", cfg, "--steps", str(args.steps),
-                              "--size", str(args.size)], capture_output=True, text=True, env=os.environ)
+                              "--size", str(args.size)], capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(f"{cfg}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
             continue
@@ -131,7 +146,7 @@ def main() -> None:
         print(f"{label:<34}{r['images_per_s']:>8.1f} img/s  {extra}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"peak_gflops": args.peak_gflops, "results": results}, fh, indent=2)
+            json.dump({"peak_gflops": args.peak_gflops, "allocator": lib, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,6 @@
 
 import sys
 
-from lungcad.cli import main
+from lungcad.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -231,5 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> int:
+    """The `lungcad` console script: main() under a faster allocator when one is installed."""
+    from lungcad.runtime import reexec_with_fast_allocator
+
+    reexec_with_fast_allocator()
+    return main()
+
+
 if __name__ == "__main__":
     sys.exit(main())

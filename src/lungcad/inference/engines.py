@@ -42,12 +42,15 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 class TorchEngine:
-    """Eager PyTorch on the CPU, channels_last (oneDNN's fast layout)."""
+    """Eager PyTorch on the CPU: channels_last (oneDNN's fast layout) and BatchNorm folded into the
+    convolutions of a private copy (the caller's model, used for Grad-CAM, is left as it is)."""
 
     name = "torch"
 
     def __init__(self, model: nn.Module):
-        model = model.eval().to(memory_format=torch.channels_last)
+        from lungcad.models.fusion import fuse_conv_bn
+
+        model = fuse_conv_bn(model).to(memory_format=torch.channels_last)
         self.backbone, self.head = split_head(model)
 
     @torch.inference_mode()

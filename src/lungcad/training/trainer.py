@@ -57,6 +57,7 @@ from lungcad.evaluation.metrics import classification_metrics, format_metrics
 from lungcad.inference.engine import infer_logits
 from lungcad.inference.ood import fit_ood
 from lungcad.models.contract import ModelContract, save_model
+from lungcad.models.fusion import FrozenTrunkView
 from lungcad.training.distributed import (
     DistContext,
     all_reduce_sum,
@@ -428,6 +429,9 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
     train_params = configure_finetuning(model, cfg.finetune)
     model = model.to(device, memory_format=torch.channels_last)  # oneDNN / cuDNN fast path
     core = model  # the unwrapped module: what gets saved and evaluated
+    if cfg.finetune != "all" and cfg.head_epochs == 0:
+        # frozen stages folded (conv+BN) and run without autograd: same outputs, less work
+        model = FrozenTrunkView(core, cfg.finetune)
     if ctx.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=cfg.head_epochs > 0)  # head stage leaves the trunk without grads
@@ -469,7 +473,7 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
         _fault_injection(ctx, epoch)
         stage = "fc" if epoch < cfg.head_epochs else cfg.finetune
         configure_finetuning(core, stage)
-        set_train_mode(core, True)
+        set_train_mode(core, True)  # (a FrozenTrunkView's folded trunk is a copy and stays in eval)
         seed_everything(cfg.seed * 1000 + epoch + 100_003 * ctx.rank)  # augmentation differs per rank
         sampler.set_epoch(epoch)
         t0, seen, loss_sum, norm_sum, correct = time.perf_counter(), 0, 0.0, 0.0, 0
