@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml
 # downloaded here), evaluate on the held-out test split.
 main: install
 	bash scripts/install-system-deps.sh
-	$(BIN)/lungcad audit $(DATA) --json $(RUN).audit.json --no-progress | tail -n 25
+	mkdir -p $(dir $(RUN))
+	$(BIN)/lungcad audit $(DATA) --json $(RUN).audit.json --no-progress
 	$(BIN)/lungcad train --data $(DATA) --out $(RUN) --pretrained none $(TRAIN_ARGS)
 	$(BIN)/lungcad evaluate $(RUN)
 	@echo "report: $(RUN)/report.html"

@@ -102,7 +102,7 @@ def test_binary_task(tmp_path):
     from conftest import make_dataset
 
     data = make_dataset(tmp_path / "data")
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "nested" / "run"  # missing parent folders are created
     assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--task", "binary", *FAST]) == 0
     contract = json.loads((run / "model.json").read_text())
     assert contract["classes"] == ["not_malignant", "malignant"]

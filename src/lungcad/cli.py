@@ -112,6 +112,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from lungcad.data.discovery import discover, parse_label_map
     from lungcad.data.grouping import assign_groups, near_duplicate_pairs, scan_images
 
+    if args.json:
+        _writable_file(args.json)  # fail before the work, not after it
     samples = discover(args.data, parse_label_map(args.label_map))
     infos, unreadable = scan_images(samples, progress=args.progress)
     near = near_duplicate_pairs(infos)  # computed once, shared by grouping and the report
@@ -119,7 +121,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
     report = run_audit(samples, infos, unreadable, groups, near_pairs=near)
     print(format_audit(report))
     if args.json:
-        _writable_file(args.json)
         atomic_write_json(args.json, report)
     return 0
 

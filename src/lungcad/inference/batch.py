@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lungcad.errors import LungcadError
 from lungcad.inference.predictor import Prediction, Predictor, iter_inputs, write_predictions
-from lungcad.training.distributed import barrier, init_distributed, shutdown
+from lungcad.distributed import barrier, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 

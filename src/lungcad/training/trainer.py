@@ -58,7 +58,7 @@ from lungcad.inference.engine import infer_logits
 from lungcad.inference.ood import fit_ood
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.fusion import FrozenTrunkView
-from lungcad.training.distributed import (
+from lungcad.distributed import (
     DistContext,
     all_reduce_sum,
     all_reduce_sum_tensor,
@@ -340,15 +340,18 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def _check_out(out: Path) -> None:
+    """--out must not exist; missing parent folders are fine (created later) if we can write there."""
     if out.exists():
         raise LungcadError("run folder already exists (choose a new --out, or --resume to continue it)", out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise LungcadError("parent folder of --out does not exist", parent)
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LungcadError("not a folder", ancestor)
     try:  # a real probe: access() says yes to root even on read-only or virtual file systems
-        tempfile.TemporaryDirectory(dir=parent, prefix=".lungcad-probe-").cleanup()
+        tempfile.TemporaryDirectory(dir=ancestor, prefix=".lungcad-probe-").cleanup()
     except OSError as exc:
-        raise LungcadError(f"cannot write here ({exc.strerror or exc})", parent) from None
+        raise LungcadError(f"cannot write here ({exc.strerror or exc})", ancestor) from None
 
 
 def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = None) -> Path:
@@ -415,7 +418,7 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
     # Everything validated: only now does the run folder appear (rank 0 writes, the others wait).
     if ctx.is_main:
         if not resume:
-            out.mkdir(parents=False)
+            out.mkdir(parents=True)
             atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
             write_split(out / "split.csv", plan.rows, Path(cfg.data))
             atomic_write_json(out / "init.json", init)
