@@ -203,3 +203,27 @@ def test_extra_data_goes_to_training_only_and_is_recorded(tmp_path):
     summary = json.loads((run / "data.json").read_text())
     assert summary["extra_data"]["feedback_ids"] == ["fb-0", "fb-1", "fb-2"]
     assert summary["extra_data"]["images"] == 3
+
+
+@pytest.mark.smoke
+def test_smoke_train_and_evaluate_on_a_slice_of_iqothnccd(tmp_path):
+    """The real CLI on real CT slices: every 12th image of each class (some non-square, all JPEG)."""
+    from conftest import IQOTH
+
+    from lungcad.data.discovery import discover
+
+    if not IQOTH.is_dir():
+        pytest.skip(f"shared data not found at {IQOTH} (set LUNGCAD_SHARED_DATA)")
+    samples = discover(IQOTH)
+    picked = [s for label in ("normal", "benign", "malignant") for s in [x for x in samples if x.label == label][::12]]
+    manifest = tmp_path / "slice.csv"
+    manifest.write_text("path,label\n" + "".join(f"{s.path},{s.label}\n" for s in picked))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(manifest), "--out", str(run), "--epochs", "1", *FAST]) == 0
+    rows = list(csv.DictReader(open(run / "split.csv")))
+    assert len(rows) == len(picked) and {r["subset"] for r in rows} == {"train", "val", "test"}
+    contract = json.loads((run / "model.json").read_text())
+    assert contract["preprocessing"]["colour"] == "grey" and 0 < contract["thresholds"]["malignant"] <= 1
+    assert main(["evaluate", str(run), "--no-progress", "--no-baselines", "--bootstrap", "1000"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == sum(r["subset"] == "test" for r in rows)

@@ -31,7 +31,8 @@ from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.engine import infer_logits
 from lungcad.models.contract import load_model
 from lungcad.models.factory import logits_to_probs
-from lungcad.training.trainer import TrainConfig, _check_out, target_index, train
+from lungcad.training.data import target_index
+from lungcad.training.trainer import TrainConfig, _check_out, train
 from lungcad.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -40,16 +39,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 import lungcad
-from lungcad.data.dataset import CachedImageDataset, load_cache
-from lungcad.data.discovery import CLASSES, Sample, discover, parse_label_map
-from lungcad.data.grouping import assign_groups, scan_images
-from lungcad.data.split import (
-    SplitRow,
-    read_split,
-    split_summary,
-    stratified_group_split,
-    write_split,
-)
+from lungcad.data.dataset import CachedImageDataset
+from lungcad.data.split import write_split
 from lungcad.data.transforms import Preprocessing, train_augmentation
 from lungcad.errors import LungcadError
 from lungcad.evaluation.calibration import fit_operating_point
@@ -74,11 +65,10 @@ from lungcad.models.factory import (
     num_outputs,
     set_train_mode,
 )
+from lungcad.training.data import DataPlan, PreparedData, load_data, output_classes, plan_data
 from lungcad.utils import atomic_path, atomic_write_json, atomic_write_text, seed_everything
 
 log = logging.getLogger(__name__)
-
-BINARY_CLASSES = ["not_malignant", "malignant"]
 
 
 @dataclass
@@ -104,8 +94,9 @@ class TrainConfig:
     colour: str = "auto"  # auto: greyscale if every image is greyscale (CT), else RGB (histopathology)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    # DataLoader workers. One worker (1 torch thread) augments ~10x faster than the main process,
-    # whose multi-threaded small ops contend with themselves (measured on 2 cores: ~15 vs ~190 img/s).
+    # DataLoader workers. One worker process (1 torch thread) keeps augmentation off the training
+    # threads: with the CPU busy, the main process's 2-thread small ops fell to ~15 img/s against
+    # ~190 in a worker (measured on 2 cores); on a quiet machine both are far above the training rate.
     workers: int = 1
     threads: int = 0  # torch intra-op threads; 0 = all cores
     # malignant operating point: the threshold on p(malignant) is the highest that still reaches this
@@ -128,138 +119,6 @@ class TrainConfig:
             return 1e-2
         return 1e-3 if self.pretrained == "none" and self.weights is None else 3e-4
 
-
-# --------------------------------------------------------------------------------------------
-# data preparation
-
-
-@dataclass
-class DataPlan:
-    """What to train on, decided once (on rank 0 under torchrun) before any file is written."""
-
-    rows: list[SplitRow]
-    colour: str
-    skipped: list[tuple[Path, str]]
-    summary: dict
-
-
-@dataclass
-class PreparedData:
-    rows: list[SplitRow]
-    pp: Preprocessing
-    caches: dict[str, torch.Tensor]  # subset -> uint8 cache
-    targets: dict[str, list[int]]
-    skipped: list[tuple[Path, str]]
-    summary: dict
-
-
-def target_index(label: str, task: str) -> int:
-    if task == "binary":
-        return int(label == "malignant")
-    return CLASSES.index(label)
-
-
-def output_classes(task: str) -> list[str]:
-    return list(BINARY_CLASSES) if task == "binary" else list(CLASSES)
-
-
-def plan_data(cfg: TrainConfig, split_file: Path | None) -> DataPlan:
-    """Discover, scan, group and split. Raises LungcadError before anything is written."""
-    data = Path(cfg.data)
-    label_map = parse_label_map(cfg.label_map)
-    if split_file is not None:
-        rows = read_split(split_file, root=data)
-        samples = [Sample(r.path, r.label, r.group) for r in rows]
-    else:
-        samples = discover(data, label_map)
-    infos, unreadable = scan_images(samples, progress=cfg.progress)
-    bad_paths = {Path(p) for p, _ in unreadable}
-    for path, reason in unreadable:
-        log.warning("skipping unreadable image: %s", reason if str(path) in reason else f"{path}: {reason}")
-    if split_file is not None:
-        rows = [r for r in rows if r.path not in bad_paths]
-    else:
-        groups = assign_groups(samples, infos)
-        keep = [i for i, s in enumerate(samples) if s.path not in bad_paths]
-        if not keep:
-            raise LungcadError("no readable images", data)
-        rows = stratified_group_split(
-            [samples[i] for i in keep],
-            [groups[i] for i in keep],
-            fractions=(1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
-            seed=cfg.seed,
-        )
-    modes = [info.mode for info in infos]
-    sha_of = {str(samples[i.index].path): i.sha256 for i in infos}
-    extra_summary = None
-    if cfg.extra_data:
-        extra_rows, extra_modes, extra_sha, extra_bad, feedback_ids = _plan_extra_data(cfg, label_map)
-        present = {str(r.path) for r in rows}  # a resumed run's split.csv already lists them
-        extra_rows = [r for r in extra_rows if str(r.path) not in present]
-        rows, unreadable, modes = rows + extra_rows, list(unreadable) + extra_bad, modes + extra_modes
-        sha_of.update(extra_sha)
-        extra_summary = {"path": cfg.extra_data, "images": len(extra_rows), "feedback_ids": feedback_ids}
-    colour = cfg.colour
-    if colour == "auto":
-        grey_modes = {"L", "I;16", "I;16B", "I;16L", "I", "1", "LA"}
-        colour = "grey" if all(m in grey_modes for m in modes) else "rgb"
-    for subset in ("train", "val", "test"):
-        if not any(r.subset == subset for r in rows):
-            raise LungcadError(f"the {subset} subset is empty", split_file or data)
-    fingerprint = hashlib.sha256()
-    for r in sorted(rows, key=lambda r: str(r.path)):
-        fingerprint.update(f"{r.path.name},{r.label},{r.subset},{sha_of.get(str(r.path), '')}\n".encode())
-    summary = {
-        "data": str(data),
-        "images": len(rows),
-        "skipped": len(unreadable),
-        "colour": colour,
-        "groups": len({r.group for r in rows}),
-        "split": split_summary(rows),
-        "fingerprint_sha256": fingerprint.hexdigest(),
-    }
-    if extra_summary is not None:
-        summary["extra_data"] = extra_summary
-    return DataPlan(rows, colour, list(unreadable), summary)
-
-
-def _plan_extra_data(
-    cfg: TrainConfig, label_map: dict[str, str]
-) -> tuple[list[SplitRow], list[str], dict[str, str], list[tuple[Path, str]], list[str]]:
-    """Extra training-only images (e.g. from `lungcad feedback export`), never in val or test so
-    that evaluation stays comparable with runs without them.
-
-    Returns (rows, image modes, sha256 by path, unreadable, feedback ids from the manifest).
-    """
-    extra = Path(cfg.extra_data)
-    source = extra / "manifest.csv" if (extra / "manifest.csv").is_file() else extra
-    samples = discover(source, label_map)
-    infos, unreadable = scan_images(samples, progress=False)
-    rows = [
-        SplitRow(samples[i.index].path, samples[i.index].label,
-                 f"extra:{samples[i.index].group or samples[i.index].path.stem}", "train")
-        for i in infos
-    ]
-    feedback_ids: list[str] = []
-    if source.is_file():
-        with open(source, newline="", encoding="utf-8") as fh:
-            feedback_ids = [r["feedback_id"] for r in csv.DictReader(fh) if r.get("feedback_id")]
-    log.info("extra training data: %d images from %s (%d feedback rows)", len(rows), extra, len(feedback_ids))
-    sha_of = {str(samples[i.index].path): i.sha256 for i in infos}
-    return rows, [i.mode for i in infos], sha_of, list(unreadable), feedback_ids
-
-
-def load_data(plan: DataPlan, cfg: TrainConfig, progress: bool) -> PreparedData:
-    """Decode every image of the plan once into uint8 caches (the expensive, per-process part)."""
-    pp = Preprocessing(image_size=cfg.image_size, colour=plan.colour)
-    caches, targets = {}, {}
-    for subset in ("train", "val", "test"):
-        sub = [r for r in plan.rows if r.subset == subset]
-        caches[subset], bad = load_cache([r.path for r in sub], pp, progress=progress, desc=f"decoding {subset}")
-        if bad:  # scanned fine but failed now (changed on disk): refuse rather than train on zeros
-            raise LungcadError(f"image became unreadable during loading: {bad[0][1]}")
-        targets[subset] = [target_index(r.label, cfg.task) for r in sub]
-    return PreparedData(plan.rows, pp, caches, targets, plan.skipped, plan.summary)
 
 # --------------------------------------------------------------------------------------------
 # training
