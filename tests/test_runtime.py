@@ -39,3 +39,13 @@ def test_opt_out_and_no_library(fake_lib, monkeypatch):
     lib.unlink()
     runtime.reexec_with_fast_allocator(["x"])
     assert calls == []
+
+
+def test_only_torch_only_jobs_are_reexecuted(fake_lib):
+    """OpenVINO aborts under a preloaded jemalloc: predict, export and serve keep glibc malloc."""
+    _, calls = fake_lib
+    for argv in (["predict", "run", "x.png", "--engine", "openvino"], ["export", "run"], ["serve", "run"], []):
+        runtime.reexec_with_fast_allocator(argv)
+    assert calls == []
+    runtime.reexec_with_fast_allocator(["--verbose", "evaluate", "run"])
+    assert len(calls) == 1
