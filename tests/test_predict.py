@@ -244,3 +244,45 @@ def test_multiframe_dicom_predict_gives_series_result(predictor, tmp_path):
     rows = list(predictor.predict_paths([path, tmp_path / "copy.dcm"], progress=False))
     assert rows[-1].level == "series" and rows[-1].slices == 2
     assert pydicom  # imported for the skip only
+
+
+def test_predict_batch_equals_one_by_one(predictor):
+    inputs = [(_ct_png(1), "a.png"), (b"not an image", "bad.png"), (_ct_png(2, "normal"), "b.png")]
+    batched = predictor.predict_batch(inputs)
+    single = [predictor.predict(data, name) for data, name in inputs]
+    assert [p.source for p in batched] == ["a.png", "bad.png", "b.png"]
+    assert batched[1].error and batched[1].error == single[1].error
+    for b, s in zip(batched, single):
+        if not s.error:
+            assert b.label == s.label
+            assert b.malignant_probability == pytest.approx(s.malignant_probability, abs=1e-5)
+
+
+def test_web_micro_batcher_shares_forward_passes():
+    import threading
+    import time
+
+    from lungcad.web.batcher import MicroBatcher
+
+    class Counting:
+        sizes: list[int] = []
+
+        def predict_batch(self, inputs):
+            self.sizes.append(len(inputs))
+            time.sleep(0.05)  # a forward pass: requests arriving meanwhile queue up for the next batch
+            return [f"result-{data.decode()}" for data, _ in inputs]
+
+    fake = Counting()
+    batcher = MicroBatcher(fake, max_batch=4, max_wait=0.02)
+    results = {}
+
+    def client(i):
+        results[i] = batcher.predict(str(i).encode(), None)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert results == {i: f"result-{i}" for i in range(12)}  # every caller gets its own result
+    assert sum(fake.sizes) == 12 and max(fake.sizes) <= 4 and len(fake.sizes) < 12  # batched, bounded

@@ -242,6 +242,27 @@ class Predictor:
             log.debug("unexpected error on %s", source, exc_info=True)
             return [_Item(source, None, error=f"unexpected error while reading ({type(exc).__name__}: {exc})"[:300])]
 
+    def predict_batch(self, inputs: list[tuple[bytes | Path, str | None]]) -> list[Prediction]:
+        """`predict` for several files at once, sharing one forward pass (the web app's micro-batches)."""
+        groups = [self._items(data, name) for data, name in inputs]
+        ok = [it for items in groups for it in items if it.tensor is not None]
+        results: dict[int, Prediction] = {}
+        if ok:
+            probs, flags, scores = self._run([it.tensor for it in ok])
+            for i, it in enumerate(ok):
+                results[id(it)] = self._prediction(it, probs[i], None if flags is None else flags[i],
+                                                   None if scores is None else scores[i])
+        out = []
+        for (data, name), items in zip(inputs, groups):
+            if items[0].tensor is None:
+                out.append(Prediction.failed(items[0].source, items[0].error, self.model_sha256))
+            elif len(items) == 1:
+                out.append(results[id(items[0])])
+            else:  # a multi-frame DICOM: its series-level result, as `predict` gives
+                source = name if name is not None else str(data) if isinstance(data, (str, Path)) else "<bytes>"
+                out.append(self._aggregate(source, [results[id(it)] for it in items]))
+        return out
+
     def predict(self, data: bytes | Path, name: str | None = None) -> Prediction:
         """Predict one file or upload; never raises for bad input (the error field is set).
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path, sha256_bytes
+from lungcad.web.batcher import MicroBatcher
 from lungcad.web.db import Feedback, Study, User, audit
 from lungcad.web.deid import deidentify
 from lungcad.web.security import keyed_hash
@@ -49,8 +50,12 @@ class Store:
     # Inference is CPU-bound and torch already uses every core: serialising the calls avoids
     # oversubscription (threads fighting for 2 cores) and keeps per-request latency predictable.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Concurrent uploads share forward passes when the predictor can batch (the real Predictor).
+    batcher: MicroBatcher | None = None
 
     def __post_init__(self) -> None:
+        if self.batcher is None and hasattr(self.predictor, "predict_batch"):
+            self.batcher = MicroBatcher(self.predictor)
         for sub in ("images", "dicom", "explain"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -83,9 +88,12 @@ def process_upload(session: Session, store: Store, user: User, raw: bytes, batch
         # De-identify first, then work only from the de-identified bytes: PHI never reaches disk.
         dicom_bytes, dicom_meta = deidentify(raw, store.secret, label)
         raw = dicom_bytes
-    with store.lock:
-        pixels, _ = store.predictor.load_pixels(raw, name=label)
-        prediction = store.predictor.predict(raw, name=label)
+    pixels, _ = store.predictor.load_pixels(raw, name=label)  # decoding runs in the request's thread
+    if store.batcher is not None:
+        prediction = store.batcher.predict(raw, name=label)
+    else:
+        with store.lock:
+            prediction = store.predictor.predict(raw, name=label)
     if prediction.error:
         raise LungcadError(prediction.error, label)
     group = dicom_meta.get("study_uid") or batch_id
