@@ -242,16 +242,19 @@ class Predictor:
             log.debug("unexpected error on %s", source, exc_info=True)
             return [_Item(source, None, error=f"unexpected error while reading ({type(exc).__name__}: {exc})"[:300])]
 
+    def _predict_items(self, ok: list[_Item]) -> dict[int, Prediction]:
+        """One forward pass over decoded items -> Prediction by id(item)."""
+        if not ok:
+            return {}
+        probs, flags, scores = self._run([it.tensor for it in ok])
+        return {id(it): self._prediction(it, probs[i], None if flags is None else flags[i],
+                                         None if scores is None else scores[i]) for i, it in enumerate(ok)}
+
     def predict_batch(self, inputs: list[tuple[bytes | Path, str | None]]) -> list[Prediction]:
         """`predict` for several files at once, sharing one forward pass (the web app's micro-batches)."""
         groups = [self._items(data, name) for data, name in inputs]
         ok = [it for items in groups for it in items if it.tensor is not None]
-        results: dict[int, Prediction] = {}
-        if ok:
-            probs, flags, scores = self._run([it.tensor for it in ok])
-            for i, it in enumerate(ok):
-                results[id(it)] = self._prediction(it, probs[i], None if flags is None else flags[i],
-                                                   None if scores is None else scores[i])
+        results = self._predict_items(ok)
         out = []
         for (data, name), items in zip(inputs, groups):
             if items[0].tensor is None:
@@ -338,12 +341,7 @@ class Predictor:
     def _flush(self, pending: list[_Item], series: dict[str, dict[tuple, Prediction]],
                cam_dir: str | Path | None) -> Iterator[Prediction]:
         ok = [it for it in pending if it.tensor is not None]
-        results: dict[int, Prediction] = {}
-        if ok:
-            probs, flags, scores = self._run([it.tensor for it in ok])
-            for i, it in enumerate(ok):
-                results[id(it)] = self._prediction(it, probs[i], None if flags is None else flags[i],
-                                                   None if scores is None else scores[i])
+        results = self._predict_items(ok)
         for it in pending:
             if it.tensor is None:
                 yield Prediction.failed(it.source, it.error, self.model_sha256, it.dicom)
