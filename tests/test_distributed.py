@@ -114,6 +114,7 @@ def test_sharded_prediction_covers_every_input_once(setup, predict_run):
            "--workers", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0  # the bad input fails the run after everything is reported
+    assert sharded.is_file(), proc.stderr[-3000:]
     a, b = _rows(single), _rows(sharded)
     assert [r["source"] for r in b] == inputs + [str(root / "bad.png")]  # every input once, in input order
     assert [r["source"] for r in a] == [r["source"] for r in b]

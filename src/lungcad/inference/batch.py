@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lungcad.errors import LungcadError
 from lungcad.inference.predictor import Prediction, Predictor, iter_inputs, write_predictions
-from lungcad.distributed import barrier, init_distributed, shutdown
+from lungcad.distributed import barrier, broadcast_from_main, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +50,23 @@ def predict_archive(
     out = Path(out)
     ctx = init_distributed("cpu")  # inference engines here run on the CPU; gloo is enough
     try:
-        existing = part_files(out)
-        if existing and not resume:
-            raise LungcadError(f"partial results from an interrupted run exist ({existing[0].name}); "
-                               "pass --resume to continue them, or delete them", out.parent)
         listing = list(iter_inputs(inputs))  # paths only: cheap even for 100 000 files
         order = {str(path): i for i, (path, _) in enumerate(listing)}
-        done = {row["source"].split("#")[0] for row in _read_parts(out)} if resume else set()
+        # Rank 0 looks at earlier part files before any rank creates its own (a peer's fresh part
+        # file must not look like an interrupted run); the broadcast doubles as the barrier.
+        verdict: set[str] | LungcadError = set()
+        if ctx.is_main:
+            existing = part_files(out)
+            if existing and not resume:
+                verdict = LungcadError(f"partial results from an interrupted run exist ({existing[0].name}); "
+                                       "pass --resume to continue them, or delete them", out.parent)
+            elif resume:
+                verdict = {row["source"].split("#")[0] for row in _read_parts(out)}
+                log.info("resuming: %d input(s) already done, %d to go", len(verdict), len(listing) - len(verdict))
+        done = broadcast_from_main(ctx, verdict)
         mine = [path for i, (path, _) in enumerate(listing)
                 if i % ctx.world_size == ctx.rank and str(path) not in done]
-        if resume and ctx.is_main:
-            log.info("resuming: %d input(s) already done, %d to go", len(done), len(listing) - len(done))
         part = out.parent / f"{out.name}.part{ctx.rank}.jsonl"
-        if part.exists() and not resume:
-            part.unlink()
         with open(part, "a", encoding="utf-8") as fh:
             rows = predictor.predict_paths(mine, batch_size=batch_size, progress=progress and ctx.is_main,
                                            cam_dir=cam_dir, workers=workers, series_rows=False, total=len(mine))
