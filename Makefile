@@ -41,8 +41,12 @@ test: install
 	bash scripts/install-system-deps.sh
 	$(BIN)/python -m pytest
 
+# Speed benchmarks (minutes; run on an otherwise idle machine). The web load test needs a run:
+#   $(BIN)/python benchmarks/load_web.py --run $(RUN)
 bench: install
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_distributed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
