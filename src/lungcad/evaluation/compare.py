@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def baseline_rows(run_dir: Path, contract: ModelContract, cache: torch.Tensor, paths: list[Path], y: np.ndarray,
                   groups: np.ndarray, compare: list, baselines: bool, progress: bool, n_boot: int,
                   seed: int) -> list[dict]:
-    from lungcad.evaluation.evaluate import _target, run_split, score_probs
+    from lungcad.evaluation.evaluate import run_split, score_probs
+    from lungcad.models.factory import target_index
 
     classes, task = contract.classes, contract.task
     target = (contract.training.get("operating_point") or {}).get("validation", {}).get(
@@ -38,8 +39,8 @@ def baseline_rows(run_dir: Path, contract: ModelContract, cache: torch.Tensor, p
             return [{"method": "baselines (a)-(c)", "note": f"skipped: {exc}"}] + _compare_rows(compare, paths, common)
         train = [r for r in split if r.subset == "train"]
         val = [r for r in split if r.subset == "val"]
-        t = {"train": np.array([_target(r.label, classes, task, run_dir) for r in train]),
-             "val": np.array([_target(r.label, classes, task, run_dir) for r in val]), "eval": y}
+        t = {"train": np.array([target_index(r.label, classes, task, run_dir) for r in train]),
+             "val": np.array([target_index(r.label, classes, task, run_dir) for r in val]), "eval": y}
         rows.append(score_probs("(a) majority class", "always the commonest training class",
                                 probs=majority_probs(t["train"], len(y), len(classes)),
                                 threshold=0.5 if task == "binary" else None, **common))

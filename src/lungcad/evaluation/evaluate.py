@@ -34,7 +34,7 @@ from lungcad.evaluation.calibration import calibration_summary, decision_thresho
 from lungcad.evaluation.metrics import classification_metrics, predict_labels
 from lungcad.inference.engine import infer_logits
 from lungcad.models.contract import ModelContract, load_model
-from lungcad.models.factory import logits_to_probs
+from lungcad.models.factory import logits_to_probs, target_index
 from lungcad.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,6 @@ class EvalSet:
     groups: list[str]
     source: Path
     subset: str  # "test" or the external folder
-
-
-def _target(label: str, classes: list[str], task: str, source: Path) -> int:
-    if task == "binary":
-        return int(label == "malignant")
-    if label not in classes:
-        raise LungcadError(f"label {label!r} is not one of the model's classes ({', '.join(classes)}); use --label-map", source)
-    return classes.index(label)
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -164,7 +156,7 @@ def evaluate_run(
     model, contract = load_model(run_dir)
     model = model.to(memory_format=torch.channels_last)
     es = eval_set(run_dir, data, label_map, progress)
-    targets = [_target(lab, contract.classes, contract.task, es.source) for lab in es.labels]
+    targets = [target_index(lab, contract.classes, contract.task, es.source) for lab in es.labels]
     cache, bad = load_cache(es.paths, contract.preprocessing, progress=progress, desc="decoding")
     keep = list(range(len(es.paths)))
     if bad:

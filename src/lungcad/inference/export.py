@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from lungcad.data.transforms import normalise
 from lungcad.errors import LungcadError
-from lungcad.models.contract import ModelContract, load_model
+from lungcad.models.contract import ModelContract, load_model, parse_contract_file
 from lungcad.models.factory import logits_to_probs
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
@@ -100,12 +100,10 @@ def read_exported_contract(model_path: str | Path, verify: bool = True) -> tuple
         raise LungcadError("exported model not found", model_path)
     if not cpath.is_file():
         raise LungcadError(f"no {cpath.name} beside the exported model (export incomplete?)", model_path)
-    try:
-        data = json.loads(cpath.read_text(encoding="utf-8"))
-        contract = ModelContract.from_dict(data)
-        info = dict(data["export"])
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise LungcadError(f"corrupt exported contract ({exc})", cpath) from None
+    contract, data = parse_contract_file(cpath, what="exported contract")
+    if not isinstance(data.get("export"), dict):
+        raise LungcadError("corrupt exported contract (no 'export' section)", cpath)
+    info = dict(data["export"])
     if verify and info.get("sha256") and sha256_file(model_path) != info["sha256"]:
         raise LungcadError("exported model does not match the sha256 in its contract", model_path)
     return contract, info
@@ -356,7 +354,7 @@ def _quiet_logging() -> Iterator[None]:
 def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8_path: Path,
                   progress: bool) -> dict:
     """Accuracy of fp32 (PyTorch) and INT8 (ONNX Runtime) on the run's test split."""
-    from lungcad.evaluation.evaluate import _target
+    from lungcad.models.factory import target_index
     from lungcad.data.dataset import load_cache
     from lungcad.evaluation.metrics import classification_metrics, predict_labels
     from lungcad.inference.engines import OnnxEngine, TorchEngine
@@ -367,7 +365,7 @@ def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8
     bad_set = {p for p, _ in bad}
     keep = [i for i, p in enumerate(paths) if Path(p) not in bad_set]
     cache = cache[keep]
-    targets = [_target(labels[i], contract.classes, contract.task, run_dir / "split.csv") for i in keep]
+    targets = [target_index(labels[i], contract.classes, contract.task, run_dir / "split.csv") for i in keep]
     engines = {"fp32": TorchEngine(model), "int8": OnnxEngine(int8_path)}
     probs = {}
     for name, engine in engines.items():

@@ -68,22 +68,27 @@ def save_model(run_dir: str | Path, model: nn.Module, contract: ModelContract) -
     atomic_write_json(run_dir / CONTRACT_FILE, contract.to_dict())
 
 
+def parse_contract_file(path: Path, what: str = "model contract") -> tuple[ModelContract, dict]:
+    """(contract, the file's raw JSON) from a contract file, refusing corrupt or too-new ones."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        contract = ModelContract.from_dict(data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise LungcadError(f"corrupt {what} ({exc})", path) from None
+    if contract.format_version > CONTRACT_VERSION:
+        raise LungcadError(
+            f"{what} version {contract.format_version} is newer than this lungcad understands", path
+        )
+    return contract, data
+
+
 def read_contract(run_dir: str | Path) -> ModelContract:
     path = Path(run_dir) / CONTRACT_FILE
     if not Path(run_dir).is_dir():
         raise LungcadError("run folder not found", run_dir)
     if not path.is_file():
         raise LungcadError(f"no {CONTRACT_FILE} in the run folder (training not finished?)", run_dir)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        contract = ModelContract.from_dict(data)
-    except (OSError, ValueError, TypeError) as exc:
-        raise LungcadError(f"corrupt model contract ({exc})", path) from None
-    if contract.format_version > CONTRACT_VERSION:
-        raise LungcadError(
-            f"model contract version {contract.format_version} is newer than this lungcad understands", path
-        )
-    return contract
+    return parse_contract_file(path)[0]
 
 
 def load_model(run_dir: str | Path, verify: bool = True) -> tuple[nn.Module, ModelContract]:

@@ -144,6 +144,17 @@ def set_train_mode(model: nn.Module, training: bool = True) -> None:
                 m.eval()
 
 
+def target_index(label: str, classes: list[str], task: str, source: str | Path | None = None) -> int:
+    """The output column a true label is scored against: binary -> 1 for malignant, 0 otherwise;
+    multiclass -> the label's class column (a label the model does not know is an error)."""
+    if task == "binary":
+        return int(label == "malignant")
+    if label not in classes:
+        raise LungcadError(
+            f"label {label!r} is not one of the model's classes ({', '.join(classes)}); use --label-map", source)
+    return classes.index(label)
+
+
 def logits_to_probs(logits: torch.Tensor, task: str, temperature: float = 1.0) -> torch.Tensor:
     """Model outputs -> class probabilities (N, C); binary gives [p(not malignant), p(malignant)]."""
     logits = logits / temperature

@@ -31,7 +31,8 @@ from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.engine import infer_logits
 from lungcad.models.contract import load_model
 from lungcad.models.factory import logits_to_probs
-from lungcad.training.data import target_index
+from lungcad.models.factory import target_index
+from lungcad.training.data import output_classes
 from lungcad.training.trainer import TrainConfig, _check_out, train
 from lungcad.utils import atomic_write_json, atomic_write_text
 
@@ -114,7 +115,7 @@ def _oof(fold_dir: Path, rows: list[SplitRow], fold: int, cfg: TrainConfig) -> l
     probs = logits_to_probs(infer_logits(model, cache, contract.preprocessing), contract.task,
                             contract.temperature).numpy()
     pred = predict_labels(probs, contract.task, decision_threshold(contract), contract.classes)
-    return [{"path": r.path, "label": r.label, "group": r.group, "fold": fold, "y": target_index(r.label, cfg.task),
+    return [{"path": r.path, "label": r.label, "group": r.group, "fold": fold, "y": target_index(r.label, output_classes(cfg.task), cfg.task),
              "pred": int(p), "probs": pr, "classes": contract.classes} for r, p, pr in zip(rows, pred, probs)]
 
 

@@ -21,6 +21,7 @@ from lungcad.data.grouping import assign_groups, scan_images
 from lungcad.data.split import SplitRow, read_split, split_summary, stratified_group_split
 from lungcad.data.transforms import Preprocessing
 from lungcad.errors import LungcadError
+from lungcad.models.factory import target_index
 
 if TYPE_CHECKING:
     from lungcad.training.trainer import TrainConfig
@@ -48,12 +49,6 @@ class PreparedData:
     targets: dict[str, list[int]]
     skipped: list[tuple[Path, str]]
     summary: dict
-
-
-def target_index(label: str, task: str) -> int:
-    if task == "binary":
-        return int(label == "malignant")
-    return CLASSES.index(label)
 
 
 def output_classes(task: str) -> list[str]:
@@ -155,5 +150,5 @@ def load_data(plan: DataPlan, cfg: TrainConfig, progress: bool) -> PreparedData:
         caches[subset], bad = load_cache([r.path for r in sub], pp, progress=progress, desc=f"decoding {subset}")
         if bad:  # scanned fine but failed now (changed on disk): refuse rather than train on zeros
             raise LungcadError(f"image became unreadable during loading: {bad[0][1]}")
-        targets[subset] = [target_index(r.label, cfg.task) for r in sub]
+        targets[subset] = [target_index(r.label, output_classes(cfg.task), cfg.task) for r in sub]
     return PreparedData(plan.rows, pp, caches, targets, plan.skipped, plan.summary)
