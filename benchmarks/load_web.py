@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -33,6 +34,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_images(data: Path, n: int = 32) -> list[bytes]:
@@ -153,7 +160,9 @@ def main() -> None:
                 sys.exit("server did not start")
             time.sleep(0.3)
         for n in args.clients:
+            cpu0 = cpu_seconds(server.pid), time.process_time()
             res = asyncio.run(run_load(base, token, images, n, args.seconds))
+            server_cpu, client_cpu = cpu_seconds(server.pid) - cpu0[0], time.process_time() - cpu0[1]
             throughput = len(res["predict"]) / res["seconds"]
             res["summary"] = {
                 "clients": n, "uploads": len(res["predict"]), "feedback_acked": len(res["acked"]),
@@ -161,6 +170,8 @@ def main() -> None:
                 "predict_p50_ms": round(pct(res["predict"], 50)), "predict_p95_ms": round(pct(res["predict"], 95)),
                 "feedback_p50_ms": round(pct(res["feedback"], 50)), "feedback_p95_ms": round(pct(res["feedback"], 95)),
                 "errors": len(res["errors"]), "vs_offline_batch_rate": round(throughput / batch_rate, 3),
+                # Where the 2 cores went (the client shares them): CPU-seconds per second of the run.
+                "server_cores": round(server_cpu / res["seconds"], 2), "client_cores": round(client_cpu / res["seconds"], 2),
             }
             print(json.dumps(res["summary"]), flush=True)
             for e in res["errors"][:5]:

@@ -246,16 +246,16 @@ def test_multiframe_dicom_predict_gives_series_result(predictor, tmp_path):
     assert pydicom  # imported for the skip only
 
 
-def test_predict_batch_equals_one_by_one(predictor):
-    inputs = [(_ct_png(1), "a.png"), (b"not an image", "bad.png"), (_ct_png(2, "normal"), "b.png")]
-    batched = predictor.predict_batch(inputs)
+def test_predict_prepared_batch_equals_one_by_one(predictor):
+    inputs = [(_ct_png(1), "a.png"), (_ct_png(2, "normal"), "b.png"), (_ct_png(3), "c.png")]
+    tensors = [predictor.prepare(predictor.load_pixels(data)[0]) for data, _ in inputs]
+    batched = predictor.predict_prepared(tensors, [name for _, name in inputs])
     single = [predictor.predict(data, name) for data, name in inputs]
-    assert [p.source for p in batched] == ["a.png", "bad.png", "b.png"]
-    assert batched[1].error and batched[1].error == single[1].error
+    assert [p.source for p in batched] == ["a.png", "b.png", "c.png"]
     for b, s in zip(batched, single):
-        if not s.error:
-            assert b.label == s.label
-            assert b.malignant_probability == pytest.approx(s.malignant_probability, abs=1e-5)
+        assert b.label == s.label
+        assert b.malignant_probability == pytest.approx(s.malignant_probability, abs=1e-5)
+        assert b.ood_score == pytest.approx(s.ood_score, rel=1e-4)
 
 
 def test_web_micro_batcher_shares_forward_passes():
@@ -264,20 +264,18 @@ def test_web_micro_batcher_shares_forward_passes():
 
     from lungcad.web.batcher import MicroBatcher
 
-    class Counting:
-        sizes: list[int] = []
+    sizes: list[int] = []
 
-        def predict_batch(self, inputs):
-            self.sizes.append(len(inputs))
-            time.sleep(0.05)  # a forward pass: requests arriving meanwhile queue up for the next batch
-            return [f"result-{data.decode()}" for data, _ in inputs]
+    def run_batch(items):
+        sizes.append(len(items))
+        time.sleep(0.05)  # a forward pass: requests arriving meanwhile queue up for the next batch
+        return [f"result-{item}" for item in items]
 
-    fake = Counting()
-    batcher = MicroBatcher(fake, max_batch=4, max_wait=0.02)
+    batcher = MicroBatcher(run_batch, max_batch=4, max_wait=0.02)
     results = {}
 
     def client(i):
-        results[i] = batcher.predict(str(i).encode(), None)
+        results[i] = batcher.submit(i)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
     for t in threads:
@@ -285,4 +283,50 @@ def test_web_micro_batcher_shares_forward_passes():
     for t in threads:
         t.join(timeout=10)
     assert results == {i: f"result-{i}" for i in range(12)}  # every caller gets its own result
-    assert sum(fake.sizes) == 12 and max(fake.sizes) <= 4 and len(fake.sizes) < 12  # batched, bounded
+    assert sum(sizes) == 12 and max(sizes) <= 4 and len(sizes) < 12  # batched, bounded
+
+
+def test_web_batcher_workers_run_in_parallel_with_their_own_setup():
+    import threading
+    import time
+
+    from lungcad.web.batcher import MicroBatcher
+    from lungcad.web.service import inference_workers
+
+    assert inference_workers(1) == (1, 1) and inference_workers(2) == (2, 1) and inference_workers(16) == (2, 8)
+    setup, running, overlap = set(), [0], [0]
+    lock = threading.Lock()
+
+    def run_batch(items):
+        assert threading.get_ident() in setup  # init_worker ran first in this thread
+        with lock:
+            running[0] += 1
+            overlap[0] = max(overlap[0], running[0])
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        return [x * 2 for x in items]
+
+    batcher = MicroBatcher(run_batch, max_batch=1, max_wait=0, workers=2,
+                           init_worker=lambda: setup.add(threading.get_ident()))
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.setdefault(i, batcher.submit(i))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert results == {i: 2 * i for i in range(4)}
+    assert len(setup) == 2 and overlap[0] == 2  # two batches ran at the same time
+
+
+def test_web_batcher_failure_reaches_every_caller():
+    from lungcad.web.batcher import MicroBatcher
+
+    def run_batch(items):
+        raise RuntimeError("engine died")
+
+    batcher = MicroBatcher(run_batch)
+    with pytest.raises(RuntimeError, match="engine died"):
+        batcher.submit(1)
+    with pytest.raises(RuntimeError, match="engine died"):  # the worker survives to fail the next one too
+        batcher.submit(2)

@@ -64,12 +64,15 @@ class FakePredictor:
 
     def __init__(self, fail: bool = False):
         self.fail = fail
+        self.decoded = 0  # load_pixels calls
+        self.seen: list[np.ndarray] = []  # what predict_prepared received
         self.contract = ModelContract(
             arch="resnet50", task="multiclass", classes=list(CLASSES), preprocessing=Preprocessing(image_size=64),
             thresholds={"malignant": 0.5}, model_sha256="f" * 64,
         )
 
     def load_pixels(self, data, name=None):
+        self.decoded += 1
         raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
         if raw[128:132] == b"DICM":
             import pydicom
@@ -79,20 +82,24 @@ class FakePredictor:
             return arr.astype(np.uint8), {}
         return decode_image(raw, "grey", name), {}
 
-    def predict(self, data, name=None):
+    def prepare(self, pixels):
+        return pixels
+
+    def predict_prepared(self, tensors, sources=None):
         if self.fail:
             raise RuntimeError("secret internal detail")
-        try:
-            px, _ = self.load_pixels(data, name)
-        except LungcadError as exc:
-            return FakePrediction("x", {}, "", 0.0, "", error=str(exc))
-        m = float(px.mean()) / 255
-        p = np.array([1 - m, 0.1, m]) + 1e-3
-        p = p / p.sum()
-        probs = dict(zip(CLASSES, map(float, p)))
-        label = max(probs, key=probs.get)
-        return FakePrediction("x", probs, label, probs["malignant"],
-                              "malignant" if probs["malignant"] >= 0.5 else "not malignant", ood=m > 0.9, ood_score=m)
+        out = []
+        self.seen.extend(tensors)
+        for px in tensors:
+            m = float(px.mean()) / 255
+            p = np.array([1 - m, 0.1, m]) + 1e-3
+            p = p / p.sum()
+            probs = dict(zip(CLASSES, map(float, p)))
+            label = max(probs, key=probs.get)
+            out.append(FakePrediction("x", probs, label, probs["malignant"],
+                                      "malignant" if probs["malignant"] >= 0.5 else "not malignant",
+                                      ood=m > 0.9, ood_score=m))
+        return out
 
     def explain(self, data, target=None):
         px, _ = self.load_pixels(data)
@@ -383,6 +390,45 @@ def test_errors_are_friendly_pages(tmp_path):
         assert "Traceback" not in r.text and "secret internal detail" not in r.text
         r = client.get("/nope")
         assert r.status_code == 404 and "<html" in r.text
+    assert not any((data / "images").iterdir())  # the failed upload left no image behind
+
+
+def test_upload_is_decoded_once_and_stores_what_the_model_saw(tmp_path):
+    data = tmp_path / "d"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        from lungcad.web.security import create_token
+
+        token = create_token(s, add_user(s, "alice", PASSWORD, "clinician"))
+        s.commit()
+    fake = FakePredictor()
+    app = create_app(tmp_path / "run", data_dir=data, predictor=fake)
+    with TestClient(app) as client:
+        r = client.post("/api/predict", files={"file": ("x.png", png_bytes(90), "image/png")},
+                        headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 201 and r.json()["feedback_count"] == 0
+        stored = np.asarray(Image.open(data / "images" / f"{r.json()['id']}.png"))
+    assert fake.decoded == 1 and len(fake.seen) == 1
+    assert np.array_equal(stored, fake.seen[0])  # lossless: the stored image is exactly the model's input
+
+
+def test_revoked_tokens_and_deactivated_users_are_refused(web):
+    client, sessions, _ = web
+    from lungcad.web.db import ApiToken
+    from lungcad.web.security import create_token
+
+    with sessions() as s:
+        alice = s.scalar(select(User).where(User.username == "alice"))
+        root = s.scalar(select(User).where(User.username == "root"))
+        revoked, inactive, good = create_token(s, alice), create_token(s, root), create_token(s, alice, "second")
+        s.flush()
+        s.scalars(select(ApiToken).order_by(ApiToken.id)).first().revoked = True
+        root.active = False
+        s.commit()
+    for token, status in ((revoked, 401), (inactive, 401), (good, 200)):
+        r = client.get("/api/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == status, token
+    assert r.json() == {"username": "alice", "role": "clinician"}
 
 
 def test_feedback_export_manifest(web, tmp_path, capsys):

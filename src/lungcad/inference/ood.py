@@ -67,11 +67,16 @@ class OODDetector:
         return det
 
     def _terms(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        centred = np.asarray(features, dtype=np.float64) - self.mean
-        z = centred @ self.components.T
-        mahalanobis = (z**2 / self.variances).sum(axis=1)
-        residual = ((centred - z @ self.components) ** 2).sum(axis=1)
-        return mahalanobis, residual
+        # In torch (float64), not numpy: numpy's OpenBLAS keeps its own worker threads spinning
+        # after each product, which on a small CPU steals a fifth of a core from the model under
+        # load; torch's products use the calling thread's intra-op setting.
+        mean, components, variances = (torch.from_numpy(np.asarray(a, dtype=np.float64))
+                                       for a in (self.mean, self.components, self.variances))
+        centred = torch.as_tensor(np.asarray(features), dtype=torch.float64) - mean
+        z = centred @ components.T
+        mahalanobis = (z**2 / variances).sum(dim=1)
+        residual = ((centred - z @ components) ** 2).sum(dim=1)
+        return mahalanobis.numpy(), residual.numpy()
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """OOD score per feature row (N,); larger = less like the training data."""

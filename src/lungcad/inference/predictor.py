@@ -250,21 +250,20 @@ class Predictor:
         return {id(it): self._prediction(it, probs[i], None if flags is None else flags[i],
                                          None if scores is None else scores[i]) for i, it in enumerate(ok)}
 
-    def predict_batch(self, inputs: list[tuple[bytes | Path, str | None]]) -> list[Prediction]:
-        """`predict` for several files at once, sharing one forward pass (the web app's micro-batches)."""
-        groups = [self._items(data, name) for data, name in inputs]
-        ok = [it for items in groups for it in items if it.tensor is not None]
-        results = self._predict_items(ok)
-        out = []
-        for (data, name), items in zip(inputs, groups):
-            if items[0].tensor is None:
-                out.append(Prediction.failed(items[0].source, items[0].error, self.model_sha256))
-            elif len(items) == 1:
-                out.append(results[id(items[0])])
-            else:  # a multi-frame DICOM: its series-level result, as `predict` gives
-                source = name if name is not None else str(data) if isinstance(data, (str, Path)) else "<bytes>"
-                out.append(self._aggregate(source, [results[id(it)] for it in items]))
-        return out
+    def prepare(self, pixels: np.ndarray) -> torch.Tensor:
+        """Decoded pixels (from `load_pixels`) -> the model's uint8 input under this contract."""
+        return prepare(pixels, self.pp)
+
+    def predict_prepared(self, tensors: list[torch.Tensor], sources: list[str] | None = None) -> list[Prediction]:
+        """Predictions for images already decoded and prepared (`prepare`), in one forward pass.
+
+        The web app decodes each upload once in its request thread (it also stores those pixels)
+        and micro-batches only this step.
+        """
+        sources = sources or ["<image>"] * len(tensors)
+        items = [_Item(src, t) for src, t in zip(sources, tensors, strict=True)]
+        results = self._predict_items(items)
+        return [results[id(it)] for it in items]
 
     def predict(self, data: bytes | Path, name: str | None = None) -> Prediction:
         """Predict one file or upload; never raises for bad input (the error field is set).

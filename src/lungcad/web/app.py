@@ -112,6 +112,30 @@ class LimitBody:
         await send({"type": "http.response.body", "body": body})
 
 
+class SecurityHeaders:
+    """ASGI middleware: SECURITY_HEADERS on every response that does not set them itself.
+
+    Plain ASGI rather than @app.middleware("http"): that wrapper streams every response through an
+    extra task and queue, a measurable cost per request under load.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *((k, v) for k, v in self.headers if k not in present)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 SECURITY_HEADERS = {
     # Everything is served from this origin: no CDN, no external fonts, no inline script.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -157,13 +181,7 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     login_failures: dict[tuple[str, str], deque] = defaultdict(deque)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        return response
-
+    app.add_middleware(SecurityHeaders)
     # Added last = outermost: the size cap applies before anything parses the body.
     app.add_middleware(
         SessionMiddleware, secret_key=secret, session_cookie="lungcad_session", max_age=SESSION_HOURS * 3600,
@@ -382,7 +400,7 @@ def create_app(
         results = []
         for i, up in enumerate(files, 1):
             raw = await up.read(MAX_UPLOAD_BYTES + 1)
-            results.append(await run_in_threadpool(_store_one, user.id, raw, batch, f"file {i}"))
+            results.append(await run_in_threadpool(_store_one, user, raw, batch, f"file {i}"))
         ok = [r for r in results if r["study_id"]]
         if len(results) == 1 and ok:
             return RedirectResponse(f"/studies/{ok[0]['study_id']}", status_code=303)
@@ -393,9 +411,10 @@ def create_app(
         with session_factory() as session:
             return page(request, "upload_result.html", session.get(User, user.id), code=status, results=results)
 
-    def _store_one(user_id: int, raw: bytes, batch: str, label: str) -> dict:
+    def _store_one(user: User, raw: bytes, batch: str, label: str) -> dict:
+        # Its own session: the request's connection went back to the pool while the upload waits
+        # for the model. `user` was loaded by the request's session; only its id and name are read.
         with session_factory() as session:
-            user = session.get(User, user_id)
             try:
                 study = service.process_upload(session, store, user, raw, batch, label)
                 session.commit()
@@ -538,25 +557,25 @@ def create_app(
         """Upload one PNG/JPEG/DICOM image (multipart field `file`): the stored study with its prediction."""
         check_csrf(request, None)
         raw = await file.read(MAX_UPLOAD_BYTES + 1)
-        return await run_in_threadpool(_api_store, user.id, raw)
+        return await run_in_threadpool(_api_store, user, raw)
 
-    def _api_store(user_id: int, raw: bytes) -> dict:
-        with session_factory() as session:
-            user = session.get(User, user_id)
+    def _api_store(user: User, raw: bytes) -> dict:
+        with session_factory() as session:  # see _store_one
             try:
                 study = service.process_upload(session, store, user, raw, secrets.token_hex(8), "file")
             except LungcadError:
                 session.rollback()
                 raise
             session.commit()
-            session.refresh(study)
             return service.study_dict(study)
 
     @app.post("/api/feedback", status_code=201, tags=["api"])
     def api_feedback(request: Request, session: DB, user: CurrentUser, body: FeedbackIn) -> dict:
         """Record a clinician's feedback on a study; the stored row (with its id) is returned."""
         check_csrf(request, None)
-        study = get_study(session, body.study_id)
+        study = session.get(Study, body.study_id)
+        if study is None:
+            raise HTTPException(404, "no such study")
         row = service.add_feedback(session, store, study, user, service.FeedbackInput(
             agree=body.agree, label=body.label, confidence=body.confidence, comment=body.comment, usability=body.usability))
         session.commit()

@@ -1,10 +1,18 @@
-"""Micro-batching: concurrent uploads share one forward pass.
+"""Micro-batching: concurrent uploads share forward passes.
 
-A single worker thread takes the first waiting request, waits up to `max_wait` seconds for more
-(up to `max_batch`), and predicts them together with `Predictor.predict_batch`. On a CPU a batch
-of 8-16 images runs at several times the per-image rate of one-by-one calls, so the server's
-throughput under load approaches the offline engine's batch rate, while a lone request waits at
-most `max_wait` longer. Inference stays on one thread, so requests never fight over the cores.
+Worker threads each take the first waiting request, wait up to `max_wait` seconds for more (up to
+`max_batch`), and run them together through `run_batch` (in the web app:
+`Predictor.predict_prepared`, on images the request threads have already decoded and prepared).
+On a CPU a batch of 4-16 images runs at several times the per-image rate of one-by-one calls, so
+the server's throughput under load approaches the offline engine's batch rate, while a lone
+request waits at most `max_wait` longer.
+
+Why several workers with few threads each rather than one worker using every core: a forward pass
+split over all cores waits at every layer for its slowest thread, so whenever a request thread
+(decoding, PNG, database) preempts one of them the whole pass stalls. On 2 cores under load one
+2-thread worker ran at half its offline rate; two 1-thread workers keep both cores on the model
+(their offline rate is the same). `init_worker` runs first in each worker thread (torch's
+intra-op thread count is per thread).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -20,19 +29,25 @@ log = logging.getLogger(__name__)
 
 
 class MicroBatcher:
-    def __init__(self, predictor: Any, max_batch: int = 16, max_wait: float = 0.01):
-        self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait
-        self._queue: queue.Queue[tuple[bytes, str | None, Future]] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="lungcad-batcher", daemon=True)
-        self._thread.start()
+    def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], max_batch: int = 16, max_wait: float = 0.01,
+                 workers: int = 1, init_worker: Callable[[], None] | None = None):
+        self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait
+        self.init_worker = init_worker
+        self._queue: queue.Queue[tuple[Any, Future]] = queue.Queue()
+        self._threads = [threading.Thread(target=self._loop, name=f"lungcad-batcher-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
 
-    def predict(self, data: bytes, name: str | None = None) -> Any:
-        """The Prediction for one upload (blocks until its batch has run)."""
+    def submit(self, item: Any) -> Any:
+        """The result for one item (blocks until its batch has run; re-raises the batch's exception)."""
         future: Future = Future()
-        self._queue.put((data, name, future))
+        self._queue.put((item, future))
         return future.result()
 
     def _loop(self) -> None:
+        if self.init_worker is not None:
+            self.init_worker()
         while True:
             batch = [self._queue.get()]
             deadline = time.monotonic() + self.max_wait
@@ -42,11 +57,11 @@ class MicroBatcher:
                 except queue.Empty:
                     break
             try:
-                results = self.predictor.predict_batch([(data, name) for data, name, _ in batch])
+                results = self.run_batch([item for item, _ in batch])
             except Exception as exc:  # delivered to every waiting request, which turns it into a 500 page
                 log.exception("batch prediction failed")
-                for *_, future in batch:
+                for _, future in batch:
                     future.set_exception(exc)
                 continue
-            for (*_, future), result in zip(batch, results):
+            for (_, future), result in zip(batch, results):
                 future.set_result(result)
