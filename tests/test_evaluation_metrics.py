@@ -127,3 +127,21 @@ def test_group_level_rule():
     # a group mixing labels takes the most severe
     gy, _, _ = group_level(np.array([0, 2]), probs[:2], np.array(["x", "x"]), CLASSES, "multiclass")
     assert gy.tolist() == [2]
+
+
+def test_group_concentration_warns_when_one_group_dominates_a_class():
+    from lungcad.evaluation.evaluate import group_concentration
+
+    # malignant: 8 of 10 images from one patient proxy; normal: 4 groups of 1; benign: 2 images, 1 group
+    y = np.array([2] * 10 + [0] * 4 + [1] * 2)
+    groups = np.array(["m1"] * 8 + ["m2", "m3"] + ["n1", "n2", "n3", "n4"] + ["b1", "b1"])
+    out = group_concentration(y, groups, CLASSES)
+    assert out["per_class"]["malignant"] == {"images": 10, "groups": 3, "largest_group_images": 8,
+                                             "largest_group_share": 0.8}
+    assert out["per_class"]["normal"]["largest_group_share"] == 0.25
+    assert out["warnings"] == [
+        "benign: all 2 images are one group; its figures measure one patient proxy",
+        "malignant: 8 of 10 images (80%) are one group; its figures mostly measure that one patient proxy",
+    ]
+    balanced = group_concentration(np.array([0, 0, 1, 1]), np.array(["a", "b", "c", "d"]), CLASSES)
+    assert balanced["warnings"] == []

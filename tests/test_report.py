@@ -55,6 +55,9 @@ def test_metrics_json_holds_intervals_groups_calibration_and_baselines(evaluated
     assert maj["false_positives"] == 0 or maj["false_negatives"] == 0
     # the training-time keys survive the rewrite, and the headline numbers agree with training
     assert m["best_epoch"] == 1
+    conc = m["group_concentration"]["per_class"]
+    assert sum(c["images"] for c in conc.values()) == m["n"]
+    assert all(0 < c["largest_group_share"] <= 1 and c["groups"] >= 1 for c in conc.values())
 
 
 def test_report_is_self_contained(evaluated):

@@ -177,6 +177,9 @@ def evaluate_run(
     classes, task = contract.classes, contract.task
 
     metrics = {"subset": es.subset, "skipped": len(bad), "n_groups": int(len(np.unique(groups)))}
+    metrics["group_concentration"] = group_concentration(y, groups, classes)
+    for warning in metrics["group_concentration"]["warnings"]:
+        log.warning("%s", warning)
     metrics.update(_with_ci(y, probs, threshold, groups, classes, task, n_boot, seed))
     gy, gp, gids = group_level(y, probs, groups, classes, task)
     metrics["group_level"] = {
@@ -215,6 +218,30 @@ def evaluate_run(
                      raw=raw, pred=pred, cache=cache, paths=paths, history=_history(run_dir),
                      audit=_audit_warnings(run_dir), model=model)
     return metrics
+
+
+DOMINANT_GROUP_SHARE = 0.5  # above this, one patient proxy decides a class's figures
+
+
+def group_concentration(y: np.ndarray, groups: np.ndarray, classes: list[str]) -> dict:
+    """Per class: images, groups and the share of the largest group, plus a warning per class that
+    one group dominates. Per-class sensitivity, PPV and the like then describe mostly one patient
+    (whatever the interval says: the group bootstrap can only resample the groups there are)."""
+    per_class, warnings = {}, []
+    for k, name in enumerate(classes):
+        members = groups[y == k]
+        if len(members) == 0:
+            continue
+        _, counts = np.unique(members, return_counts=True)
+        share = float(counts.max() / len(members))
+        per_class[name] = {"images": int(len(members)), "groups": int(len(counts)),
+                           "largest_group_images": int(counts.max()), "largest_group_share": round(share, 3)}
+        if share > DOMINANT_GROUP_SHARE and len(counts) > 1:
+            warnings.append(f"{name}: {counts.max()} of {len(members)} images ({share:.0%}) are one group; "
+                            f"its figures mostly measure that one patient proxy")
+        elif len(counts) == 1 and len(members) > 1:
+            warnings.append(f"{name}: all {len(members)} images are one group; its figures measure one patient proxy")
+    return {"per_class": per_class, "warnings": warnings}
 
 
 def _training_metrics(run_dir: Path) -> dict:
