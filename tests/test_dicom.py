@@ -117,7 +117,12 @@ def test_only_uids_leave_and_deidentify_strips_patient():
     assert set(meta) <= {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "InstanceNumber"}
     assert meta["SOPInstanceUID"] == ds.SOPInstanceUID and meta["Modality"] == "CT"
     clean = deidentify(ds)
-    for key in ("PatientName", "PatientID", "PatientBirthDate"):
-        assert key not in clean
-    assert clean.SOPInstanceUID == ds.SOPInstanceUID and clean.PatientIdentityRemoved == "YES"
-    assert "PatientName" in ds  # the original is untouched
+    assert str(ds.PatientID) and str(ds.InstitutionName)
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName"):
+        assert str(clean.get(key, "")) in ("", "ANONYMOUS")
+    assert clean.SOPInstanceUID == ds.SOPInstanceUID and clean.PatientIdentityRemoved == "YES"  # UIDs kept
+    assert "PatientName" in ds and str(ds.PatientName) != "ANONYMOUS"  # the original is untouched
+    hashed = deidentify(ds, secret="site-secret")
+    assert hashed.StudyInstanceUID.startswith("2.25.") and hashed.StudyInstanceUID != ds.StudyInstanceUID
+    assert hashed.StudyInstanceUID == deidentify(ds, secret="site-secret").StudyInstanceUID  # stable per site
+    assert hashed.SOPClassUID == ds.SOPClassUID and hashed.PatientID not in ("", ds.PatientID)

@@ -1,32 +1,70 @@
-"""What of a DICOM header may leave lungcad: UIDs to link results back, never who the patient is.
+"""What of a DICOM header may leave lungcad, and de-identification of whatever is stored or shown.
 
 Results (CSV/JSON rows, web responses, logs) carry only `safe_metadata`: the Study/Series/SOP
-Instance UIDs a PACS needs to file a result, the modality and instance/frame numbers. The patient's
-name, id, birth date and every other identifying attribute stay behind. `deidentify` strips a
-dataset itself (for anything written back or shown), after the DICOM PS3.15 basic profile's most
-common identifying attributes; it is a helper, not a certified de-identification.
+Instance UIDs a PACS needs to file a result, the modality and instance/frame numbers.
+
+`deidentify` is the one de-identifier (the web app stores uploads through it): the DICOM PS3.15
+Annex E basic application-level profile. Attributes that identify the patient, the staff, the
+institution or the device are removed or emptied, dates kept out, private tags, overlays and
+curves removed. UIDs are either kept (results stay linkable to the PACS study) or, given a site
+secret, replaced by keyed hashes (`2.25.<int>`), so slices of one study still share one (new)
+study UID. Pixel data is kept: text burned into the pixels cannot be removed here
+(`BurnedInAnnotation` is reported by the web app). A careful implementation of the profile, not a
+certified de-identification.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 
 SAFE_UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _SAFE_OTHER = ("Modality", "InstanceNumber")
 
-# Identifying attributes removed by `deidentify` (PS3.15 Annex E basic profile, the common ones).
-IDENTIFYING = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge",
-    "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "OtherPatientIDs",
-    "OtherPatientNames", "OtherPatientIDsSequence", "PatientBirthName", "PatientWeight", "PatientSize",
-    "MilitaryRank", "EthnicGroup", "PatientComments", "IssuerOfPatientID", "MedicalRecordLocator",
-    "AccessionNumber", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName", "PhysiciansOfRecord",
-    "RequestingPhysician", "StationName", "DeviceSerialNumber", "StudyID", "RequestAttributesSequence",
-    "AdmittingDiagnosesDescription", "AdditionalPatientHistory", "Occupation", "CountryOfResidence",
-    "RegionOfResidence", "ResponsiblePerson", "ResponsibleOrganization",
+# Replaced by a value of the same meaning but no identity (PS3.15 action D / Z).
+REPLACE = {
+    "PatientName": "ANONYMOUS",
+    "PatientID": "",  # filled with a keyed hash below
+    "PatientBirthDate": "",
+    "PatientSex": "",
+    "StudyDate": "",
+    "StudyTime": "",
+    "AccessionNumber": "",
+    "ReferringPhysicianName": "",
+    "StudyID": "",
+    "ContentDate": "",
+    "ContentTime": "",
+}
+# Removed outright (action X and the X/Z/D choices of the basic profile).
+REMOVE = (
+    "PatientAddress", "PatientTelephoneNumbers", "PatientBirthTime", "PatientBirthName", "PatientMotherBirthName",
+    "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientAge", "PatientSize", "PatientWeight",
+    "MilitaryRank", "BranchOfService", "EthnicGroup", "Occupation", "AdditionalPatientHistory", "PatientComments",
+    "PatientReligiousPreference", "MedicalRecordLocator", "MedicalAlerts", "Allergies", "PregnancyStatus",
+    "SmokingStatus", "LastMenstrualDate", "CountryOfResidence", "RegionOfResidence", "PatientInsurancePlanCodeSequence",
+    "ResponsiblePerson", "ResponsibleOrganization", "PatientState", "InsurancePlanIdentification",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "InstitutionCodeSequence",
+    "StationName", "DeviceSerialNumber", "PlateID", "DetectorID", "GantryID", "CassetteID",
+    "PerformingPhysicianName", "PerformingPhysicianIdentificationSequence", "OperatorsName",
+    "OperatorIdentificationSequence", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence", "RequestingPhysician",
+    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "ReferringPhysicianIdentificationSequence",
+    "ScheduledPerformingPhysicianName", "RequestingService", "RequestAttributesSequence",
+    "StudyDescription", "SeriesDescription", "ProtocolName", "ImageComments", "AdmittingDiagnosesDescription",
+    "DerivationDescription", "RequestedProcedureDescription", "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "ScheduledProcedureStepDescription", "ReasonForStudy", "ReasonForTheRequestedProcedure",
+    "AdmissionID", "IssuerOfAdmissionID", "IssuerOfPatientID", "ServiceEpisodeID", "VisitComments",
+    "CurrentPatientLocation", "PatientInstitutionResidence", "Arbitrary", "TextComments", "TextString",
+    "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime",
+    "InstanceCreationDate", "InstanceCreationTime", "OverlayDate", "OverlayTime", "CurveDate", "CurveTime",
+    "ReferencedPatientSequence", "ReferencedStudySequence", "ReferencedPerformedProcedureStepSequence",
+    "DataSetTrailingPadding", "DigitalSignaturesSequence", "OriginalAttributesSequence",
+    "ContributingEquipmentSequence", "ModifiedAttributesSequence", "SourceImageSequence",
 )
+
+
 
 
 def safe_metadata(ds) -> dict:
@@ -40,16 +78,50 @@ def safe_metadata(ds) -> dict:
     return out
 
 
-def deidentify(ds, keep_private: bool = False):
-    """A copy of the dataset without identifying attributes (and private tags unless asked).
+def hashed_uid(secret: str, uid: str) -> str:
+    """A valid UID (`2.25.<decimal>`, at most 64 chars) derived from `uid` with a site secret."""
+    digest = hmac.new(secret.encode(), uid.encode(), hashlib.sha256).digest()[:16]  # 128 bits fit 2.25.
+    return "2.25." + str(int.from_bytes(digest, "big"))
 
-    UIDs are kept on purpose: results must be linkable to the study they came from.
+
+def _scrub(ds, secret: str | None) -> None:
+    ds.remove_private_tags()
+    for elem in list(ds):
+        group = elem.tag.group
+        if 0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF:  # overlays and curves may hold text
+            del ds[elem.tag]
+        elif elem.VR == "UI" and elem.value and secret is not None and not elem.keyword.endswith("ClassUID") \
+                and elem.keyword != "TransferSyntaxUID":
+            elem.value = ([hashed_uid(secret, str(v)) for v in elem.value] if elem.VM > 1
+                          else hashed_uid(secret, str(elem.value)))
+        elif elem.VR == "PN" and elem.keyword != "PatientName":
+            elem.value = ""
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _scrub(item, secret)
+    for keyword in REMOVE:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for keyword, value in REPLACE.items():
+        if keyword in ds:
+            setattr(ds, keyword, value)
+
+
+def deidentify(ds, secret: str | None = None):
+    """A de-identified copy of a pydicom dataset (the original is left as it is).
+
+    Without `secret` the UIDs are kept and PatientID is emptied; with it, every UID (except class
+    and transfer-syntax UIDs) and the PatientID become keyed hashes, stable within the site.
     """
     clean = copy.deepcopy(ds)
-    for key in IDENTIFYING:
-        if key in clean:
-            delattr(clean, key)
-    if not keep_private:
-        clean.remove_private_tags()
+    patient_id = str(clean.get("PatientID", "") or "")
+    _scrub(clean, secret)
+    if "PatientID" in clean and patient_id and secret is not None:
+        clean.PatientID = hmac.new(secret.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:16]
     clean.PatientIdentityRemoved = "YES"
+    clean.DeidentificationMethod = "lungcad: PS3.15 basic profile" + ("" if secret is None else ", UIDs hashed")
+    meta = getattr(clean, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta and secret is not None:
+        meta.MediaStorageSOPInstanceUID = clean.get("SOPInstanceUID",
+                                                    hashed_uid(secret, str(meta.MediaStorageSOPInstanceUID)))
     return clean

@@ -19,7 +19,7 @@ from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path, sha256_bytes
 from lungcad.web.batcher import MicroBatcher
 from lungcad.web.db import Feedback, Study, User, audit, new_id
-from lungcad.web.deid import deidentify
+from lungcad.web.deid import deidentify_upload
 from lungcad.web.security import keyed_hash
 from lungcad.web.uploads import check_upload
 
@@ -121,7 +121,7 @@ def process_upload(session: Session, store: Store, user: User, raw: bytes, batch
     dicom_bytes, dicom_meta = None, {}
     if kind == "dicom":
         # De-identify first, then work only from the de-identified bytes: PHI never reaches disk.
-        dicom_bytes, dicom_meta = deidentify(raw, store.secret, label)
+        dicom_bytes, dicom_meta = deidentify_upload(raw, store.secret, label)
         raw = dicom_bytes
     pixels, _ = store.predictor.load_pixels(raw, name=label)
     study_id = new_id()  # known before the INSERT, so the files are named without an extra round trip
