@@ -5,7 +5,9 @@ acknowledged feedback row is in the database. Compares with the offline engine's
     python benchmarks/load_web.py --run RUNDIR [--clients 8 32] [--seconds 60] [--data DIR] [--db URL]
 
 Only 127.0.0.1 is ever contacted; every loop is bounded in time. Figures on a shared 2-core
-machine are noisy: run it when the machine is otherwise idle and report the spread.
+machine are noisy: run it when the machine is otherwise idle and report the spread. The client
+shares the cores with the server: `server_cores` and `client_cores` say how much CPU each used
+(CPU-seconds per second), so the client's share of the budget is visible.
 """
 
 from __future__ import annotations
