@@ -412,6 +412,35 @@ def test_upload_is_decoded_once_and_stores_what_the_model_saw(tmp_path):
     assert np.array_equal(stored, fake.seen[0])  # lossless: the stored image is exactly the model's input
 
 
+def test_failed_commit_leaves_no_files(tmp_path):
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from lungcad.web.db import Study
+    from lungcad.web.security import create_token
+
+    data = tmp_path / "d"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        token = create_token(s, add_user(s, "alice", PASSWORD, "clinician"))
+        s.commit()
+
+    def database_down(session):
+        if any(isinstance(obj, Study) for obj in session.new):
+            raise RuntimeError("disk full")
+
+    app = create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor())
+    event.listen(Session, "before_commit", database_down)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            r = client.post("/api/predict", files={"file": ("x.png", png_bytes(90), "image/png")},
+                            headers={"Authorization": f"Bearer {token}"})
+    finally:
+        event.remove(Session, "before_commit", database_down)
+    assert r.status_code == 500 and "disk full" not in r.text
+    assert not any((data / "images").iterdir())  # no image without its study row
+
+
 def test_revoked_tokens_and_deactivated_users_are_refused(web):
     client, sessions, _ = web
     from lungcad.web.db import ApiToken

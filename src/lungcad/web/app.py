@@ -416,8 +416,7 @@ def create_app(
         # for the model. `user` was loaded by the request's session; only its id and name are read.
         with session_factory() as session:
             try:
-                study = service.process_upload(session, store, user, raw, batch, label)
-                session.commit()
+                study = service.record_upload(session, store, user, raw, batch, label)
                 return {"study_id": study.id, "label": study.label, "decision": study.decision, "error": ""}
             except LungcadError as exc:
                 session.rollback()
@@ -562,11 +561,10 @@ def create_app(
     def _api_store(user: User, raw: bytes) -> dict:
         with session_factory() as session:  # see _store_one
             try:
-                study = service.process_upload(session, store, user, raw, secrets.token_hex(8), "file")
+                study = service.record_upload(session, store, user, raw, secrets.token_hex(8), "file")
             except LungcadError:
                 session.rollback()
                 raise
-            session.commit()
             return service.study_dict(study)
 
     @app.post("/api/feedback", status_code=201, tags=["api"])

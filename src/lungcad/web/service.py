@@ -137,9 +137,7 @@ def process_upload(session: Session, store: Store, user: User, raw: bytes, batch
     try:
         prediction = store.predict(pixels, label)
     except BaseException:
-        for rel in (image_file, dicom_file):
-            if rel:
-                store.path(rel).unlink(missing_ok=True)
+        discard_files(store, image_file, dicom_file)
         raise
     group = dicom_meta.get("study_uid") or batch_id
     study = Study(
@@ -157,6 +155,24 @@ def process_upload(session: Session, store: Store, user: User, raw: bytes, batch
         label=study.label, decision=study.decision, ood=study.ood,
     )
     return study
+
+
+def record_upload(session: Session, store: Store, user: User, raw: bytes, batch_id: str, label: str = "upload") -> Study:
+    """`process_upload` and commit; if the commit fails, the files written for the study go too."""
+    study = process_upload(session, store, user, raw, batch_id, label)
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        discard_files(store, study.image_file, study.dicom_file)
+        raise
+    return study
+
+
+def discard_files(store: Store, *relative: str | None) -> None:
+    for rel in relative:
+        if rel:
+            store.path(rel).unlink(missing_ok=True)
 
 
 def _float(x: Any) -> float | None:
