@@ -330,3 +330,6 @@ def test_web_batcher_failure_reaches_every_caller():
         batcher.submit(1)
     with pytest.raises(RuntimeError, match="engine died"):  # the worker survives to fail the next one too
         batcher.submit(2)
+    short = MicroBatcher(lambda items: [], init_worker=lambda: 1 / 0)  # set-up fails, worker still serves
+    with pytest.raises(RuntimeError, match="batch of 1 gave 0 results"):
+        short.submit(1)

@@ -47,7 +47,10 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         if self.init_worker is not None:
-            self.init_worker()
+            try:
+                self.init_worker()
+            except Exception:  # a worker that died here would leave its requests waiting forever
+                log.exception("inference worker set-up failed; the worker runs with the defaults")
         while True:
             batch = [self._queue.get()]
             deadline = time.monotonic() + self.max_wait
@@ -58,6 +61,8 @@ class MicroBatcher:
                     break
             try:
                 results = self.run_batch([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
             except Exception as exc:  # delivered to every waiting request, which turns it into a 500 page
                 log.exception("batch prediction failed")
                 for _, future in batch:
