@@ -333,3 +333,30 @@ def test_web_batcher_failure_reaches_every_caller():
     short = MicroBatcher(lambda items: [], init_worker=lambda: 1 / 0)  # set-up fails, worker still serves
     with pytest.raises(RuntimeError, match="batch of 1 gave 0 results"):
         short.submit(1)
+
+
+def test_cli_dicom_out_writes_secondary_captures_for_dicom_inputs(run_dir, tmp_path, capsys):
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    src_path = get_testdata_file("CT_small.dcm")
+    source = pydicom.dcmread(src_path)
+    png = tmp_path / "slice.png"
+    png.write_bytes(_png(synthetic_slice(np.random.default_rng(0), "malignant", 1, 0)))
+    out = tmp_path / "pacs"
+    assert main(["predict", str(run_dir), src_path, str(png), "--dicom-out", str(out), "--no-progress"]) == 0
+    written = sorted(out.iterdir())
+    assert len(written) == 1  # the PNG input has no DICOM context to return to
+    sc = pydicom.dcmread(written[0])
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage and sc.Modality == "OT"
+    assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID  # files beside the scan
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID and sc.SOPInstanceUID != source.SOPInstanceUID
+    assert "decision support, not a diagnosis" in sc.ImageComments and "decision support" in sc.SeriesDescription
+    assert sc.pixel_array.shape == (512, 512, 3) and sc.PhotometricInterpretation == "RGB"
+    first_uid = sc.SOPInstanceUID
+    assert main(["predict", str(run_dir), src_path, "--dicom-out", str(out), "--no-progress"]) == 0
+    assert pydicom.dcmread(written[0]).SOPInstanceUID == first_uid  # same result, same object
+    assert main(["predict", str(run_dir), src_path, "--dicom-out", str(png), "--no-progress"]) == 1
+    assert "--dicom-out must be a folder" in capsys.readouterr().err

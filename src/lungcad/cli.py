@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image or DICOM files, or folders (recursive)")
     p.add_argument("--out", metavar="FILE", help="results as .csv or .json (default: CSV on stdout)")
     p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="write each DICOM slice's Grad-CAM overlay and result into DIR as a DICOM Secondary "
+                        "Capture a PACS can store (marked as decision support; needs highdicom)")
     p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
     p.add_argument("--window", metavar="L,W", help="DICOM window level,width in HU, e.g. --window=-600,1500 (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -186,21 +189,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise LungcadError("--out must end in .csv or .json", args.out)
     if args.batch_size < 1:
         raise LungcadError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.dicom_out and Path(args.dicom_out).exists() and not Path(args.dicom_out).is_dir():
+        raise LungcadError("--dicom-out must be a folder", args.dicom_out)
     predictor = Predictor(args.run, engine=args.engine, window=window)
     if args.out:  # resumable part files, sharded across ranks under torchrun, merged at the end
         from lungcad.inference.batch import predict_archive
 
         rows, failed = predict_archive(predictor, args.inputs, args.out, batch_size=args.batch_size,
-                                       workers=args.workers, cam_dir=args.cam, resume=args.resume,
-                                       progress=args.progress)
+                                       workers=args.workers, cam_dir=args.cam, dicom_out=args.dicom_out,
+                                       resume=args.resume, progress=args.progress)
     else:
         rows, failed = write_predictions(
             predictor.predict_paths(args.inputs, batch_size=args.batch_size, progress=args.progress,
-                                    cam_dir=args.cam, workers=args.workers),
+                                    cam_dir=args.cam, workers=args.workers, dicom_out=args.dicom_out),
             args.out, predictor.columns)
-    print(f"lungcad predict: {rows} result(s), {failed} failed" + (f"; written to {args.out}" if args.out else ""),
-          file=sys.stderr)
-    return 1 if failed else 0  # any unreadable input makes the run fail, after reporting every file
+    not_written = predictor.dicom_out_failures
+    print(f"lungcad predict: {rows} result(s), {failed} failed" + (f"; written to {args.out}" if args.out else "")
+          + (f"; {not_written} DICOM result(s) could not be written" if not_written else ""), file=sys.stderr)
+    return 1 if failed or not_written else 0  # any failure fails the run, after reporting every file
 
 
 def _writable_file(path: str) -> None:

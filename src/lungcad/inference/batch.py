@@ -43,6 +43,7 @@ def predict_archive(
     batch_size: int = 16,
     workers: int = 0,
     cam_dir: str | Path | None = None,
+    dicom_out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[int, int]:
@@ -69,7 +70,8 @@ def predict_archive(
         part = out.parent / f"{out.name}.part{ctx.rank}.jsonl"
         with open(part, "a", encoding="utf-8") as fh:
             rows = predictor.predict_paths(mine, batch_size=batch_size, progress=progress and ctx.is_main,
-                                           cam_dir=cam_dir, workers=workers, series_rows=False, total=len(mine))
+                                           cam_dir=cam_dir, workers=workers, series_rows=False, total=len(mine),
+                                           dicom_out=dicom_out)
             for k, pred in enumerate(rows):
                 fh.write(json.dumps(pred.to_row()) + "\n")
                 if k % batch_size == batch_size - 1:

@@ -144,6 +144,7 @@ class Predictor:
         self.ood_detector = OODDetector.load(self.run_dir, self.contract.ood) if self.contract.ood else None
         if self.ood_detector is None:
             log.warning("%s: no out-of-distribution detector in model.json; nothing will be flagged OOD", run_dir)
+        self.dicom_out_failures = 0  # DICOM results that could not be written (see predict_paths)
         self.load_seconds = time.perf_counter() - t0
         log.debug("model loaded in %.2f s (engine %s)", self.load_seconds, engine)
 
@@ -283,16 +284,19 @@ class Predictor:
 
     def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16, progress: bool = True,
                       cam_dir: str | Path | None = None, workers: int = 0, series_rows: bool = True,
-                      total: int | None = None) -> Iterator[Prediction]:
+                      total: int | None = None, dicom_out: str | Path | None = None) -> Iterator[Prediction]:
         """Stream predictions over files and folders (recursive), `batch_size` images per forward pass.
 
         Yields rows in input order, then (with `series_rows`) one series row per DICOM series of
         two or more slices. Only one batch of prepared images (plus a bounded read-ahead when
         `workers` threads decode in parallel) is held in memory. With `cam_dir`, a Grad-CAM
-        overlay of the predicted label is written there for every image (`cam_path`).
+        overlay of the predicted label is written there for every image (`cam_path`); with
+        `dicom_out`, every DICOM slice's overlay is written there as a DICOM Secondary Capture
+        (`lungcad.dicom.writer`; failures are logged and counted in `dicom_out_failures`).
         """
-        if cam_dir is not None:
-            Path(cam_dir).mkdir(parents=True, exist_ok=True)
+        for folder in (cam_dir, dicom_out):
+            if folder is not None:
+                Path(folder).mkdir(parents=True, exist_ok=True)
         series: dict[str, dict[tuple, Prediction]] = {}  # SeriesInstanceUID -> (SOP, frame) -> slice
         pending: list[_Item] = []
         n_tensors = 0
@@ -303,9 +307,9 @@ class Predictor:
                 pending.extend(items)
                 n_tensors += sum(it.tensor is not None for it in items)
                 if n_tensors >= batch_size:
-                    yield from self._flush(pending, series, cam_dir)
+                    yield from self._flush(pending, series, cam_dir, dicom_out)
                     pending, n_tensors = [], 0
-            yield from self._flush(pending, series, cam_dir)
+            yield from self._flush(pending, series, cam_dir, dicom_out)
         finally:
             bar.close()
         if series_rows:
@@ -338,7 +342,7 @@ class Predictor:
                 yield from pool.map(decode, chunk)
 
     def _flush(self, pending: list[_Item], series: dict[str, dict[tuple, Prediction]],
-               cam_dir: str | Path | None) -> Iterator[Prediction]:
+               cam_dir: str | Path | None, dicom_out: str | Path | None = None) -> Iterator[Prediction]:
         ok = [it for it in pending if it.tensor is not None]
         results = self._predict_items(ok)
         for it in pending:
@@ -346,8 +350,13 @@ class Predictor:
                 yield Prediction.failed(it.source, it.error, self.model_sha256, it.dicom)
                 continue
             pred = results[id(it)]
-            if cam_dir is not None:
-                pred.cam_path = str(self._save_cam(it, pred, Path(cam_dir)))
+            to_dicom = dicom_out is not None and bool(it.dicom)
+            if cam_dir is not None or to_dicom:
+                exp = self._explain_tensor(it.tensor, pred.label)
+                if cam_dir is not None:
+                    pred.cam_path = str(self._save_cam(it, exp, Path(cam_dir)))
+                if to_dicom:
+                    self._save_dicom(it, exp, pred, Path(dicom_out))
             uid = it.dicom.get("SeriesInstanceUID")
             if uid:  # the same instance twice (e.g. re-encoded copies) counts once
                 series.setdefault(uid, {})[(it.dicom.get("SOPInstanceUID"), it.dicom.get("frame"))] = pred
@@ -391,12 +400,21 @@ class Predictor:
         pixels, _ = self.load_pixels(data, name, frame)
         return self._explain_tensor(prepare(pixels, self.pp), target)
 
-    def _save_cam(self, item: _Item, pred: Prediction, cam_dir: Path) -> Path:
+    def _save_cam(self, item: _Item, exp: Explanation, cam_dir: Path) -> Path:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(item.source.split("#")[0]).name)[:80] or "image"
         frame = f"_f{item.dicom['frame']}" if "frame" in item.dicom else ""
         self._cam_count = getattr(self, "_cam_count", 0) + 1  # keeps names unique across same-named files
         path = cam_dir / f"{self._cam_count:06d}_{stem}{frame}_cam.png"
-        return self._explain_tensor(item.tensor, pred.label).save_overlay(path)
+        return exp.save_overlay(path)
+
+    def _save_dicom(self, item: _Item, exp: Explanation, pred: Prediction, out_dir: Path) -> None:
+        from lungcad.dicom.writer import write_secondary_capture
+
+        try:
+            write_secondary_capture(item.source.split("#")[0], exp.overlay, pred, out_dir, frame=item.dicom.get("frame"))
+        except LungcadError as exc:  # the prediction stands; the missing DICOM result is reported
+            self.dicom_out_failures += 1
+            log.error("--dicom-out: %s", exc)
 
 
 # -------------------------------------------------------------------------------------- inputs
