@@ -28,7 +28,6 @@ from sqlalchemy import select, text  # noqa: E402
 from lungcad.cli import main  # noqa: E402
 from lungcad.data.images import decode_image  # noqa: E402
 from lungcad.data.transforms import Preprocessing  # noqa: E402
-from lungcad.errors import LungcadError  # noqa: E402
 from lungcad.models.contract import ModelContract  # noqa: E402
 from lungcad.web.app import create_app  # noqa: E402
 from lungcad.web.db import AuditEvent, Feedback, User, open_database  # noqa: E402
@@ -393,14 +392,20 @@ def test_errors_are_friendly_pages(tmp_path):
     assert not any((data / "images").iterdir())  # the failed upload left no image behind
 
 
-def test_upload_is_decoded_once_and_stores_what_the_model_saw(tmp_path):
+def site_with_token(tmp_path: Path) -> tuple[Path, str]:
+    """A fresh data folder with one clinician (alice) and an API token of hers."""
+    from lungcad.web.security import create_token
+
     data = tmp_path / "d"
     _, sessions = open_database(None, data)
     with sessions() as s:
-        from lungcad.web.security import create_token
-
         token = create_token(s, add_user(s, "alice", PASSWORD, "clinician"))
         s.commit()
+    return data, token
+
+
+def test_upload_is_decoded_once_and_stores_what_the_model_saw(tmp_path):
+    data, token = site_with_token(tmp_path)
     fake = FakePredictor()
     app = create_app(tmp_path / "run", data_dir=data, predictor=fake)
     with TestClient(app) as client:
@@ -417,13 +422,8 @@ def test_failed_commit_leaves_no_files(tmp_path):
     from sqlalchemy.orm import Session
 
     from lungcad.web.db import Study
-    from lungcad.web.security import create_token
 
-    data = tmp_path / "d"
-    _, sessions = open_database(None, data)
-    with sessions() as s:
-        token = create_token(s, add_user(s, "alice", PASSWORD, "clinician"))
-        s.commit()
+    data, token = site_with_token(tmp_path)
 
     def database_down(session):
         if any(isinstance(obj, Study) for obj in session.new):

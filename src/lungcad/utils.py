@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -84,3 +85,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def keyed_hash(secret: str, value: str, length: int = 24) -> str:
+    """HMAC-SHA256 of an identifier: stable within a site, not reversible by guessing (UIDs, groups)."""
+    return hmac.new(secret.encode(), value.encode(), hashlib.sha256).hexdigest()[:length]

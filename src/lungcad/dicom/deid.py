@@ -19,6 +19,8 @@ import copy
 import hashlib
 import hmac
 
+from lungcad.utils import keyed_hash
+
 SAFE_UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _SAFE_OTHER = ("Modality", "InstanceNumber")
 
@@ -63,8 +65,6 @@ REMOVE = (
     "DataSetTrailingPadding", "DigitalSignaturesSequence", "OriginalAttributesSequence",
     "ContributingEquipmentSequence", "ModifiedAttributesSequence", "SourceImageSequence",
 )
-
-
 
 
 def safe_metadata(ds) -> dict:
@@ -117,7 +117,7 @@ def deidentify(ds, secret: str | None = None):
     patient_id = str(clean.get("PatientID", "") or "")
     _scrub(clean, secret)
     if "PatientID" in clean and patient_id and secret is not None:
-        clean.PatientID = hmac.new(secret.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:16]
+        clean.PatientID = keyed_hash(secret, patient_id, length=16)
     clean.PatientIdentityRemoved = "YES"
     clean.DeidentificationMethod = "lungcad: PS3.15 basic profile" + ("" if secret is None else ", UIDs hashed")
     meta = getattr(clean, "file_meta", None)

@@ -259,7 +259,7 @@ class Predictor:
         """Predictions for images already decoded and prepared (`prepare`), in one forward pass.
 
         The web app decodes each upload once in its request thread (it also stores those pixels)
-        and micro-batches only this step.
+        and micro-batches preparation and this step on its inference workers.
         """
         sources = sources or ["<image>"] * len(tensors)
         items = [_Item(src, t) for src, t in zip(sources, tensors, strict=True)]

@@ -2,7 +2,7 @@
 
 Worker threads each take the first waiting request, wait up to `max_wait` seconds for more (up to
 `max_batch`), and run them together through `run_batch` (in the web app:
-`Predictor.predict_prepared`, on images the request threads have already decoded and prepared).
+preparation and `Predictor.predict_prepared`, on images the request threads have already decoded).
 On a CPU a batch of 4-16 images runs at several times the per-image rate of one-by-one calls, so
 the server's throughput under load approaches the offline engine's batch rate, while a lone
 request waits at most `max_wait` longer.

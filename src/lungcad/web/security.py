@@ -118,8 +118,3 @@ def new_csrf_token() -> str:
 
 def csrf_ok(expected: str | None, given: str | None) -> bool:
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
-
-
-def keyed_hash(secret: str, value: str, length: int = 24) -> str:
-    """HMAC-SHA256 of an identifier: stable within a site, not reversible by guessing (UIDs, groups)."""
-    return hmac.new(secret.encode(), value.encode(), hashlib.sha256).hexdigest()[:length]

@@ -16,11 +16,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from lungcad.errors import LungcadError
-from lungcad.utils import atomic_path, sha256_bytes
+from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 from lungcad.web.batcher import MicroBatcher
 from lungcad.web.db import Feedback, Study, User, audit, new_id
 from lungcad.web.deid import deidentify_upload
-from lungcad.web.security import keyed_hash
 from lungcad.web.uploads import check_upload
 
 log = logging.getLogger(__name__)
