@@ -121,8 +121,8 @@ def main() -> None:
         "train:all:sgd:16", "train:all:adamw:16", "train:all:adamw:32",
         "data:0", "data:1",
     ]
-    # Same process set-up as the `lungcad` command: jemalloc preloaded when installed (runtime.py)
-    from lungcad.runtime import JEMALLOC_CONF, fast_allocator
+    # Same process set-up as the `lungcad` command: jemalloc preloaded when installed (allocator.py)
+    from lungcad.allocator import JEMALLOC_CONF, fast_allocator
 
     env = dict(os.environ)
     lib = None if args.allocator == "system" else fast_allocator()

@@ -3,7 +3,7 @@
 #   chromium    the browser tests (Playwright drives Debian's chromium: Playwright's own download fails offline)
 #   postgresql  the web app's PostgreSQL test (the test starts its own server on loopback)
 #   libjemalloc2  a faster allocator for PyTorch on CPU (+25-33 % training throughput measured here);
-#                 lungcad preloads it when present (lungcad/runtime.py)
+#                 lungcad preloads it when present (lungcad/allocator.py)
 # Skips quietly when not root or without apt-get; the tests that need a package then skip with a reason.
 set -euo pipefail
 

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The `lungcad` console script: main() under a faster allocator when one is installed."""
-    from lungcad.runtime import reexec_with_fast_allocator
+    from lungcad.allocator import reexec_with_fast_allocator
 
     reexec_with_fast_allocator()
     return main()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lungcad.errors import LungcadError
 
+__all__ = ["DEFAULT_DATA_DIR", "add_web_commands", "cmd_feedback", "cmd_serve", "cmd_users"]
+
 log = logging.getLogger("lungcad")
 # Where the web app keeps its SQLite database, uploaded (de-identified) images and session secret.
 DEFAULT_DATA_DIR = os.environ.get("LUNGCAD_DATA_DIR", "lungcad-data")
@@ -119,7 +121,7 @@ def cmd_users(args: argparse.Namespace) -> int:
 def cmd_feedback(args: argparse.Namespace) -> int:
     _need_web()
     from lungcad.web.db import open_database
-    from lungcad.web.export import export_feedback
+    from lungcad.web.feedback_export import export_feedback
 
     _existing_database(args)
     _, sessions = open_database(args.db, args.data_dir)

@@ -30,6 +30,22 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from lungcad.errors import LungcadError
 
+__all__ = [
+    "ROLES",
+    "ApiToken",
+    "AuditEvent",
+    "Base",
+    "Feedback",
+    "Study",
+    "User",
+    "audit",
+    "database_url",
+    "make_db_engine",
+    "new_id",
+    "open_database",
+    "utcnow",
+]
+
 log = logging.getLogger(__name__)
 
 ROLES = ("clinician", "admin")
@@ -169,7 +185,7 @@ def database_url(db: str | None, data_dir: str | Path) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def make_engine(url: str) -> Engine:
+def make_db_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # check_same_thread off: FastAPI runs sync handlers in a thread pool; each request has its own session.
         # Pool sized for FastAPI's 40 worker threads; SQLite serialises writers itself (WAL + busy timeout).
@@ -193,7 +209,7 @@ def open_database(db: str | None, data_dir: str | Path, upgrade: bool = True) ->
     url = database_url(db, data_dir)
     if url.startswith("sqlite"):
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-    engine = make_engine(url)
+    engine = make_db_engine(url)
     if upgrade:
         from lungcad.web.migrate import upgrade_database
 

@@ -19,8 +19,27 @@ from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 from lungcad.web.batcher import MicroBatcher
 from lungcad.web.db import Feedback, Study, User, audit, new_id
-from lungcad.web.deid import deidentify_upload
-from lungcad.web.uploads import check_upload
+from lungcad.web.uploads import check_upload, deidentify_upload
+
+__all__ = [
+    "EXPLAIN_SIZE",
+    "FeedbackInput",
+    "PredictorLike",
+    "Store",
+    "add_feedback",
+    "discard_files",
+    "explain_images",
+    "feedback_csv",
+    "feedback_dict",
+    "inference_workers",
+    "list_studies",
+    "pilot_stats",
+    "process_upload",
+    "record_upload",
+    "study_dict",
+    "validate_feedback",
+    "wilson",
+]
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,25 @@
-"""Upload validation: type by content (never by name or Content-Type), size and dimension caps."""
+"""What happens to an upload before it is stored: validation and DICOM de-identification.
+
+Validation: type by content (never by name or Content-Type), size and dimension caps.
+De-identification: the profile itself is `lungcad.dicom.deid.deidentify` (PS3.15 basic profile);
+here UIDs are always hashed with the site secret, and a PHI-free summary comes back for the database.
+"""
 
 from __future__ import annotations
 
 import io
 import warnings
 
+import pydicom
 from PIL import Image
+from pydicom.errors import InvalidDicomError
 
+from lungcad.dicom.deid import deidentify
 from lungcad.errors import LungcadError
+
+__all__ = [
+    "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_SIDE", "MAX_UPLOAD_BYTES", "check_upload", "deidentify_upload", "sniff",
+]
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one file: a 512x512 CT slice is ~0.5 MB; a large DICOM ~30 MB
 MAX_FILES = 50  # per upload form / request
@@ -59,8 +71,6 @@ def check_upload(raw: bytes, label: str = "upload") -> tuple[str, int, int]:
 
 
 def _dicom_size(raw: bytes, label: str) -> tuple[int, int]:
-    import pydicom
-
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
         width, height = int(ds.Columns), int(ds.Rows)
@@ -70,3 +80,22 @@ def _dicom_size(raw: bytes, label: str) -> tuple[int, int]:
     if frames > 1:
         raise LungcadError(f"multi-frame DICOM ({frames} frames) is not supported: upload single slices", label)
     return width, height
+
+
+def deidentify_upload(raw: bytes, secret: str, name: str = "<upload>") -> tuple[bytes, dict]:
+    """De-identified DICOM bytes and a PHI-free summary (hashed study/series UIDs, modality, flags)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), force=False)
+    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+        raise LungcadError(f"not a readable DICOM file ({str(exc).splitlines()[0][:120]})", name) from None
+    ds = deidentify(ds, secret)
+    meta = getattr(ds, "file_meta", None)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=meta is not None and "TransferSyntaxUID" in meta)
+    summary = {
+        "study_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "modality": str(ds.get("Modality", "")),
+        "burned_in_annotation": str(ds.get("BurnedInAnnotation", "")),
+    }
+    return out.getvalue(), summary

@@ -1,43 +1,43 @@
-"""The CLI's allocator re-exec (lungcad/runtime.py)."""
+"""The CLI's allocator re-exec (lungcad/allocator.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lungcad import runtime
+from lungcad import allocator
 
 
 @pytest.fixture
 def fake_lib(tmp_path, monkeypatch):
     lib = tmp_path / "libjemalloc.so.2"
     lib.write_bytes(b"")
-    monkeypatch.setattr(runtime, "CANDIDATES", (str(lib),))
-    for var in ("LUNGCAD_MALLOC", runtime.MARKER, "LD_PRELOAD", "MALLOC_CONF"):
+    monkeypatch.setattr(allocator, "CANDIDATES", (str(lib),))
+    for var in ("LUNGCAD_MALLOC", allocator.MARKER, "LD_PRELOAD", "MALLOC_CONF"):
         monkeypatch.delenv(var, raising=False)
     calls = []
-    monkeypatch.setattr(runtime.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
+    monkeypatch.setattr(allocator.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
     return lib, calls
 
 
 def test_reexec_preloads_jemalloc_once(fake_lib, monkeypatch):
     lib, calls = fake_lib
-    runtime.reexec_with_fast_allocator(["train", "--data", "d"])
+    allocator.reexec_with_fast_allocator(["train", "--data", "d"])
     (exe, args, env), = calls
     assert args[1:] == ["-m", "lungcad", "train", "--data", "d"]
-    assert env["LD_PRELOAD"].startswith(str(lib)) and env[runtime.MARKER] == str(lib)
+    assert env["LD_PRELOAD"].startswith(str(lib)) and env[allocator.MARKER] == str(lib)
     assert "dirty_decay_ms:-1" in env["MALLOC_CONF"]
-    monkeypatch.setenv(runtime.MARKER, str(lib))  # the re-executed process does not loop
-    runtime.reexec_with_fast_allocator(["train"])
+    monkeypatch.setenv(allocator.MARKER, str(lib))  # the re-executed process does not loop
+    allocator.reexec_with_fast_allocator(["train"])
     assert len(calls) == 1
 
 
 def test_opt_out_and_no_library(fake_lib, monkeypatch):
     lib, calls = fake_lib
     monkeypatch.setenv("LUNGCAD_MALLOC", "system")
-    runtime.reexec_with_fast_allocator(["x"])
+    allocator.reexec_with_fast_allocator(["x"])
     monkeypatch.delenv("LUNGCAD_MALLOC")
     lib.unlink()
-    runtime.reexec_with_fast_allocator(["x"])
+    allocator.reexec_with_fast_allocator(["x"])
     assert calls == []
 
 
@@ -45,7 +45,7 @@ def test_only_torch_only_jobs_are_reexecuted(fake_lib):
     """OpenVINO aborts under a preloaded jemalloc: predict, export and serve keep glibc malloc."""
     _, calls = fake_lib
     for argv in (["predict", "run", "x.png", "--engine", "openvino"], ["export", "run"], ["serve", "run"], []):
-        runtime.reexec_with_fast_allocator(argv)
+        allocator.reexec_with_fast_allocator(argv)
     assert calls == []
-    runtime.reexec_with_fast_allocator(["--verbose", "evaluate", "run"])
+    allocator.reexec_with_fast_allocator(["--verbose", "evaluate", "run"])
     assert len(calls) == 1

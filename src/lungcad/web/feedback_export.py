@@ -24,6 +24,8 @@ from lungcad.errors import LungcadError
 from lungcad.utils import atomic_write_text
 from lungcad.web.db import Feedback, Study, audit
 
+__all__ = ["COLUMNS", "MANIFEST", "consensus", "export_feedback"]
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.csv"
 COLUMNS = ["path", "label", "group", "feedback_id"]
