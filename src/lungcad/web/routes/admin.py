@@ -1,0 +1,78 @@
+"""Administrators' pages: pilot dashboard with feedback CSV, audit log, user management."""
+
+# No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+from starlette.exceptions import HTTPException
+
+from lungcad.errors import LungcadError
+from lungcad.web import service
+from lungcad.web.db import ROLES, AuditEvent, User, audit
+from lungcad.web.deps import DB, AdminUser, StoreDep, check_csrf, page
+from lungcad.web.security import add_user
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+def dashboard(request: Request, session: DB, user: AdminUser, store: StoreDep) -> HTMLResponse:
+    return page(request, "dashboard.html", user, stats=service.pilot_stats(session, store.classes))
+
+
+@router.get("/dashboard/feedback.csv", include_in_schema=False)
+def dashboard_csv(session: DB, user: AdminUser, store: StoreDep) -> Response:
+    body = service.feedback_csv(session)
+    audit(session, "export", user, target="feedback.csv", model_sha256=store.model_sha256, rows=body.count("\n") - 1)
+    session.commit()
+    return Response(body, media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="lungcad-feedback.csv"'})
+
+
+@router.get("/audit", response_class=HTMLResponse, include_in_schema=False)
+def audit_page(request: Request, session: DB, user: AdminUser, action: str = "", limit: int = 200) -> HTMLResponse:
+    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 2000)))
+    if action:
+        q = q.where(AuditEvent.action == action)
+    return page(request, "audit.html", user, events=list(session.scalars(q)), action=action)
+
+
+@router.get("/users", response_class=HTMLResponse, include_in_schema=False)
+def users_page(request: Request, session: DB, user: AdminUser, error: str = "") -> HTMLResponse:
+    return page(request, "users.html", user, users=list(session.scalars(select(User).order_by(User.username))),
+                roles=ROLES, error=error)
+
+
+@router.post("/users", include_in_schema=False)
+def users_add(request: Request, session: DB, user: AdminUser, username: Annotated[str, Form(max_length=64)],
+              password: Annotated[str, Form(max_length=1024)], role: Annotated[str, Form()],
+              csrf_token: Annotated[str, Form()] = "") -> Response:
+    check_csrf(request, csrf_token)
+    try:
+        add_user(session, username, password, role, actor=user)
+    except LungcadError as exc:
+        session.rollback()
+        return page(request, "users.html", user, users=list(session.scalars(select(User).order_by(User.username))),
+                    roles=ROLES, error=str(exc), code=422)
+    session.commit()
+    return RedirectResponse("/users", status_code=303)
+
+
+@router.post("/users/{user_id}/active", include_in_schema=False)
+def users_active(request: Request, session: DB, user: AdminUser, user_id: int, active: Annotated[str, Form()],
+                 csrf_token: Annotated[str, Form()] = "") -> Response:
+    check_csrf(request, csrf_token)
+    other = session.get(User, user_id)
+    if other is None:
+        raise HTTPException(404, "no such user")
+    if other.id == user.id:
+        raise HTTPException(400, "you cannot deactivate your own account")
+    other.active = active == "yes"
+    audit(session, "user_active" if other.active else "user_deactivate", user, target=other.username)
+    session.commit()
+    return RedirectResponse("/users", status_code=303)

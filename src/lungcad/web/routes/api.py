@@ -1,0 +1,101 @@
+"""Machine-facing endpoints: health probe (no authentication), OpenAPI schema and the REST API.
+
+API clients authenticate with `Authorization: Bearer lcd_...`; cookie-authenticated calls (the
+pages' own scripts) must send the session's CSRF token in `X-CSRF-Token`. Errors are RFC 9457
+problem documents (see lungcad.web.app).
+"""
+
+# No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+import lungcad
+from lungcad.errors import LungcadError
+from lungcad.web import service
+from lungcad.web.db import Study, User
+from lungcad.web.deps import DB, CurrentUser, Sessions, StoreDep, check_csrf, get_study
+from lungcad.web.uploads import MAX_UPLOAD_BYTES
+
+__all__ = ["FeedbackIn", "router"]
+
+router = APIRouter()
+
+
+class FeedbackIn(BaseModel):
+    study_id: str = Field(max_length=32)
+    agree: bool
+    label: str = Field(max_length=32, description="the clinician's label (one of the model's classes)")
+    confidence: int = Field(ge=1, le=5)
+    comment: str = Field("", max_length=4000)
+    usability: int | None = Field(None, ge=1, le=5, description="rating of the tool, 1 (poor) to 5 (good)")
+
+
+@router.get("/health", tags=["meta"])
+def health(session: DB, store: StoreDep) -> dict:
+    """Liveness and readiness: the database answers and the model is loaded (no authentication)."""
+    session.execute(text("SELECT 1"))
+    return {"status": "ok", "version": lungcad.__version__, "model_sha256": store.model_sha256}
+
+
+@router.get("/openapi.json", include_in_schema=False)
+def openapi_schema(request: Request, user: CurrentUser) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.post("/api/predict", status_code=201, tags=["api"])
+async def api_predict(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep,
+                      file: Annotated[UploadFile, File()]) -> dict:
+    """Upload one PNG/JPEG/DICOM image (multipart field `file`): the stored study with its prediction."""
+    check_csrf(request, None)
+    raw = await file.read(MAX_UPLOAD_BYTES + 1)
+    return await run_in_threadpool(_api_store, sessions, store, user, raw)
+
+
+def _api_store(sessions: sessionmaker, store: service.Store, user: User, raw: bytes) -> dict:
+    with sessions() as session:  # its own session: see routes.pages._store_one
+        try:
+            study = service.record_upload(session, store, user, raw, secrets.token_hex(8), "file")
+        except LungcadError:
+            session.rollback()
+            raise
+        return service.study_dict(study)
+
+
+@router.post("/api/feedback", status_code=201, tags=["api"])
+def api_feedback(request: Request, session: DB, user: CurrentUser, store: StoreDep, body: FeedbackIn) -> dict:
+    """Record a clinician's feedback on a study; the stored row (with its id) is returned."""
+    check_csrf(request, None)
+    study = session.get(Study, body.study_id)
+    if study is None:
+        raise HTTPException(404, "no such study")
+    row = service.add_feedback(session, store, study, user, service.FeedbackInput(
+        agree=body.agree, label=body.label, confidence=body.confidence, comment=body.comment, usability=body.usability))
+    session.commit()
+    return service.feedback_dict(row)
+
+
+@router.get("/api/studies", tags=["api"])
+def api_studies(session: DB, user: CurrentUser, status: str = "all", limit: int = 100, offset: int = 0) -> list[dict]:
+    """Recent studies, newest first; status = all / pending / reviewed / disagree."""
+    if status not in ("all", "pending", "reviewed", "disagree"):
+        raise HTTPException(400, "status must be all, pending, reviewed or disagree")
+    return [service.study_dict(s) for s in service.list_studies(session, status, limit, offset)]
+
+
+@router.get("/api/studies/{study_id}", tags=["api"])
+def api_study(session: DB, user: CurrentUser, study_id: str) -> dict:
+    return service.study_dict(get_study(session, study_id), with_feedback=True)
+
+
+@router.get("/api/me", tags=["api"])
+def api_me(user: CurrentUser) -> dict:
+    return {"username": user.username, "role": user.role}

@@ -1,0 +1,165 @@
+"""The clinicians' pages: upload, study result with Grad-CAM and feedback, worklist, model, account."""
+
+# No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
+
+import json
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from lungcad.errors import LungcadError
+from lungcad.web import service
+from lungcad.web.db import User, audit
+from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study, page
+from lungcad.web.security import create_token
+from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def upload_page(request: Request, session: DB, user: CurrentUser) -> HTMLResponse:
+    recent = service.list_studies(session, limit=10)
+    return page(request, "upload.html", user, recent=recent, max_mb=MAX_UPLOAD_BYTES // 1024 // 1024,
+                max_files=MAX_FILES)
+
+
+@router.post("/upload", include_in_schema=False)
+async def upload(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep,
+                 files: Annotated[list[UploadFile], File()], csrf_token: Annotated[str, Form()] = "") -> Response:
+    check_csrf(request, csrf_token)
+    if len(files) > MAX_FILES:
+        raise HTTPException(413, f"at most {MAX_FILES} files per upload")
+    batch = secrets.token_hex(8)
+    results = []
+    for i, up in enumerate(files, 1):
+        raw = await up.read(MAX_UPLOAD_BYTES + 1)
+        results.append(await run_in_threadpool(_store_one, sessions, store, user, raw, batch, f"file {i}"))
+    ok = [r for r in results if r["study_id"]]
+    if len(results) == 1 and ok:
+        return RedirectResponse(f"/studies/{ok[0]['study_id']}", status_code=303)
+    # Original file names are shown back to the person who uploaded them, never stored.
+    for r, up in zip(results, files):
+        r["name"] = (up.filename or "")[:120]
+    status = 200 if ok else 422
+    with sessions() as session:
+        return page(request, "upload_result.html", session.get(User, user.id), code=status, results=results)
+
+
+def _store_one(sessions: sessionmaker, store: service.Store, user: User, raw: bytes, batch: str, label: str) -> dict:
+    # Its own session: the request's connection went back to the pool while the upload waits
+    # for the model. `user` was loaded by the request's session; only its id and name are read.
+    with sessions() as session:
+        try:
+            study = service.record_upload(session, store, user, raw, batch, label)
+            return {"study_id": study.id, "label": study.label, "decision": study.decision, "error": ""}
+        except LungcadError as exc:
+            session.rollback()
+            audit(session, "upload_rejected", user, reason=str(exc)[:200])
+            session.commit()
+            return {"study_id": "", "error": str(exc)}
+
+
+@router.get("/studies/{study_id}", response_class=HTMLResponse, include_in_schema=False)
+def study_page(request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
+               saved: int = 0) -> HTMLResponse:
+    study = get_study(session, study_id)
+    probs = sorted(study.probabilities.items(), key=lambda kv: store.classes.index(kv[0]) if kv[0] in store.classes else 99)
+    threshold = _threshold(store)
+    return page(request, "study.html", user, study=study, probs=probs, saved=saved, threshold=threshold,
+                mine=[f for f in study.feedback if f.user_id == user.id])
+
+
+@router.get("/studies/{study_id}/image.png", include_in_schema=False)
+def study_image(session: DB, user: CurrentUser, store: StoreDep, study_id: str) -> FileResponse:
+    return FileResponse(store.path(get_study(session, study_id).image_file), media_type="image/png")
+
+
+@router.get("/studies/{study_id}/{which}.png", include_in_schema=False)
+def study_explain(session: DB, user: CurrentUser, store: StoreDep, study_id: str, which: str) -> FileResponse:
+    if which not in ("input", "overlay"):
+        raise HTTPException(404, "no such image")
+    inp, overlay = service.explain_images(store, get_study(session, study_id))
+    return FileResponse(inp if which == "input" else overlay, media_type="image/png")
+
+
+@router.post("/studies/{study_id}/feedback", include_in_schema=False)
+def feedback_form(
+    request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
+    agree: Annotated[str, Form()], label: Annotated[str, Form()], confidence: Annotated[int, Form()],
+    comment: Annotated[str, Form(max_length=4000)] = "", usability: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    check_csrf(request, csrf_token)
+    study = get_study(session, study_id)
+    fb = service.FeedbackInput(agree=agree == "yes", label=label, confidence=confidence, comment=comment,
+                               usability=int(usability) if usability.strip().isdigit() else None)
+    service.add_feedback(session, store, study, user, fb)
+    session.commit()
+    return RedirectResponse(f"/studies/{study.id}?saved=1", status_code=303)
+
+
+@router.get("/worklist", response_class=HTMLResponse, include_in_schema=False)
+def worklist(request: Request, session: DB, user: CurrentUser, status: str = "all") -> HTMLResponse:
+    status = status if status in ("all", "pending", "reviewed", "disagree") else "all"
+    return page(request, "worklist.html", user, studies=service.list_studies(session, status, limit=200), status=status)
+
+
+@router.get("/model", response_class=HTMLResponse, include_in_schema=False)
+def model_page(request: Request, user: CurrentUser, settings: SettingsDep, store: StoreDep) -> HTMLResponse:
+    return page(request, "model.html", user, **_model_info(settings.run_dir, store))
+
+
+@router.get("/model/report.html", include_in_schema=False)
+def model_report(user: CurrentUser, settings: SettingsDep) -> Response:
+    """The evaluation report written by `lungcad evaluate` (self-contained HTML), sandboxed."""
+    path = settings.run_dir / "report.html"
+    if not path.is_file():
+        raise HTTPException(404, "no report.html in the run folder (run lungcad evaluate)")
+    # The report inlines its styles and figures (data: URIs); it gets no script and no network.
+    csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
+    return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
+
+
+@router.get("/account", response_class=HTMLResponse, include_in_schema=False)
+def account(request: Request, user: CurrentUser) -> HTMLResponse:
+    return page(request, "account.html", user, token=None)
+
+
+@router.post("/account/tokens", response_class=HTMLResponse, include_in_schema=False)
+def new_token(request: Request, session: DB, user: CurrentUser, name: Annotated[str, Form(max_length=64)] = "script",
+              csrf_token: Annotated[str, Form()] = "") -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    token = create_token(session, user, name or "script", actor=user)
+    session.commit()
+    return page(request, "account.html", user, token=token)
+
+
+def _threshold(store: service.Store) -> float | None:
+    th = getattr(store.predictor.contract, "thresholds", {}) or {}
+    value = th.get("malignant") if isinstance(th, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _model_info(run_dir: Path, store: service.Store) -> dict:
+    """Contract, evaluation report and training-data summary for the model page (files that exist)."""
+    contract = store.predictor.contract
+    info: dict[str, Any] = {"contract": contract.to_dict() if hasattr(contract, "to_dict") else dict(vars(contract))}
+    for name in ("metrics.json", "data.json"):
+        path = run_dir / name
+        try:
+            info[name.split(".")[0]] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):
+            info[name.split(".")[0]] = None
+    info["report_html"] = (run_dir / "report.html").is_file()
+    reports = [p.name for p in sorted(run_dir.glob("report*.md"))] if run_dir.is_dir() else []
+    info["report_md"] = (run_dir / reports[0]).read_text(encoding="utf-8")[:100_000] if reports else ""
+    return info
