@@ -8,9 +8,11 @@ taken from real CT slices so activations look like a trained network's, which ma
 ranges) and a split.csv of IQ-OTH/NCCD images for INT8 calibration. Speed does not depend on
 the weights; the INT8 accuracy change it prints is only meaningful with --run of a trained model.
 
-Reported per engine: img/s and the fraction of the CPU's fp32 peak that represents
-(ResNet-50 forward at 224 px = 8.2 GFLOP, scaled by (size/224)^2; peak --peak-gflops, default
-205 GFLOP/s for this 2-core machine). INT8 "fraction of fp32 peak" can exceed what fp32 could do.
+Reported per engine: img/s, the GFLOP/s that represents (forward FLOPs counted with
+torch.utils.flop_counter) as a fraction of a GEMM measured in the same run (fp32, and bf16 where the
+CPU has it natively), and as a multiple of plain PyTorch eager ResNet-50 in the same run; the CPU
+model and its detected instruction set (AVX2 / AVX-512 / AMX) are printed first (benchmarks/_machine.py).
+INT8 and bf16 engines can exceed 1.0 of the fp32 GEMM. `--engines torch` skips the exports (quick).
 Targets (issue 4): >= 21 img/s fp32, >= 40 img/s INT8, single-image p50 <= 60 ms fp32, load <= 2 s.
 On a shared machine numbers are noisy: run it when the machine is quiet, and say when it was not.
 """
@@ -30,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import _machine  # benchmarks/_machine.py: the script's folder is on sys.path
+
 from lungcad.data.images import decode_image
 from lungcad.data.transforms import Preprocessing, normalise, prepare, preprocess
 from lungcad.inference.engines import TorchEngine, default_threads, make_engine
@@ -39,7 +43,6 @@ from lungcad.models.factory import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "iqothnccd"
-GFLOP_224 = 8.2  # ResNet-50 forward, one 224x224 image (multiply-adds counted as 2 FLOP)
 LABELS = {"Normal": "normal", "Bengin": "benign", "Malignant": "malignant"}
 
 
@@ -104,7 +107,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0, help="minimum timing window per engine")
     ap.add_argument("--latency-repeats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=default_threads())
-    ap.add_argument("--peak-gflops", type=float, default=205.0, help="this CPU's fp32 peak")
+    ap.add_argument("--baseline-seconds", type=float, default=3.0,
+                    help="timing window of each measured baseline (GEMM fp32/bf16, eager ResNet-50)")
+    ap.add_argument("--engines", nargs="+", choices=["torch", "onnx", "openvino"], default=["torch", "onnx", "openvino"],
+                    help="engines to measure (onnx and openvino need the exports: slower)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     ap.add_argument("--data", type=Path, default=DATA, help="JPEGs for latency (and calibration)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -116,14 +122,21 @@ def main() -> None:
     run = args.run or synthetic_run(Path(tmp.name), args.size, args.data)
     model, contract = load_model(run)
     pp = contract.preprocessing
-    gflop = GFLOP_224 * (pp.image_size / 224) ** 2
+    gflop = _machine.count_gflop(model.eval(), pp.image_size)
+    print("measuring this machine (GEMM, eager ResNet-50) ...", flush=True)
+    cap = _machine.measure(args.threads, pp.image_size, args.batch, args.baseline_seconds)
+    print(cap.describe(), flush=True)
     results: dict = {"run": str(run), "image_size": pp.image_size, "batch": args.batch, "threads": args.threads,
-                     "torch": torch.__version__, "throughput": {}, "latency_ms": {}, "load_s": {}}
+                     "torch": torch.__version__, "gflop_per_image": round(gflop, 3), "machine": cap.to_dict(),
+                     "throughput": {}, "latency_ms": {}, "load_s": {}}
 
     # exports (cached in the run folder, as make_engine does); timed separately from loading
     out_dir = Path(tmp.name) / "export" if args.run else None  # never write into a user's run folder
     paths = {}
-    for fmt in ("onnx", "openvino"):
+    formats = [f for f in ("onnx", "openvino") if f in args.engines]
+    if "openvino" in formats and "onnx" not in formats:
+        formats.insert(0, "onnx")  # the OpenVINO models are converted from the ONNX exports
+    for fmt in formats:
         for int8 in (False, True):
             target = (out_dir / default_export_path(run, fmt, int8).name) if out_dir else None
             start = time.perf_counter()
@@ -150,7 +163,8 @@ def main() -> None:
     for name, kind, int8 in [("torch", "torch", False), ("onnxruntime fp32", "onnx", False),
                              ("onnxruntime int8", "onnx", True), ("openvino fp32", "openvino", False),
                              ("openvino int8", "openvino", True)]:
-        engines[name], results["load_s"][name] = load(kind, int8)
+        if kind == "torch" or kind in args.engines:
+            engines[name], results["load_s"][name] = load(kind, int8)
 
     batch = torch.randn(args.batch, 3, pp.image_size, pp.image_size).numpy()
     eager = model.eval().to(memory_format=torch.contiguous_format)
@@ -160,7 +174,7 @@ def main() -> None:
         return eager(torch.from_numpy(x))
 
     runners = {"torch eager": torch_eager, "torch channels_last": engines["torch"].run}
-    if not args.no_compile:
+    if not args.no_compile and "torch" in args.engines:
         try:
             cl = load_model(run)[0].to(memory_format=torch.channels_last)  # own copy: .to() is in place
             compiled = torch.compile(cl)
@@ -177,13 +191,15 @@ def main() -> None:
             print(f"torch.compile unavailable: {str(exc).splitlines()[0][:120]}")
     runners.update({name: e.run for name, e in engines.items() if name != "torch"})
 
-    print(f"\nbatch {args.batch} at {pp.image_size} px, {args.threads} threads "
-          f"({gflop:.2f} GFLOP/img, peak {args.peak_gflops:.0f} GFLOP/s):")
+    print(f"\nbatch {args.batch} at {pp.image_size} px, {args.threads} threads ({gflop:.2f} GFLOP/img); "
+          f"ratios to this run's fp32 GEMM ({cap.gemm_fp32_gflops:.0f} GFLOP/s"
+          + (f", bf16 {cap.gemm_bf16_gflops:.0f}" if cap.gemm_bf16_gflops else "")
+          + f") and plain eager PyTorch ({cap.eager_img_per_s:.1f} img/s):")
     for name, fn in runners.items():
         ips = throughput(fn, batch, args.seconds)
-        frac = ips * gflop / args.peak_gflops
-        results["throughput"][name] = {"img_per_s": round(ips, 2), "fraction_of_fp32_peak": round(frac, 3)}
-        print(f"  {name:28s} {ips:6.1f} img/s   {100 * frac:5.1f} % of fp32 peak", flush=True)
+        r = _machine.ratios(ips * gflop, cap)
+        results["throughput"][name] = {"img_per_s": round(ips, 2), **r}
+        print(f"  {name:28s} {ips:6.1f} img/s  {_machine.format_ratios(r)}", flush=True)
 
     files = sorted(args.data.rglob("*.jpg"))[::17][: args.latency_repeats] or sys.exit(f"no JPEGs in {args.data}")
     print("\nsingle image, decode + preprocess + infer (JPEG from disk):")

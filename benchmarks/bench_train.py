@@ -1,12 +1,14 @@
 """Training-speed benchmark on this machine (not part of the test suite).
 
 Measures, at 224 px with lungcad's own training step (model factory, fine-tuning strategy, frozen
-BatchNorm, channels_last, optimizer), images/s for `--finetune fc`, `layer4` and `all`, each also as
-a fraction of the CPU's fp32 peak (FLOPs counted with torch.utils.flop_counter, not assumed), the
+BatchNorm, channels_last, optimizer), images/s for `--finetune fc`, `layer4` and `all`; the GFLOP/s
+each achieves (FLOPs counted with torch.utils.flop_counter, not assumed) as a fraction of a GEMM
+measured in the same run and as a multiple of a plain PyTorch eager ResNet-50 forward pass in the
+same run (benchmarks/_machine.py, which also prints the CPU and its detected instruction set); the
 peak resident memory of each configuration (own subprocess, VmHWM), and the data pipeline's
 images/s (cached uint8 -> augmentation -> normalisation through the DataLoader used in training).
 
-    python benchmarks/bench_train.py [--peak-gflops 205] [--steps 6] [--json FILE]
+    python benchmarks/bench_train.py [--steps 6] [--only train:fc:adamw:32 ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import subprocess
 import sys
 import time
 
-PEAK_GFLOPS = 205.0  # 2 cores x AVX2 FMA (2 x 256-bit FMA/cycle) x clock, fp32, this machine
+CONFIGS = [
+    "train:fc:adamw:32", "train:layer4:adamw:16", "train:layer4:adamw:32",
+    "train:all:sgd:16", "train:all:adamw:16", "train:all:adamw:32",
+    "data:0", "data:1",
+]
 
 
 def _vm_hwm_mb() -> float:
@@ -71,7 +77,6 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     return {
         "what": f"train {strategy}", "optimizer": optimizer, "batch": batch, "image_size": size,
         "images_per_s": round(ips, 2), "gflop_per_image": round(flops_per_image / 1e9, 2),
-        "fraction_of_peak": round(ips * flops_per_image / 1e9 / PEAK_GFLOPS, 3),
         "peak_rss_mb": round(_vm_hwm_mb()), "step_times_s": [round(t, 3) for t in times],
     }
 
@@ -101,7 +106,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
+    ap.add_argument("--baseline-seconds", type=float, default=3.0,
+                    help="timing window of each measured baseline (GEMM fp32/bf16, eager ResNet-50 forward)")
+    ap.add_argument("--only", nargs="+", choices=CONFIGS, metavar="CONFIG",
+                    help=f"run only these configurations (default: all of {' '.join(CONFIGS)})")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--allocator", choices=["auto", "system"], default="auto",
                     help="auto: preload jemalloc like the lungcad command does")
@@ -109,18 +117,20 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:  # one configuration per process, so peak memory is its own
         kind, *rest = args.child.split(":")
-        if kind == "train":
+        if kind == "machine":  # the baselines, under the same allocator and threads as the configurations
+            import torch
+
+            import _machine
+
+            result = _machine.measure(torch.get_num_threads(), args.size, 16, args.baseline_seconds).to_dict()
+        elif kind == "train":
             strategy, optimizer, batch = rest
             result = run_training_config(strategy, optimizer, int(batch), args.steps, args.size)
         else:
             result = run_data_pipeline(512, args.size, int(rest[0]))
         print(json.dumps(result))
         return
-    configs = [
-        "train:fc:adamw:32", "train:layer4:adamw:16", "train:layer4:adamw:32",
-        "train:all:sgd:16", "train:all:adamw:16", "train:all:adamw:32",
-        "data:0", "data:1",
-    ]
+    configs = args.only or CONFIGS
     # Same process set-up as the `lungcad` command: jemalloc preloaded when installed (allocator.py)
     from lungcad.allocator import JEMALLOC_CONF, fast_allocator
 
@@ -129,24 +139,42 @@ def main() -> None:
     if lib:
         env["LD_PRELOAD"] = lib
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
-    print(f"allocator: {lib or 'system malloc'}; peak {args.peak_gflops} GFLOP/s; {args.size} px", flush=True)
-    results = []
-    for cfg in configs:
+    print(f"allocator: {lib or 'system malloc'}; {args.size} px", flush=True)
+
+    def child(cfg: str) -> dict | None:
         out = subprocess.run([sys.executable, __file__, "--child", cfg, "--steps", str(args.steps),
-                              "--size", str(args.size)], capture_output=True, text=True, env=env)
+                              "--size", str(args.size), "--baseline-seconds", str(args.baseline_seconds)],
+                             capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(f"{cfg}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    import _machine
+
+    measured = child("machine")
+    if measured is None:
+        sys.exit("could not measure the machine's baselines")
+    cap = _machine.Capability.from_dict(measured)
+    print(cap.describe(), flush=True)
+    print(f"training ratios: achieved GFLOP/s (forward + backward) to this run's fp32 GEMM and to the eager "
+          f"forward pass ({cap.eager_gflops:.0f} GFLOP/s)", flush=True)
+    results = []
+    for cfg in configs:
+        r = child(cfg)
+        if r is None:
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if "gflop_per_image" in r:
+            r.update(_machine.ratios(r["images_per_s"] * r["gflop_per_image"], cap))
         results.append(r)
-        extra = (f"{r['gflop_per_image']:>6.1f} GFLOP/img  {100 * r['fraction_of_peak']:5.1f}% of peak  "
+        extra = (f"{r['gflop_per_image']:>6.1f} GFLOP/img  {_machine.format_ratios(r)}  "
                  f"peak RSS {r['peak_rss_mb']:>5} MB" if "gflop_per_image" in r else "")
         label = f"{r['what']} {r.get('optimizer', '')} b{r.get('batch', '')}" if "batch" in r else \
             f"{r['what']} workers={r['workers']}"
         print(f"{label:<34}{r['images_per_s']:>8.1f} img/s  {extra}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"peak_gflops": args.peak_gflops, "allocator": lib, "results": results}, fh, indent=2)
+            json.dump({"machine": cap.to_dict(), "allocator": lib, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":
