@@ -64,7 +64,8 @@ class Capability:
             f"instruction set: {isa}; torch {self.torch} dispatches {self.torch_capability}"
             + (f"; load average {self.load_average:.2f}" if self.load_average is not None else ""),
             f"measured GEMM ({self.gemm_size}x{self.gemm_size} torch.mm): {self.gemm_fp32_gflops:.0f} GFLOP/s fp32"
-            + (f", {self.gemm_bf16_gflops:.0f} GFLOP/s bf16" if self.gemm_bf16_gflops else ", bf16 not native: skipped"),
+            + (f", {self.gemm_bf16_gflops:.0f} GFLOP/s bf16" if self.gemm_bf16_gflops
+               else ", bf16 not native: skipped"),
             f"plain PyTorch eager ResNet-50 fp32 ({self.eager_image_size} px, batch {self.eager_batch}): "
             f"{self.eager_img_per_s:.1f} img/s = {self.eager_gflops:.0f} GFLOP/s "
             f"({self.eager_gflops / self.gemm_fp32_gflops:.2f} of fp32 GEMM)",

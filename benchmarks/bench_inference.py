@@ -44,6 +44,7 @@ from lungcad.models.factory import create_model
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "iqothnccd"
 LABELS = {"Normal": "normal", "Bengin": "benign", "Malignant": "malignant"}
+ENGINES = ("torch", "onnx", "openvino")
 
 
 def synthetic_run(root: Path, size: int, data: Path) -> Path:
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--baseline-seconds", type=float, default=3.0,
                     help="timing window of each measured baseline (GEMM fp32/bf16, eager ResNet-50)")
-    ap.add_argument("--engines", nargs="+", choices=["torch", "onnx", "openvino"], default=["torch", "onnx", "openvino"],
+    ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                     help="engines to measure (onnx and openvino need the exports: slower)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     ap.add_argument("--data", type=Path, default=DATA, help="JPEGs for latency (and calibration)")

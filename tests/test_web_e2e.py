@@ -251,6 +251,7 @@ def test_postgres_api_flow_and_append_only_audit(postgres_server, tmp_path):
     """The httpx-level flow on PostgreSQL (fake predictor): migrations, feedback, triggers."""
     from fastapi.testclient import TestClient
     from sqlalchemy import select, text
+
     from test_web import FakePredictor, png_bytes
 
     from lungcad.web.app import create_app

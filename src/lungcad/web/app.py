@@ -98,7 +98,8 @@ class LimitBody:
         body = json.dumps({"type": "about:blank", "title": "Request too large", "status": 413,
                            "detail": f"limit {self.limit // 1024 // 1024} MiB"}).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/problem+json"),
+                                (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -120,7 +121,8 @@ class SecurityHeaders:
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                message["headers"] = [*message.get("headers", []), *((k, v) for k, v in self.headers if k not in present)]
+                missing = [(k, v) for k, v in self.headers if k not in present]
+                message["headers"] = [*message.get("headers", []), *missing]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -72,7 +72,8 @@ def _store_one(sessions: sessionmaker, store: service.Store, user: User, raw: by
 def study_page(request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
                saved: int = 0) -> HTMLResponse:
     study = get_study(session, study_id)
-    probs = sorted(study.probabilities.items(), key=lambda kv: store.classes.index(kv[0]) if kv[0] in store.classes else 99)
+    order = {c: i for i, c in enumerate(store.classes)}
+    probs = sorted(study.probabilities.items(), key=lambda kv: order.get(kv[0], 99))
     threshold = _threshold(store)
     return page(request, "study.html", user, study=study, probs=probs, saved=saved, threshold=threshold,
                 mine=[f for f in study.feedback if f.user_id == user.id])
