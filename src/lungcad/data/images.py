@@ -15,10 +15,21 @@ from PIL import Image, UnidentifiedImageError
 
 from lungcad.errors import LungcadError
 
-# Decompression-bomb guard: no lung image we accept has more pixels than this (a 16k x 16k
-# whole-slide tile would be refused too; such inputs need tiling first).
-MAX_PIXELS = 100_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Size rules, one set for training, `lungcad predict` and the web app (the first two are checked
+# from the header, before anything is decoded):
+# - MAX_PIXELS: decompression-bomb guard. CT slices are 512x512, radiographs a few thousand pixels
+#   a side; a whole-slide image needs tiling first.
+# - MAX_ASPECT: a 185-byte PNG can declare 50000x2 pixels; refusing extreme shapes keeps every later
+#   step (foreground crop, square padding, resizing) bounded by the pixel count as well.
+# - MIN_SIDE: below this a model input is mostly interpolation. Predictions refuse such files
+#   (`check_min_side`: a per-file error in predict, a rejected upload in the web app); training and
+#   the audit only skip what cannot be decoded at all.
+MAX_PIXELS = 40_000_000
+MAX_ASPECT = 8
+MIN_SIDE = 32
+# Pillow's own guard is the backstop, above ours: every open in lungcad is followed by check_size,
+# whose message names the dimensions.
+Image.MAX_IMAGE_PIXELS = 4 * MAX_PIXELS
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -28,13 +39,15 @@ class ImageReadError(LungcadError):
 
 
 def decode_image(data: bytes | Path | str, colour: str = "grey", name: str | Path | None = None) -> np.ndarray:
-    """Decode an image file (or its bytes) to uint8 pixels: HxW for `grey`, HxWx3 for `rgb`.
+    """Decode an image file (or its bytes) to uint8 pixels: HxW for `grey`, HxWx3 for `rgb`; `auto`
+    keeps what the file holds (HxW for greyscale modes, HxWx3 otherwise: prediction uses it to see
+    a colour photograph given to a greyscale model).
 
     16-bit images are rescaled to 8 bits over their own value range; alpha is dropped onto black.
     Raises ImageReadError naming the file for empty, truncated, oversized or non-image input.
     """
-    if colour not in ("grey", "rgb"):
-        raise ValueError(f"colour must be 'grey' or 'rgb', not {colour!r}")
+    if colour not in ("grey", "rgb", "auto"):
+        raise ValueError(f"colour must be 'grey', 'rgb' or 'auto', not {colour!r}")
     label = name if name is not None else (data if isinstance(data, (str, Path)) else "<bytes>")
     try:
         raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
@@ -46,10 +59,7 @@ def decode_image(data: bytes | Path | str, colour: str = "grey", name: str | Pat
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw)) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ImageReadError(
-                        f"image too large ({im.width}x{im.height} pixels, limit {MAX_PIXELS})", label
-                    )
+                check_size(im.width, im.height, label)
                 im.load()  # force full decode so truncation is detected here
                 return _to_array(im, colour)
     except ImageReadError:
@@ -62,7 +72,30 @@ def decode_image(data: bytes | Path | str, colour: str = "grey", name: str | Pat
         raise ImageReadError(f"corrupt or truncated image ({exc})", label) from None
 
 
+def check_size(width: int, height: int, label: str | Path | None = None,
+               error: type[ImageReadError] = ImageReadError) -> None:
+    """Refuse decoded sizes that would cost unbounded memory: more than MAX_PIXELS pixels, or a
+    side more than MAX_ASPECT times the other. Raises `error` (one line, naming `label`)."""
+    if width * height > MAX_PIXELS:
+        raise error(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})", label)
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise error(
+            f"extreme aspect ratio ({width}x{height} pixels; at most {MAX_ASPECT}:1 is accepted)", label
+        )
+
+
+def check_min_side(width: int, height: int, label: str | Path | None = None) -> None:
+    """Refuse images too small to predict on (under MIN_SIDE pixels a side): ImageReadError."""
+    if min(width, height) < MIN_SIDE:
+        raise ImageReadError(f"image too small ({width}x{height} px; the minimum is {MIN_SIDE})", label)
+
+
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
 def _to_array(im: Image.Image, colour: str) -> np.ndarray:
+    if colour == "auto":
+        colour = "grey" if im.mode in GREY_MODES else "rgb"
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())

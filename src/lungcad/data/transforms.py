@@ -19,6 +19,8 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# prepare(): a crop whose long side exceeds this is resized before it is padded to a square
+PAD_LIMIT = 2048
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,13 @@ def prepare(pixels: np.ndarray, pp: Preprocessing) -> torch.Tensor:
         raise ValueError(f"unknown geometry {pp.geometry!r}")
     h, w = pixels.shape[:2]
     side = max(h, w)
+    if side > max(PAD_LIMIT, pp.image_size):
+        # Resize before padding: the square of a long crop's long side would cost far more memory
+        # than the image itself. Smaller images keep the order pad-then-resize, bit for bit what the
+        # models were trained on (the two differ only by sub-pixel edge effects).
+        h, w = max(1, round(h * pp.image_size / side)), max(1, round(w * pp.image_size / side))
+        small = F.resize(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1), [h, w], antialias=True)
+        pixels, side = small.permute(1, 2, 0).numpy(), pp.image_size
     square = np.zeros((side, side, pixels.shape[2]), dtype=np.uint8)  # pad with background (black)
     y, x = (side - h) // 2, (side - w) // 2
     square[y : y + h, x : x + w] = pixels

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungcad.data.images import MAX_PIXELS, ImageReadError
+from lungcad.data.images import MAX_PIXELS, ImageReadError, check_size
 from lungcad.dicom.deid import safe_metadata
 from lungcad.errors import LungcadError
 
@@ -149,6 +149,7 @@ def read_dicom(
         raise DicomReadError(
             f"image too large ({n_frames} frame(s) of {cols}x{rows} pixels, limit {MAX_PIXELS} per frame)", label
         )
+    check_size(cols, rows, label, error=DicomReadError)  # and the aspect-ratio rule of every image
     _check_decoder(ds, label)
     try:
         arr = ds.pixel_array  # YBR_* colour is converted to RGB by pydicom here

@@ -14,19 +14,18 @@ import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
 
+from lungcad.data.images import MAX_PIXELS, check_min_side, check_size
 from lungcad.dicom.deid import deidentify
 from lungcad.errors import LungcadError
 
 __all__ = [
-    "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_SIDE", "MAX_UPLOAD_BYTES", "check_upload", "deidentify_upload", "sniff",
+    "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "check_upload", "deidentify_upload", "sniff",
 ]
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one file: a 512x512 CT slice is ~0.5 MB; a large DICOM ~30 MB
 MAX_FILES = 50  # per upload form / request
-# Decoded-dimension cap, checked from the header before decoding (decompression bombs):
-# CT and radiograph images are at most a few thousand pixels a side.
-MAX_SIDE = 8192
-MAX_PIXELS = 40_000_000
+# Decoded dimensions are checked from the header, before decoding, with the rules `lungcad predict`
+# applies (lungcad.data.images: MAX_PIXELS, aspect ratio, minimum side).
 
 KINDS = ("png", "jpeg", "dicom")
 
@@ -60,13 +59,11 @@ def check_upload(raw: bytes, label: str = "upload") -> tuple[str, int, int]:
                 with Image.open(io.BytesIO(raw)) as im:  # reads the header only
                     width, height = im.size
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise LungcadError(f"image too large (decompression bomb guard; limit {MAX_SIDE} pixels a side)", label) from None
+            raise LungcadError(f"image too large (decompression bomb guard; limit {MAX_PIXELS} pixels)", label) from None
         except Exception:
             raise LungcadError(f"not a readable {kind.upper()} image", label) from None
-    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
-        raise LungcadError(f"image too large ({width}x{height} pixels; limit {MAX_SIDE} a side)", label)
-    if width < 8 or height < 8:
-        raise LungcadError(f"image too small ({width}x{height} pixels)", label)
+    check_size(width, height, label)
+    check_min_side(width, height, label)
     return kind, width, height
 
 
