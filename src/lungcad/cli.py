@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", metavar="FILE", help="reuse a split.csv (path,label,group,subset)")
     p.add_argument("--label-map", action="append", default=[], metavar="FOLDER=LABEL")
     p.add_argument("--colour", choices=["auto", "grey", "rgb"], default="auto")
+    p.add_argument("--window", metavar="L,W",
+                   help="the CT window (level,width in HU) the training images were rendered at, e.g. "
+                        "--window=195,480 for IQ-OTH/NCCD (docs/window.md); stored in the model contract, DICOM "
+                        "input is then rendered the same way (default: undeclared, lung window -600,1500 with a warning)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--extra-data", metavar="DIR", help="training-only extra images (e.g. feedback export)")
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each DICOM slice's Grad-CAM overlay and result into DIR as a DICOM Secondary "
                         "Capture a PACS can store (marked as decision support; needs highdicom)")
     p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
-    p.add_argument("--window", metavar="L,W", help="DICOM window level,width in HU, e.g. --window=-600,1500 (default: the model's)")
+    p.add_argument("--window", metavar="L,W", help="DICOM window level,width in HU, e.g. --window=-600,1500 (default: the "
+                   "model's; another window departs from training and is warned about)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--workers", type=int, default=0, help="threads decoding inputs in parallel (0: inline)")
     p.add_argument("--resume", action="store_true",
@@ -132,12 +137,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.resume and not args.data:
         raise LungcadError("train needs --data (or --resume with --out RUNDIR)")
+    if args.window:
+        from lungcad.dicom.reader import parse_window
+
+        parse_window(args.window)  # refuse a malformed window before any work
     cfg = TrainConfig(
         data=str(args.data or ""), out=args.out, task=args.task, pretrained=args.pretrained, weights=args.weights,
         finetune=args.finetune, head_epochs=args.head_epochs, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs if args.epochs is not None else 20,
         patience=args.patience, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        split=args.split, label_map=args.label_map, colour=args.colour, workers=args.workers,
+        split=args.split, label_map=args.label_map, colour=args.colour, window=args.window, workers=args.workers,
         threads=args.threads, progress=args.progress, extra_data=args.extra_data, augment=args.augment,
         device=args.device, amp=args.amp, target_sensitivity=args.target_sensitivity,
     )

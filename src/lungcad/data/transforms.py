@@ -10,7 +10,7 @@ or the black margins through would teach the model a shortcut instead of the lun
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,9 +33,14 @@ class Preprocessing:
     foreground_threshold: int = 20  # grey level above which a pixel counts as body, not air/background
     mean: tuple[float, float, float] = IMAGENET_MEAN  # ImageNet statistics: what the pretrained stem expects
     std: tuple[float, float, float] = IMAGENET_STD
-    # DICOM CT: Hounsfield units are windowed to this level/width before anything else (lung window)
+    # DICOM CT: Hounsfield units are windowed to this level/width (HU) before anything else. The
+    # window is part of the contract: "declared" = the training images were rendered at it
+    # (`lungcad train --window L,W`), so DICOM input is rendered the same way; "default" = nobody
+    # said how the training images were rendered (image runs without --window, contracts before
+    # this field): lungcad's lung window is used and `predict` warns that it may not match.
     window_level: float = -600.0
     window_width: float = 1500.0
+    window_source: str = "default"
     augment: dict = field(
         default_factory=lambda: {"degrees": 10.0, "scale": [0.9, 1.1], "translate": 0.05, "hflip": 0.5}
     )
@@ -43,6 +48,20 @@ class Preprocessing:
     @property
     def channels(self) -> int:
         return 1 if self.colour == "grey" else 3
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """(level, width) in HU at which DICOM CT is rendered for this model."""
+        return self.window_level, self.window_width
+
+    def with_window(self, window: str | None) -> Preprocessing:
+        """This contract with a declared training window (`"L,W"`, as `lungcad train --window`); unchanged for None."""
+        if window is None:
+            return self
+        from lungcad.dicom.reader import parse_window
+
+        level, width = parse_window(window)
+        return replace(self, window_level=level, window_width=width, window_source="declared")
 
     def to_dict(self) -> dict:
         d = asdict(self)

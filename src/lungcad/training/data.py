@@ -144,6 +144,7 @@ def _plan_extra_data(
 def load_data(plan: DataPlan, cfg: TrainConfig, progress: bool) -> PreparedData:
     """Decode every image of the plan once into uint8 caches (the expensive, per-process part)."""
     pp = Preprocessing(image_size=cfg.image_size, colour=plan.colour)
+    pp = pp.with_window(cfg.window)  # declared by `train --window`: the contract's DICOM window
     caches, targets = {}, {}
     for subset in ("train", "val", "test"):
         sub = [r for r in plan.rows if r.subset == subset]

@@ -92,6 +92,7 @@ class TrainConfig:
     split: str | None = None  # reuse an existing split.csv instead of computing one
     label_map: list[str] = field(default_factory=list)
     colour: str = "auto"  # auto: greyscale if every image is greyscale (CT), else RGB (histopathology)
+    window: str | None = None  # "L,W" in HU the training images were rendered at (contract; DICOM rendered so)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     # DataLoader workers. One worker process (1 torch thread) keeps augmentation off the training
