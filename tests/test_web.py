@@ -84,7 +84,7 @@ class FakePredictor:
     def prepare(self, pixels):
         return pixels
 
-    def predict_prepared(self, tensors, sources=None):
+    def predict_prepared(self, tensors, sources=None, pixels=None):
         if self.fail:
             raise RuntimeError("secret internal detail")
         out = []

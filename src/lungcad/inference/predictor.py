@@ -4,6 +4,7 @@
           --prepare/normalise (the contract's preprocessing)--> engine --> logits, features
           --temperature--> calibrated probabilities --thresholds--> label, decision
           features --OOD detector--> ood flag, score
+          decoded + prepared pixels --appearance check (the contract's profile)--> ood reasons
 
 Label at the contract's thresholds: if p(malignant) >= thresholds["malignant"] the label is
 "malignant", otherwise the most probable of the other classes, so `label` and `decision` never
@@ -33,10 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lungcad.data.images import IMAGE_SUFFIXES, decode_image
+from lungcad.data.images import IMAGE_SUFFIXES, check_min_side, decode_image
 from lungcad.data.transforms import normalise, prepare
 from lungcad.dicom.reader import is_dicom, read_dicom
 from lungcad.errors import LungcadError
+from lungcad.inference.appearance import check as appearance_check
 from lungcad.inference.engines import Engine, TorchEngine
 from lungcad.inference.explain import Explanation, grad_cam
 from lungcad.inference.ood import OODDetector
@@ -59,7 +61,7 @@ class Prediction:
     label: str  # predicted class at the contract's thresholds
     malignant_probability: float
     decision: str  # "malignant" or "not malignant" at contract.thresholds["malignant"]
-    ood: bool
+    ood: bool  # the feature-space detector or the appearance check flagged it (reasons in ood_reasons)
     ood_score: float | None
     error: str = ""  # "" when fine; one line otherwise (the file is still reported)
     model_sha256: str = ""
@@ -67,6 +69,7 @@ class Prediction:
     level: str = "image"  # "image", "frame" (of a multi-frame DICOM) or "series" (aggregate)
     slices: int = 1  # images aggregated into this row (series rows)
     cam_path: str = ""  # Grad-CAM overlay PNG, when asked for
+    ood_reasons: list[str] = field(default_factory=list)  # why `ood` is set, one line each ("; " in CSV/JSON)
 
     @classmethod
     def failed(cls, source: str, error: str, model_sha256: str = "", dicom: dict | None = None) -> Prediction:
@@ -84,7 +87,8 @@ class Prediction:
                    decision=row["decision"], ood=bool(row["ood"]),
                    ood_score=None if row.get("ood_score") is None else float(row["ood_score"]),
                    model_sha256=row.get("model_sha256", ""), dicom=dicom, level=row.get("level", "image"),
-                   slices=int(row.get("slices") or 1), cam_path=row.get("cam_path") or "")
+                   slices=int(row.get("slices") or 1), cam_path=row.get("cam_path") or "",
+                   ood_reasons=[r for r in (row.get("ood_reasons") or "").split("; ") if r])
 
     def to_row(self) -> dict:
         """Flat dict for CSV/JSON: p_<class> columns, DICOM UIDs as columns; None where not applicable."""
@@ -96,6 +100,7 @@ class Prediction:
             row[f"p_{name}"] = round(float(p), 6)
         row["ood"] = self.ood if ok else None
         row["ood_score"] = round(self.ood_score, 6) if self.ood_score is not None else None
+        row["ood_reasons"] = "; ".join(self.ood_reasons) if ok else None
         row["error"] = self.error
         row["model_sha256"] = self.model_sha256
         row["slices"] = self.slices
@@ -114,6 +119,7 @@ class _Item:
     error: str = ""
     dicom: dict = field(default_factory=dict)
     level: str = "image"
+    reasons: list[str] = field(default_factory=list)  # appearance check (lungcad.inference.appearance)
 
 
 def _make_engine(kind: str, run_dir: Path, model, contract: ModelContract) -> Engine:
@@ -137,6 +143,15 @@ class Predictor:
         self.engine = _make_engine(engine, self.run_dir, self.model, self.contract)
         self.window = window
         self.pp = self.contract.preprocessing
+        self.appearance = self.contract.appearance or {}
+        self._warned_window = False
+        if window is not None:
+            trained = (f"the window the model was trained at ({self.pp.window_level:g},{self.pp.window_width:g} HU)"
+                       if self.pp.window_source == "declared" else
+                       "the training images' window, which model.json does not declare")
+            if self.pp.window_source != "declared" or tuple(map(float, window)) != self.pp.window:
+                log.warning("--window %g,%g departs from %s: DICOM input will not look like the training images",
+                            window[0], window[1], trained)
         self.classes = list(self.contract.classes)
         if "malignant" not in self.classes:
             raise LungcadError(f"model classes {self.classes} have no 'malignant' class", self.run_dir)
@@ -159,7 +174,7 @@ class Predictor:
         """CSV columns of `Prediction.to_row` for this model (fixed, whatever the rows hold)."""
         return (["source", "level", "label", "decision", "malignant_probability"]
                 + [f"p_{c}" for c in self.classes]
-                + ["ood", "ood_score", "error", "model_sha256", "slices", *DICOM_COLUMNS, "cam_path"])
+                + ["ood", "ood_score", "ood_reasons", "error", "model_sha256", "slices", *DICOM_COLUMNS, "cam_path"])
 
     def _frames(self, data: bytes | Path | str, name: str | None) -> list[tuple[np.ndarray, dict]]:
         """Decoded uint8 frames with their DICOM metadata (one frame for ordinary images)."""
@@ -177,11 +192,24 @@ class Predictor:
         if not raw:
             raise LungcadError("empty file (0 bytes)", label)
         if is_dicom(raw[:132]):
-            dcm = read_dicom(raw, label, window=self.window, ct_window=(self.pp.window_level, self.pp.window_width))
+            dcm = read_dicom(raw, label, window=self.window, ct_window=self.pp.window)
+            if self.window is None and dcm.window == self.pp.window and self.pp.window_source != "declared":
+                self._warn_default_window()
+            check_min_side(dcm.frames[0].shape[1], dcm.frames[0].shape[0], label)
             if len(dcm.frames) == 1:
                 return [(dcm.frames[0], dict(dcm.metadata))]
             return [(f, {**dcm.metadata, "frame": i}) for i, f in enumerate(dcm.frames)]
-        return [(decode_image(raw, self.pp.colour, name=label), {})]
+        # greyscale models: colour files are decoded in colour, so the appearance check can see them
+        pixels = decode_image(raw, "auto" if self.pp.colour == "grey" else self.pp.colour, name=label)
+        check_min_side(pixels.shape[1], pixels.shape[0], label)
+        return [(pixels, {})]
+
+    def _warn_default_window(self) -> None:
+        if not self._warned_window:
+            self._warned_window = True
+            log.warning("%s: model.json does not declare the window its training images were rendered at; DICOM CT "
+                        "is rendered at lungcad's default %g,%g HU, which may not match them (train with --window "
+                        "L,W, or pass predict --window)", self.run_dir, *self.pp.window)
 
     def load_pixels(self, data: bytes | Path, name: str | None = None, frame: int | None = None
                     ) -> tuple[np.ndarray, dict]:
@@ -222,12 +250,19 @@ class Predictor:
 
     def _prediction(self, item: _Item, probs: np.ndarray, flag, score) -> Prediction:
         label, p_mal, decision = self._decide(probs)
+        reasons = list(item.reasons)
+        if flag is not None and bool(flag):
+            reasons.append(f"feature-space score {float(score):.3g} above threshold {self.ood_detector.threshold:.3g}")
         return Prediction(
             source=item.source, probabilities={c: float(p) for c, p in zip(self.classes, probs)}, label=label,
-            malignant_probability=p_mal, decision=decision, ood=bool(flag) if flag is not None else False,
+            malignant_probability=p_mal, decision=decision, ood=bool(reasons),
             ood_score=float(score) if score is not None else None, model_sha256=self.model_sha256,
-            dicom=item.dicom, level=item.level,
+            dicom=item.dicom, level=item.level, ood_reasons=reasons,
         )
+
+    def _item(self, source: str, pixels: np.ndarray | None, tensor: torch.Tensor, **kw) -> _Item:
+        """An item with its appearance check (`pixels`: the decoded pixels, None if not at hand)."""
+        return _Item(source, tensor, reasons=appearance_check(pixels, tensor, self.appearance, self.pp), **kw)
 
     def _items(self, data: bytes | Path | str, name: str | None) -> list[_Item]:
         """Decode and prepare; a failure becomes one error item instead of an exception."""
@@ -235,8 +270,8 @@ class Predictor:
         try:
             frames = self._frames(data, name)
             many = len(frames) > 1
-            return [_Item(f"{source}#{meta['frame']}" if many else source, prepare(pixels, self.pp),
-                          dicom=meta, level="frame" if many else "image") for pixels, meta in frames]
+            return [self._item(f"{source}#{meta['frame']}" if many else source, pixels, prepare(pixels, self.pp),
+                               dicom=meta, level="frame" if many else "image") for pixels, meta in frames]
         except LungcadError as exc:
             return [_Item(source, None, error=_strip_path(str(exc), source))]
         except Exception as exc:  # a decoder bug on one odd file must not stop a batch of thousands
@@ -255,14 +290,18 @@ class Predictor:
         """Decoded pixels (from `load_pixels`) -> the model's uint8 input under this contract."""
         return prepare(pixels, self.pp)
 
-    def predict_prepared(self, tensors: list[torch.Tensor], sources: list[str] | None = None) -> list[Prediction]:
+    def predict_prepared(self, tensors: list[torch.Tensor], sources: list[str] | None = None,
+                         pixels: list[np.ndarray] | None = None) -> list[Prediction]:
         """Predictions for images already decoded and prepared (`prepare`), in one forward pass.
 
         The web app decodes each upload once in its request thread (it also stores those pixels)
-        and micro-batches preparation and this step on its inference workers.
+        and micro-batches preparation and this step on its inference workers. `pixels`: the decoded
+        pixels the tensors came from, for the appearance check (without them only the prepared
+        tensors are checked: no size or colour rule).
         """
         sources = sources or ["<image>"] * len(tensors)
-        items = [_Item(src, t) for src, t in zip(sources, tensors, strict=True)]
+        raws = pixels if pixels is not None else [None] * len(tensors)
+        items = [self._item(src, raw, t) for src, t, raw in zip(sources, tensors, raws, strict=True)]
         results = self._predict_items(items)
         return [results[id(it)] for it in items]
 
@@ -374,11 +413,13 @@ class Predictor:
         label, p_mal, decision = self._decide(agg)
         dicom = {k: preds[0].dicom[k] for k in ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
                  if k in preds[0].dicom}
+        ood = bool(flags.mean() > 0.5)
         return Prediction(
             source=source, probabilities={c: float(p) for c, p in zip(self.classes, agg)}, label=label,
-            malignant_probability=p_mal, decision=decision, ood=bool(flags.mean() > 0.5),
+            malignant_probability=p_mal, decision=decision, ood=ood,
             ood_score=float(np.median(scores)) if scores else None, model_sha256=self.model_sha256,
             dicom=dicom, level="series", slices=len(preds),
+            ood_reasons=[f"{int(flags.sum())} of {len(preds)} slices out of distribution"] if ood else [],
         )
 
     # ------------------------------------------------------------------------------ explanation

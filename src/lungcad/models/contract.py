@@ -38,6 +38,8 @@ class ModelContract:
     metrics: dict = field(default_factory=dict)  # headline test-split metrics
     versions: dict = field(default_factory=dict)
     ood: dict = field(default_factory=dict)  # out-of-distribution detector parameters (if fitted)
+    # intensity profile of the training images (lungcad.inference.appearance; empty before it existed)
+    appearance: dict = field(default_factory=dict)
     model_sha256: str = ""
     format_version: int = CONTRACT_VERSION
 

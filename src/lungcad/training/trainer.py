@@ -46,6 +46,7 @@ from lungcad.errors import LungcadError
 from lungcad.evaluation.calibration import fit_operating_point
 from lungcad.evaluation.metrics import classification_metrics, format_metrics
 from lungcad.inference.engine import infer_logits
+from lungcad.inference.appearance import fit_profile
 from lungcad.inference.ood import fit_ood
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.fusion import FrozenTrunkView
@@ -456,6 +457,7 @@ def _finish(out: Path, cfg: TrainConfig, prepared: PreparedData, init: dict, bes
     # Out-of-distribution detector: fitted on training features, thresholded on validation ones.
     contract.ood = fit_ood(out, model, prepared.caches["train"], prepared.caches["val"], prepared.pp,
                            seed=cfg.seed, progress=cfg.progress)
+    contract.appearance = fit_profile(prepared.caches["train"])
     atomic_write_json(out / "metrics.json", metrics)
     save_model(out, model, contract)
     (out / "checkpoint.pt").unlink(missing_ok=True)

@@ -55,7 +55,8 @@ class PredictorLike(Protocol):
 
     def prepare(self, pixels: np.ndarray) -> Any: ...
 
-    def predict_prepared(self, tensors: list[Any], sources: list[str] | None = None) -> list[Any]: ...
+    def predict_prepared(self, tensors: list[Any], sources: list[str] | None = None,
+                         pixels: list[np.ndarray] | None = None) -> list[Any]: ...
 
     def explain(self, data: bytes | Path, target: Any = None) -> Any: ...
 
@@ -82,7 +83,8 @@ class Store:
         # Preparation (torch resize) runs here too, under the worker's thread setting: request
         # threads then never start torch thread teams of their own.
         tensors = [self.predictor.prepare(pixels) for pixels, _ in items]
-        return self.predictor.predict_prepared(tensors, [label for _, label in items])
+        return self.predictor.predict_prepared(tensors, [label for _, label in items],
+                                               pixels=[pixels for pixels, _ in items])  # appearance check
 
     def predict(self, pixels: np.ndarray, label: str) -> Any:
         """The Prediction for decoded pixels (micro-batched with concurrent uploads)."""
