@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset, synthetic_slice
+
 from lungcad.cli import main
 from lungcad.data.images import MIN_SIDE, ImageReadError, decode_image
 from lungcad.data.transforms import PAD_LIMIT, Preprocessing, prepare
