@@ -286,3 +286,32 @@ def test_prepare_resizes_before_padding_large_crops():
 
     reference = F.resize(torch.from_numpy(square)[None], [64, 64], antialias=True)
     torch.testing.assert_close(prepare(small, pp), reference)
+
+
+def test_web_upload_reports_the_same_reasons(soft_run, soft_predictor, tmp_path):
+    """The web app with the real Predictor: a blank upload is stored flagged, with its reasons shown."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    from test_web import PASSWORD, login, upload
+
+    from lungcad.web.app import create_app
+    from lungcad.web.db import Study, open_database
+    from lungcad.web.security import add_user
+
+    data = tmp_path / "web"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        add_user(s, "alice", PASSWORD, "clinician")
+        s.commit()
+    blank = _png(np.zeros((64, 64), np.uint8))
+    with TestClient(create_app(soft_run, data_dir=data, predictor=soft_predictor)) as client:
+        login(client)
+        r = upload(client, [("blank.png", blank), ("tiny.png", _png(np.full((20, 40), 9, np.uint8)))])
+        assert r.status_code == 200 and "file 2: image too small (40x20 px; the minimum is 32)" in r.text
+        with sessions() as s:
+            study = s.scalar(select(Study))
+        assert study.ood and study.ood_reasons == soft_predictor.predict(blank).ood_reasons
+        page = client.get(f"/studies/{study.id}").text
+        assert "Out-of-distribution warning" in page and "blank or constant image (every pixel is 0)" in page

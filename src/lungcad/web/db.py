@@ -105,6 +105,8 @@ class Study(Base):
     probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
     ood: Mapped[bool] = mapped_column(Boolean, default=False)
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # why `ood` is set (lungcad.inference.predictor.Prediction.ood_reasons); NULL for studies before 0002
+    ood_reasons: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)
     error: Mapped[str] = mapped_column(Text, default="")
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
     dicom_meta: Mapped[dict] = mapped_column(JSON, default=dict)  # hashed UIDs, modality: no PHI

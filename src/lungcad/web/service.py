@@ -165,7 +165,8 @@ def process_upload(session: Session, store: Store, user: User, raw: bytes, batch
         image_file=image_file, dicom_file=dicom_file, width=width, height=height, label=prediction.label,
         decision=prediction.decision, malignant_probability=_float(prediction.malignant_probability),
         probabilities={k: float(v) for k, v in prediction.probabilities.items()}, ood=bool(prediction.ood),
-        ood_score=_float(prediction.ood_score), error="", model_sha256=prediction.model_sha256 or store.model_sha256,
+        ood_score=_float(prediction.ood_score), ood_reasons=list(getattr(prediction, "ood_reasons", None) or []),
+        error="", model_sha256=prediction.model_sha256 or store.model_sha256,
         dicom_meta={k: v for k, v in dicom_meta.items() if v}, feedback=[],
     )
     session.add(study)
@@ -264,6 +265,7 @@ def study_dict(study: Study, with_feedback: bool = False) -> dict:
         "input_sha256": study.input_sha256, "width": study.width, "height": study.height,
         "label": study.label, "decision": study.decision, "malignant_probability": study.malignant_probability,
         "probabilities": study.probabilities, "ood": study.ood, "ood_score": study.ood_score,
+        "ood_reasons": list(study.ood_reasons or []),
         "model_sha256": study.model_sha256, "url": f"/studies/{study.id}",
         "feedback_count": len(study.feedback),
         "disagreement": any(not f.agree for f in study.feedback),
