@@ -13,6 +13,7 @@ from torch import nn
 pytest.importorskip("pytorch_grad_cam")
 
 from conftest import synthetic_slice  # noqa: E402
+
 from lungcad.data.transforms import Preprocessing  # noqa: E402
 from lungcad.errors import LungcadError  # noqa: E402
 from lungcad.inference.explain import grad_cam  # noqa: E402
@@ -81,7 +82,7 @@ def test_grad_cam_points_at_the_blob():
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     for i in np.flatnonzero(y.numpy() == 1)[:12]:
         exp = grad_cam(model, x[i], images[i], ["normal", "malignant"], "multiclass", "malignant",
-                       layer=model.features[-2])
+                       layers=[model.features[-2]])
         assert exp.heatmap.shape == (SIZE, SIZE) and 0 <= exp.heatmap.min() and exp.heatmap.max() <= 1
         cy, cx = np.argwhere(masks[i]).mean(axis=0)
         near = (yy - cy) ** 2 + (xx - cx) ** 2 <= 10**2  # the disc plus the CAM's 4-pixel blur

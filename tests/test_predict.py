@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_slice
+
 from lungcad.cli import main
 from lungcad.data.transforms import Preprocessing, prepare
 from lungcad.errors import LungcadError
@@ -92,7 +93,8 @@ def test_prediction_row_is_calibrated_and_consistent(predictor, run_dir):
     expected = torch.softmax(logits / 1.5, 1)[0].numpy()
     np.testing.assert_allclose([pred.probabilities[c] for c in CLASSES], expected, atol=1e-4)
     assert pred.malignant_probability == pred.probabilities["malignant"]
-    assert pred.decision == ("malignant" if pred.malignant_probability >= 0.5 else "not malignant")
+    # multiclass without a fitted operating point: argmax (the 0.5 in `thresholds` is a placeholder)
+    assert pred.decision == ("malignant" if int(np.argmax(expected)) == 2 else "not malignant")
     assert (pred.label == "malignant") == (pred.decision == "malignant")
     assert pred.model_sha256 == predictor.contract.model_sha256 and len(pred.model_sha256) == 64
     assert pred.ood_score is not None and isinstance(pred.ood, bool)

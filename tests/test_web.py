@@ -68,6 +68,7 @@ class FakePredictor:
         self.contract = ModelContract(
             arch="resnet50", task="multiclass", classes=list(CLASSES), preprocessing=Preprocessing(image_size=64),
             thresholds={"malignant": 0.5}, model_sha256="f" * 64,
+            training={"operating_point": {"threshold": 0.5, "fitted_on": "validation"}},  # a fitted threshold
         )
 
     def load_pixels(self, data, name=None):

@@ -124,7 +124,7 @@ def choose_threshold(p_malignant: np.ndarray, is_malignant: np.ndarray, target_s
 
 
 def fit_operating_point(val_logits: torch.Tensor, val_targets, task: str, classes: list[str],
-                        target_sensitivity: float = TARGET_SENSITIVITY) -> dict:
+                        target_sensitivity: float = TARGET_SENSITIVITY, fitted_on: str = "validation") -> dict:
     """Temperature, then the malignant threshold on the *calibrated* validation probabilities.
 
     The order matters for multiclass: the temperature can reorder p(malignant) between images,
@@ -139,7 +139,7 @@ def fit_operating_point(val_logits: torch.Tensor, val_targets, task: str, classe
     result = {
         "temperature": temperature,
         "threshold": op["threshold"],
-        "fitted_on": "validation",
+        "fitted_on": fitted_on,
         "validation": {
             "n": int(len(y)),
             "ece_before": expected_calibration_error(before, y) if len(y) else None,
@@ -147,20 +147,7 @@ def fit_operating_point(val_logits: torch.Tensor, val_targets, task: str, classe
             **{k: v for k, v in op.items() if k != "threshold"},
         },
     }
-    log.info("calibration on validation: temperature %.3f (ECE %.3f -> %.3f); malignant threshold %.3f "
-             "(sensitivity %s at target %.2f)", temperature, result["validation"]["ece_before"] or 0.0,
+    log.info("calibration on %s: temperature %.3f (ECE %.3f -> %.3f); malignant threshold %.3f "
+             "(sensitivity %s at target %.2f)", fitted_on, temperature, result["validation"]["ece_before"] or 0.0,
              result["validation"]["ece_after"] or 0.0, op["threshold"], op.get("sensitivity"), target_sensitivity)
     return result
-
-
-def decision_threshold(contract) -> float | None:
-    """The malignant threshold evaluation should use for a contract.
-
-    Multiclass runs trained before the operating point existed carry the placeholder 0.5, which
-    was never applied (they predicted by argmax); those keep argmax (None).
-    """
-    if contract.task == "binary":
-        return float(contract.thresholds.get("malignant", 0.5))
-    if "operating_point" not in contract.training:
-        return None
-    return float(contract.thresholds.get("malignant", 0.5))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lungcad.errors import LungcadError
+from lungcad.models.factory import split_head
 
 if TYPE_CHECKING:
     from lungcad.models.contract import ModelContract
@@ -33,12 +34,6 @@ class Engine(Protocol):
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, S, S) float32 -> (logits (N, K), features (N, F))."""
         ...
-
-
-def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """A torchvision ResNet as (backbone up to global pooling, classifier head)."""
-    backbone = nn.Sequential(*(m for name, m in model.named_children() if name != "fc"), nn.Flatten(1))
-    return backbone, model.fc
 
 
 class TorchEngine:

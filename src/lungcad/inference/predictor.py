@@ -6,9 +6,10 @@
           features --OOD detector--> ood flag, score
           decoded + prepared pixels --appearance check (the contract's profile)--> ood reasons
 
-Label at the contract's thresholds: if p(malignant) >= thresholds["malignant"] the label is
-"malignant", otherwise the most probable of the other classes, so `label` and `decision` never
-disagree.
+Label: the one decision rule (`lungcad.evaluation.metrics.predict_labels`) at the contract's
+`decision_threshold()`, the same as `lungcad evaluate`: with an operating point, "malignant" if
+p(malignant) >= the threshold, otherwise the most probable other class; a multiclass model without
+one takes the argmax. `decision` is "malignant" exactly when the label is, so they never disagree.
 
 Series (several DICOM slices or frames sharing a SeriesInstanceUID): every slice gets its own row,
 then one row with level "series" follows at the end of the stream. Aggregation rule: the series'
@@ -38,10 +39,11 @@ from lungcad.data.images import IMAGE_SUFFIXES, check_min_side, decode_image
 from lungcad.data.transforms import normalise, prepare
 from lungcad.dicom.reader import is_dicom, read_dicom
 from lungcad.errors import LungcadError
+from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.appearance import check as appearance_check
 from lungcad.inference.engines import Engine, TorchEngine
 from lungcad.inference.explain import Explanation, grad_cam
-from lungcad.inference.ood import OODDetector
+from lungcad.inference.ood import load_ood_detector
 from lungcad.models.contract import ModelContract, load_model
 from lungcad.models.factory import logits_to_probs
 
@@ -155,8 +157,8 @@ class Predictor:
         self.classes = list(self.contract.classes)
         if "malignant" not in self.classes:
             raise LungcadError(f"model classes {self.classes} have no 'malignant' class", self.run_dir)
-        self.threshold = float(self.contract.thresholds.get("malignant", 0.5))
-        self.ood_detector = OODDetector.load(self.run_dir, self.contract.ood) if self.contract.ood else None
+        self.threshold = self.contract.decision_threshold()  # None: argmax (multiclass, no operating point)
+        self.ood_detector = load_ood_detector(self.run_dir, self.contract.ood)
         if self.ood_detector is None:
             log.warning("%s: no out-of-distribution detector in model.json; nothing will be flagged OOD", run_dir)
         self.dicom_out_failures = 0  # DICOM results that could not be written (see predict_paths)
@@ -240,13 +242,10 @@ class Predictor:
         return probs, flags, scores
 
     def _decide(self, probs: np.ndarray) -> tuple[str, float, str]:
-        """(label, p(malignant), decision) at the contract's operating threshold."""
-        m = self.classes.index("malignant")
-        p_mal = float(probs[m])
-        if p_mal >= self.threshold:
-            return "malignant", p_mal, "malignant"
-        others = [i for i in range(len(self.classes)) if i != m]
-        return self.classes[max(others, key=lambda i: probs[i])], p_mal, "not malignant"
+        """(label, p(malignant), decision) under the one decision rule at the contract's threshold."""
+        label = self.classes[int(predict_labels(probs[None, :], self.contract.task, self.threshold, self.classes)[0])]
+        return label, float(probs[self.classes.index("malignant")]), (
+            "malignant" if label == "malignant" else "not malignant")
 
     def _prediction(self, item: _Item, probs: np.ndarray, flag, score) -> Prediction:
         label, p_mal, decision = self._decide(probs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,53 @@ ARCHITECTURES = {
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
 }
 FINETUNE_STRATEGIES = ("fc", "layer4", "all")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things are in an architecture (timm's pretrained cfg idea): nothing outside this module
+    reaches into `model.fc` or `model.layer4` by name."""
+
+    classifier: str  # the head replaced for our classes
+    cam_layer: str  # Grad-CAM target: the last block of the last stage (dotted path, ints index)
+    # fine-tuning strategy -> parameter-name prefixes that train
+    finetune_prefixes: dict[str, tuple[str, ...]]
+
+
+ARCH_SPECS = {
+    "resnet50": ArchSpec(classifier="fc", cam_layer="layer4.-1",
+                         finetune_prefixes={"fc": ("fc.",), "layer4": ("layer4.", "fc."), "all": ("",)}),
+}
+
+
+def _spec(model: nn.Module) -> ArchSpec:
+    return ARCH_SPECS["resnet50"]  # the one architecture; a second one would be looked up by class here
+
+
+def _get(model: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        model = model[int(part)] if part.lstrip("-").isdigit() else getattr(model, part)
+    return model
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone up to global pooling -> features (N, F), classifier head -> logits); an Ensemble
+    splits into its members' concatenated features and its combining head."""
+    from lungcad.models.ensemble import Ensemble
+
+    if isinstance(model, Ensemble):
+        return model.split(split_head)
+    name = _spec(model).classifier
+    backbone = nn.Sequential(*(m for n, m in model.named_children() if n != name), nn.Flatten(1))
+    return backbone, getattr(model, name)
+
+
+def cam_target_layers(model: nn.Module) -> list[nn.Module]:
+    """Grad-CAM target layers: one per network (an Ensemble's maps are averaged over its members)."""
+    from lungcad.models.ensemble import Ensemble
+
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    return [_get(m, _spec(m).cam_layer) for m in members]
 
 
 def num_outputs(task: str, num_classes: int) -> int:
@@ -60,7 +108,8 @@ def create_model(
         raise LungcadError(f"unknown --pretrained {pretrained!r} (imagenet, none, or --weights FILE)")
     if state is not None:
         _load_backbone(model, state, source=init.get("weights", arch), arch=arch)
-    model.fc = nn.Linear(model.fc.in_features, outputs)
+    head = _spec(model).classifier
+    setattr(model, head, nn.Linear(getattr(model, head).in_features, outputs))
     return model, init
 
 
@@ -122,7 +171,7 @@ def configure_finetuning(model: nn.Module, strategy: str) -> list[nn.Parameter]:
     """
     if strategy not in FINETUNE_STRATEGIES:
         raise LungcadError(f"unknown --finetune {strategy!r} (choose {', '.join(FINETUNE_STRATEGIES)})")
-    trainable = {"fc": ("fc.",), "layer4": ("layer4.", "fc."), "all": ("",)}[strategy]
+    trainable = _spec(model).finetune_prefixes[strategy]
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(trainable))

@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
-import json
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
+from lungcad.run import RunFolder
 from lungcad.web import service
 from lungcad.web.db import User, audit
 from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study, page
@@ -145,21 +145,20 @@ def new_token(request: Request, session: DB, user: CurrentUser, name: Annotated[
 
 
 def _threshold(store: service.Store) -> float | None:
-    th = getattr(store.predictor.contract, "thresholds", {}) or {}
-    value = th.get("malignant") if isinstance(th, dict) else None
-    return float(value) if isinstance(value, (int, float)) else None
+    """The threshold the decision rule applies (None: a multiclass model without one takes the argmax)."""
+    return store.predictor.contract.decision_threshold()
 
 
 def _model_info(run_dir: Path, store: service.Store) -> dict:
     """Contract, evaluation report and training-data summary for the model page (files that exist)."""
     contract = store.predictor.contract
     info: dict[str, Any] = {"contract": contract.to_dict() if hasattr(contract, "to_dict") else dict(vars(contract))}
-    for name in ("metrics.json", "data.json"):
-        path = run_dir / name
+    run = RunFolder(run_dir)
+    for name, read in (("metrics", run.metrics), ("data", run.data_summary)):
         try:
-            info[name.split(".")[0]] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        except (OSError, ValueError):
-            info[name.split(".")[0]] = None
+            info[name] = read()
+        except LungcadError:
+            info[name] = None
     info["report_html"] = (run_dir / "report.html").is_file()
     reports = [p.name for p in sorted(run_dir.glob("report*.md"))] if run_dir.is_dir() else []
     info["report_md"] = (run_dir / reports[0]).read_text(encoding="utf-8")[:100_000] if reports else ""
