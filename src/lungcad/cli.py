@@ -20,6 +20,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lungcad.training.config import TrainConfig  # defaults stated once, there (no torch import)
+
     parser = argparse.ArgumentParser(prog="lungcad", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lungcad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,14 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--extra-data", metavar="DIR", help="training-only extra images (e.g. feedback export)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation")
+    p.add_argument("--augment-policy", default=None, metavar="NAME",
+                   help=f"training augmentation: geometry, intensity or strong (default {TrainConfig.augment_policy}; "
+                        "lungcad.data.transforms.AUGMENT_POLICIES, chosen in docs/ablations.md)")
+    p.add_argument("--balance", choices=["loss", "sampler"], default=None,
+                   help=f"class imbalance: weighted loss or class-balanced batches (default {TrainConfig.balance})")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help=f"cross-entropy label smoothing (default {TrainConfig.label_smoothing})")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help=f"weight EMA decay per step, 0 = off (default {TrainConfig.ema_decay})")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"validation share (default {TrainConfig.val_fraction}; with --folds 0: fixed epochs, "
+                        "calibration on the pooled out-of-fold predictions)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the rank's GPU)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision (auto: on for GPUs, off on CPU)")
+                   help="mixed precision (auto: bf16/fp16 on GPUs, bf16 on CPUs with native bf16, else off)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--target-sensitivity", type=float, default=0.95,
                    help="malignant operating point: threshold chosen on validation for this sensitivity")
     p.add_argument("--folds", type=int, default=0, metavar="K",
-                   help="grouped K-fold cross-validation: one run per fold in --out, plus a summary")
+                   help="grouped K-fold cross-validation: K members in --out, calibrated on their pooled "
+                        "out-of-fold predictions; --out is then their ensemble (one model for predict/evaluate/"
+                        "export/serve)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on its test split or another folder")
@@ -133,7 +149,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lungcad.training.trainer import TrainConfig, train
+    from lungcad.training.config import TrainConfig
+    from lungcad.training.trainer import train
 
     if not args.resume and not args.data:
         raise LungcadError("train needs --data (or --resume with --out RUNDIR)")
@@ -149,7 +166,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         split=args.split, label_map=args.label_map, colour=args.colour, window=args.window, workers=args.workers,
         threads=args.threads, progress=args.progress, extra_data=args.extra_data, augment=args.augment,
         device=args.device, amp=args.amp, target_sensitivity=args.target_sensitivity,
+        **{k: v for k, v in (("augment_policy", args.augment_policy), ("balance", args.balance),
+                             ("label_smoothing", args.label_smoothing), ("ema_decay", args.ema_decay))
+           if v is not None},
     )
+    if args.val_fraction is not None:
+        cfg.val_fraction = args.val_fraction
+    elif args.folds:
+        cfg.val_fraction = 0.0  # cross-validation chooses the recipe; members train on every other fold
     if not 0.0 < cfg.target_sensitivity <= 1.0:
         raise LungcadError(f"--target-sensitivity must be in (0, 1], not {cfg.target_sensitivity}")
     if cfg.weights:
@@ -157,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.folds:
         from lungcad.training.crossval import cross_validate, format_summary
 
-        print(format_summary(cross_validate(cfg, args.folds)))
+        print(format_summary(cross_validate(cfg, args.folds, resume=args.resume)))
         return 0
     out = train(cfg, resume=args.resume, resume_epochs=args.epochs)
     print(f"run complete: {out}")

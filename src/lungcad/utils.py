@@ -90,3 +90,15 @@ def sha256_bytes(data: bytes) -> str:
 def keyed_hash(secret: str, value: str, length: int = 24) -> str:
     """HMAC-SHA256 of an identifier: stable within a site, not reversible by guessing (UIDs, groups)."""
     return hmac.new(secret.encode(), value.encode(), hashlib.sha256).hexdigest()[:length]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), detected at run time.
+
+    There, bf16 autocast roughly doubles a ResNet-50 training step; elsewhere oneDNN emulates bf16
+    and it is slower than fp32.
+    """
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)

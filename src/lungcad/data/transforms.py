@@ -10,6 +10,7 @@ or the black margins through would teach the model a shortcut instead of the lun
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -21,6 +22,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # prepare(): a crop whose long side exceeds this is resized before it is padded to a square
 PAD_LIMIT = 2048
+
+_GEOMETRY = {"degrees": 10.0, "scale": [0.9, 1.1], "translate": 0.05, "hflip": 0.5}
+# Named training augmentation policies (`lungcad train --augment-policy`); see `train_augmentation`.
+# The default is the one grouped cross-validation chose (docs/ablations.md).
+AUGMENT_POLICIES = {
+    "geometry": _GEOMETRY,  # rotation, scaling, shift, horizontal flip
+    # + window/level, gamma, noise and blur: the differences between two exports of the same slice
+    "intensity": {**_GEOMETRY, "contrast": 1.35, "shift": 20.0, "gamma": 1.4, "noise": 6.0, "blur": 1.0},
+    # + random resized crops of 60-100 % of the body and larger rotations
+    "strong": {**_GEOMETRY, "degrees": 15.0, "crop_scale": [0.6, 1.0], "contrast": 1.35, "shift": 20.0,
+               "gamma": 1.4, "noise": 6.0, "blur": 1.0},
+}
 
 
 @dataclass(frozen=True)
@@ -41,9 +54,7 @@ class Preprocessing:
     window_level: float = -600.0
     window_width: float = 1500.0
     window_source: str = "default"
-    augment: dict = field(
-        default_factory=lambda: {"degrees": 10.0, "scale": [0.9, 1.1], "translate": 0.05, "hflip": 0.5}
-    )
+    augment: dict = field(default_factory=lambda: dict(_GEOMETRY))  # training only: AUGMENT_POLICIES
 
     @property
     def channels(self) -> int:
@@ -137,19 +148,67 @@ def preprocess(pixels: np.ndarray, pp: Preprocessing) -> torch.Tensor:
     return normalise(prepare(pixels, pp), pp)
 
 
+class RandomIntensity(torch.nn.Module):
+    """Export-to-export appearance changes on a uint8 image: window/level, gamma, noise, blur.
+
+    Two CT exports of the same slice differ by the window they were rendered at (a linear map of
+    the grey levels with clipping), by a gamma-like tone curve, and by noise and sharpness. Each
+    is drawn independently per image:
+    - window: grey' = (grey - pivot) * gain + pivot + shift, gain log-uniform in 1/contrast..contrast,
+      pivot uniform in the mid-grey range, shift uniform in +-shift grey levels; clipped to 0..255;
+    - gamma: (grey / 255) ** g with g log-uniform in 1/gamma..gamma;
+    - noise: Gaussian, sigma uniform in 0..noise grey levels, with probability 0.5;
+    - blur: Gaussian, sigma uniform in 0.1..blur px, with probability 0.3.
+    The result is uint8 again, so it stays on the cached path and `normalise` is unchanged.
+    """
+
+    def __init__(self, contrast: float = 1.0, shift: float = 0.0, gamma: float = 1.0, noise: float = 0.0,
+                 blur: float = 0.0):
+        super().__init__()
+        self.contrast, self.shift, self.gamma, self.noise, self.blur = contrast, shift, gamma, noise, blur
+
+    @staticmethod
+    def _log_uniform(bound: float) -> float:
+        return math.exp(float(torch.empty(1).uniform_(-math.log(bound), math.log(bound))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(torch.float32)
+        if self.contrast > 1.0 or self.shift > 0.0:
+            gain = self._log_uniform(self.contrast) if self.contrast > 1.0 else 1.0
+            pivot = float(torch.empty(1).uniform_(64.0, 192.0))
+            shift = float(torch.empty(1).uniform_(-self.shift, self.shift)) if self.shift > 0 else 0.0
+            y = (y - pivot) * gain + pivot + shift
+        if self.gamma > 1.0:
+            y = (y.clamp(0.0, 255.0) / 255.0).pow(self._log_uniform(self.gamma)) * 255.0
+        if self.noise > 0.0 and float(torch.rand(1)) < 0.5:
+            y = y + torch.randn_like(y) * float(torch.empty(1).uniform_(0.0, self.noise))
+        if self.blur > 0.0 and float(torch.rand(1)) < 0.3:
+            y = F.gaussian_blur(y, kernel_size=[5, 5], sigma=[float(torch.empty(1).uniform_(0.1, self.blur))])
+        return y.clamp_(0.0, 255.0).round_().to(torch.uint8)
+
+
 def train_augmentation(pp: Preprocessing) -> v2.Compose:
-    """Random rotation, scaling, shift and flips (the seed's augmentation), on cached uint8 tensors."""
+    """Training augmentation on cached uint8 tensors, as configured in `pp.augment`:
+    geometry (rotation, scaling, shift, flips, random resized crops) then intensity
+    (`RandomIntensity`: window/level, gamma, noise, blur)."""
     a = pp.augment
-    ops: list = [
+    ops: list = []
+    if a.get("crop_scale"):  # a random part of the body, resized back: scale and aspect jitter
+        ops.append(v2.RandomResizedCrop(pp.image_size, scale=tuple(a["crop_scale"]), ratio=(0.85, 1.18),
+                                        antialias=True))
+    ops.append(
         v2.RandomAffine(
             degrees=a.get("degrees", 0.0),
             translate=(a.get("translate", 0.0),) * 2,
             scale=tuple(a.get("scale", (1.0, 1.0))),
             interpolation=v2.InterpolationMode.BILINEAR,
         )
-    ]
+    )
     if a.get("hflip", 0.0) > 0:
         ops.append(v2.RandomHorizontalFlip(a["hflip"]))
     if a.get("vflip", 0.0) > 0:
         ops.append(v2.RandomVerticalFlip(a["vflip"]))
+    intensity = {k: a[k] for k in ("contrast", "shift", "gamma", "noise", "blur") if a.get(k)}
+    if intensity:
+        ops.append(RandomIntensity(**intensity))
     return v2.Compose(ops)

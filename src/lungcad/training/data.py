@@ -11,7 +11,6 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,12 +18,10 @@ from lungcad.data.dataset import load_cache
 from lungcad.data.discovery import CLASSES, Sample, discover, parse_label_map
 from lungcad.data.grouping import assign_groups, scan_images
 from lungcad.data.split import SplitRow, read_split, split_summary, stratified_group_split
-from lungcad.data.transforms import Preprocessing
+from lungcad.data.transforms import AUGMENT_POLICIES, Preprocessing
 from lungcad.errors import LungcadError
 from lungcad.models.factory import target_index
-
-if TYPE_CHECKING:
-    from lungcad.training.trainer import TrainConfig
+from lungcad.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +54,8 @@ def output_classes(task: str) -> list[str]:
 
 def plan_data(cfg: TrainConfig, split_file: Path | None) -> DataPlan:
     """Discover, scan, group and split. Raises LungcadError before anything is written."""
+    if cfg.augment_policy not in AUGMENT_POLICIES:
+        raise LungcadError(f"unknown --augment-policy {cfg.augment_policy!r} (choose {', '.join(AUGMENT_POLICIES)})")
     data = Path(cfg.data)
     label_map = parse_label_map(cfg.label_map)
     if split_file is not None:
@@ -95,9 +94,11 @@ def plan_data(cfg: TrainConfig, split_file: Path | None) -> DataPlan:
     if colour == "auto":
         grey_modes = {"L", "I;16", "I;16B", "I;16L", "I", "1", "LA"}
         colour = "grey" if all(m in grey_modes for m in modes) else "rgb"
-    for subset in ("train", "val", "test"):
+    for subset in ("train", "test"):
         if not any(r.subset == subset for r in rows):
             raise LungcadError(f"the {subset} subset is empty", split_file or data)
+    if not any(r.subset == "val" for r in rows):  # cross-validation folds: the recipe fixes the epochs
+        log.info("no validation subset: fixed %d epochs, no early stopping, no calibration in this run", cfg.epochs)
     fingerprint = hashlib.sha256()
     for r in sorted(rows, key=lambda r: str(r.path)):
         fingerprint.update(f"{r.path.name},{r.label},{r.subset},{sha_of.get(str(r.path), '')}\n".encode())
@@ -143,7 +144,7 @@ def _plan_extra_data(
 
 def load_data(plan: DataPlan, cfg: TrainConfig, progress: bool) -> PreparedData:
     """Decode every image of the plan once into uint8 caches (the expensive, per-process part)."""
-    pp = Preprocessing(image_size=cfg.image_size, colour=plan.colour)
+    pp = Preprocessing(image_size=cfg.image_size, colour=plan.colour, augment=dict(AUGMENT_POLICIES[cfg.augment_policy]))
     pp = pp.with_window(cfg.window)  # declared by `train --window`: the contract's DICOM window
     caches, targets = {}, {}
     for subset in ("train", "val", "test"):

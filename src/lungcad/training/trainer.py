@@ -1,16 +1,8 @@
 """`lungcad train`: data -> leakage-free split -> transfer learning -> self-describing run folder.
 
-Run folder layout (all files written atomically):
-    config.json        resolved configuration (every default filled in)
-    data.json          class counts, groups, split summary, skipped files, data fingerprint
-    split.csv          path,label,group,subset
-    skipped.csv        unreadable images that were left out (path,reason)
-    history.csv        one row per epoch
-    checkpoint.pt      resumable state while training (removed when the run completes)
-    best.safetensors   best weights so far (removed when the run completes)
-    model.safetensors  final weights (best validation macro-F1)
-    model.json         the model contract
-    metrics.json       test-split metrics
+The run folder's layout is `lungcad.run.RunFolder`'s (every file written atomically). Without a
+validation subset (cross-validation members) the epochs are fixed, the last weights are kept and
+calibration is left to the ensemble (`lungcad.training.crossval`).
 """
 
 from __future__ import annotations
@@ -26,7 +18,6 @@ import platform
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +33,6 @@ import lungcad
 from lungcad.data.dataset import CachedImageDataset
 from lungcad.data.split import write_split
 from lungcad.data.transforms import Preprocessing, train_augmentation
-from lungcad.errors import LungcadError
-from lungcad.evaluation.calibration import fit_operating_point
-from lungcad.evaluation.metrics import classification_metrics, format_metrics
-from lungcad.inference.engine import infer_logits
-from lungcad.inference.appearance import fit_profile
-from lungcad.inference.ood import fit_ood
-from lungcad.models.contract import ModelContract, save_model
-from lungcad.models.fusion import FrozenTrunkView
 from lungcad.distributed import (
     DistContext,
     all_reduce_sum,
@@ -59,6 +42,13 @@ from lungcad.distributed import (
     init_distributed,
     shutdown,
 )
+from lungcad.errors import LungcadError
+from lungcad.evaluation.calibration import fit_operating_point
+from lungcad.evaluation.metrics import classification_metrics, format_metrics
+from lungcad.inference.appearance import fit_profile
+from lungcad.inference.engine import infer_logits
+from lungcad.inference.ood import fit_ood
+from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.factory import (
     configure_finetuning,
     create_model,
@@ -66,60 +56,12 @@ from lungcad.models.factory import (
     num_outputs,
     set_train_mode,
 )
+from lungcad.models.fusion import FrozenTrunkView
+from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import DataPlan, PreparedData, load_data, output_classes, plan_data
-from lungcad.utils import atomic_path, atomic_write_json, atomic_write_text, seed_everything
+from lungcad.utils import atomic_path, atomic_write_json, atomic_write_text, cpu_has_native_bf16, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    task: str = "multiclass"  # multiclass: normal/benign/malignant; binary: malignant vs. not
-    pretrained: str = "imagenet"  # transfer learning from ImageNet is the point; "none" = random init
-    weights: str | None = None  # local torchvision weights file (air-gapped sites); implies pretrained=file
-    finetune: str = "all"  # which layers train: fc, layer4 (+fc) or all
-    head_epochs: int = 0  # staged fine-tuning: train only the head for this many epochs first
-    optimizer: str = "adamw"  # adamw or sgd (momentum 0.9, Nesterov)
-    lr: float | None = None  # None: 1e-3 for AdamW from scratch, 3e-4 AdamW pretrained, 1e-2 SGD
-    weight_decay: float = 1e-4
-    epochs: int = 20  # upper bound; early stopping usually ends sooner
-    patience: int = 6  # epochs without a better validation macro-F1 before stopping
-    warmup_epochs: float = 1.0  # linear LR warm-up, then cosine decay to zero
-    image_size: int = 224
-    batch_size: int = 16  # fits comfortably in memory on a CPU; larger batches are not faster there
-    seed: int = 0
-    split: str | None = None  # reuse an existing split.csv instead of computing one
-    label_map: list[str] = field(default_factory=list)
-    colour: str = "auto"  # auto: greyscale if every image is greyscale (CT), else RGB (histopathology)
-    window: str | None = None  # "L,W" in HU the training images were rendered at (contract; DICOM rendered so)
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    # DataLoader workers. One worker process (1 torch thread) keeps augmentation off the training
-    # threads: with the CPU busy, the main process's 2-thread small ops fell to ~15 img/s against
-    # ~190 in a worker (measured on 2 cores); on a quiet machine both are far above the training rate.
-    workers: int = 1
-    threads: int = 0  # torch intra-op threads; 0 = all cores
-    # malignant operating point: the threshold on p(malignant) is the highest that still reaches this
-    # sensitivity on validation (a missed cancer costs more than a false alarm)
-    target_sensitivity: float = 0.95
-    extra_data: str | None = None  # training-only extra images (e.g. clinician feedback export)
-    augment: bool = True  # rotation/scale/shift/flip augmentation of training images
-    device: str = "auto"  # auto: this rank's GPU if any, else CPU
-    amp: str = "auto"  # mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        if self.optimizer == "sgd":
-            return 1e-2
-        return 1e-3 if self.pretrained == "none" and self.weights is None else 3e-4
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,11 +95,13 @@ class BalancedLoss(nn.Module):
     single-process one, class weights included.
     """
 
-    def __init__(self, task: str, train_targets: list[int]):
+    def __init__(self, task: str, train_targets: list[int], weighted: bool = True, label_smoothing: float = 0.0):
         super().__init__()
-        self.task = task
+        self.task, self.label_smoothing = task, label_smoothing
         counts = np.bincount(train_targets, minlength=len(output_classes(task))).astype(np.float64)
-        if task == "binary":  # positives up-weighted by neg/pos, as BCEWithLogitsLoss(pos_weight)
+        if not weighted:  # batches are class-balanced already (balance="sampler")
+            weight = [1.0] * len(counts)
+        elif task == "binary":  # positives up-weighted by neg/pos, as BCEWithLogitsLoss(pos_weight)
             weight = [1.0, counts[0] / max(counts[1], 1.0)]
         else:
             weight = counts.sum() / (len(counts) * np.clip(counts, 1.0, None))
@@ -168,7 +112,8 @@ class BalancedLoss(nn.Module):
             per = nn.functional.binary_cross_entropy_with_logits(
                 logits.reshape(-1), y.float(), pos_weight=self.weight[1], reduction="none")
             return per.sum(), torch.tensor(float(len(y)), device=per.device)  # BCE means over samples
-        per = nn.functional.cross_entropy(logits, y, weight=self.weight, reduction="none")
+        per = nn.functional.cross_entropy(logits, y, weight=self.weight, reduction="none",
+                                          label_smoothing=self.label_smoothing if self.training else 0.0)
         return per.sum(), self.weight[y].sum()  # weighted CE means over the sample weights
 
 
@@ -179,11 +124,38 @@ def _mean_loss(criterion: BalancedLoss, logits: torch.Tensor, y: torch.Tensor) -
 
 def _evaluate(model: nn.Module, cache: torch.Tensor, targets: list[int], cfg: TrainConfig, pp: Preprocessing,
               criterion: nn.Module) -> tuple[dict, float, torch.Tensor]:
+    criterion.eval()  # (label smoothing is a training-time regulariser; reported losses are plain)
     logits = infer_logits(model, cache, pp, batch_size=max(cfg.batch_size, 32))
     y = torch.as_tensor(targets)
     loss = float(_mean_loss(criterion, logits, y))
     probs = logits_to_probs(logits, cfg.task).numpy()
     return classification_metrics(y.numpy(), probs, output_classes(cfg.task), cfg.task), loss, logits
+
+
+class ClassBalancedSampler(torch.utils.data.Sampler[int]):
+    """Indices drawn with replacement so that every class is equally likely, sharded over ranks.
+
+    The alternative to loss weighting: with 15 benign patients, a weighted loss sees each benign
+    image rarely but with a large weight; balanced batches show them often, augmented differently
+    each time. Seeded per epoch like DistributedSampler (`set_epoch`), same length per epoch.
+    """
+
+    def __init__(self, targets: list[int], num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        counts = np.bincount(targets)
+        self.weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.float64)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.per_rank = len(targets) // num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        idx = torch.multinomial(self.weights, self.per_rank * self.num_replicas, replacement=True, generator=g)
+        return iter(idx[self.rank :: self.num_replicas].tolist())
 
 
 HISTORY_FIELDS = [
@@ -200,7 +172,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _check_out(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     """--out must not exist; missing parent folders are fine (created later) if we can write there."""
     if out.exists():
         raise LungcadError("run folder already exists (choose a new --out, or --resume to continue it)", out)
@@ -237,7 +209,7 @@ def _setup(
     if resume:
         cfg, split_file, state = _load_resume_state(out, cfg.progress, resume_epochs)
     else:
-        _check_out(out)
+        check_out_dir(out)
         split_file, state = (Path(cfg.split) if cfg.split else None), None
     if cfg.batch_size % ctx.world_size:
         raise LungcadError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
@@ -304,8 +276,13 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
                                  train_augmentation(pp) if cfg.augment else None)
     # DistributedSampler also in a single process: with the same seed and global batch, the union
     # of the ranks' batches is the single-process batch, so runs are comparable across world sizes.
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    if cfg.balance == "sampler":
+        sampler = ClassBalancedSampler(prepared.targets["train"], ctx.world_size, ctx.rank, cfg.seed)
+    elif cfg.balance == "loss":
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    else:
+        raise LungcadError(f"unknown --balance {cfg.balance!r} (loss or sampler)")
     per_rank = cfg.batch_size // ctx.world_size
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                         drop_last=len(sampler) > per_rank,  # no 1-image batches for BatchNorm
@@ -314,7 +291,13 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
     )
-    criterion = BalancedLoss(task, prepared.targets["train"]).to(device)
+    criterion = BalancedLoss(task, prepared.targets["train"], weighted=cfg.balance == "loss",
+                             label_smoothing=cfg.label_smoothing).to(device)
+    # weight EMA: a smoothed copy of the weights (BatchNorm statistics included) is the model kept
+    ema = (torch.optim.swa_utils.AveragedModel(
+        core, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay > 0 else None)
+    has_val = len(prepared.targets["val"]) > 0
     amp_dtype = _amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if device.type == "cuda":
@@ -324,13 +307,15 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         history, best_f1, best_epoch, start_epoch = state["history"], state["best_f1"], state["best_epoch"], state["epoch"]
         if ctx.is_main:
             log.info("resuming after epoch %d (best val macro-F1 %.3f at epoch %d)", start_epoch, best_f1, best_epoch)
         del state
 
     for epoch in range(start_epoch, cfg.epochs):
-        if epoch - best_epoch >= cfg.patience and best_epoch > 0:
+        if has_val and cfg.patience > 0 and epoch - best_epoch >= cfg.patience and best_epoch > 0:
             if ctx.is_main:
                 log.info("early stop: no better validation macro-F1 for %d epochs", cfg.patience)
             break
@@ -338,6 +323,7 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
         stage = "fc" if epoch < cfg.head_epochs else cfg.finetune
         configure_finetuning(core, stage)
         set_train_mode(core, True)  # (a FrozenTrunkView's folded trunk is a copy and stays in eval)
+        criterion.train()
         seed_everything(cfg.seed * 1000 + epoch + 100_003 * ctx.rank)  # augmentation differs per rank
         sampler.set_epoch(epoch)
         t0, seen, loss_sum, norm_sum, correct = time.perf_counter(), 0, 0.0, 0.0, 0
@@ -356,6 +342,8 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(core)
             total_value = total.item()
             if not math.isfinite(total_value):
                 raise LungcadError(f"training diverged (loss {total_value}) at epoch {epoch + 1}; try a lower --lr")
@@ -367,31 +355,38 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
             bar.set_postfix(loss=f"{loss_sum / norm_sum:.3f}")
         seconds = time.perf_counter() - t0
         loss_sum, norm_sum, correct, seen = all_reduce_sum(ctx, [loss_sum, norm_sum, correct, seen])  # all ranks
+        kept = ema.module if ema is not None else core  # the weights that would be saved now
         verdict = None
         if ctx.is_main:
-            val, val_loss, _ = _evaluate(core, prepared.caches["val"], prepared.targets["val"], cfg, pp, criterion.cpu())
-            criterion.to(device)
             row = {
                 "epoch": epoch + 1, "stage": stage, "lr": f"{scheduler.get_last_lr()[0]:.3g}",
                 "train_loss": round(loss_sum / max(norm_sum, 1e-12), 5), "train_accuracy": round(correct / max(seen, 1), 5),
-                "val_loss": round(val_loss, 5), "val_accuracy": round(val["accuracy"], 5),
-                "val_balanced_accuracy": round(val["balanced_accuracy"] or 0.0, 5),
-                "val_macro_f1": round(val["macro_f1"], 5), "seconds": round(seconds, 1),
-                "images_per_second": round(seen / seconds, 2),
+                "seconds": round(seconds, 1), "images_per_second": round(seen / seconds, 2),
             }
-            log.info(
-                "epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f bal-acc %.3f macro-F1 %.3f | %.1f img/s",
-                epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
-                row["val_accuracy"], row["val_balanced_accuracy"], row["val_macro_f1"], row["images_per_second"],
-            )
+            if has_val:
+                val, val_loss, _ = _evaluate(kept, prepared.caches["val"], prepared.targets["val"], cfg, pp,
+                                             criterion.cpu())
+                criterion.to(device)
+                row.update({"val_loss": round(val_loss, 5), "val_accuracy": round(val["accuracy"], 5),
+                            "val_balanced_accuracy": round(val["balanced_accuracy"] or 0.0, 5),
+                            "val_macro_f1": round(val["macro_f1"], 5)})
+                log.info("epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f bal-acc %.3f macro-F1 %.3f "
+                         "| %.1f img/s", epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"],
+                         row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_macro_f1"],
+                         row["images_per_second"])
+            else:
+                log.info("epoch %d/%d: train loss %.3f acc %.3f | %.1f img/s", epoch + 1, cfg.epochs,
+                         row["train_loss"], row["train_accuracy"], row["images_per_second"])
             verdict = row
         row = broadcast_from_main(ctx, verdict)  # every rank takes the same early-stopping decision
         history.append(row)
-        if row["val_macro_f1"] > best_f1:
-            best_f1, best_epoch = row["val_macro_f1"], epoch + 1
+        # without validation the last epoch is kept (the epoch count is part of the CV-chosen recipe)
+        score = row["val_macro_f1"] if has_val else float(epoch + 1)
+        if score > best_f1:
+            best_f1, best_epoch = score, epoch + 1
             if ctx.is_main:
                 with atomic_path(out / "best.safetensors") as tmp:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, str(tmp))
+                    save_file({k: v.detach().cpu().contiguous() for k, v in kept.state_dict().items()}, str(tmp))
         if ctx.is_main:
             _write_history(out / "history.csv", history)
             with atomic_path(out / "checkpoint.pt") as tmp:
@@ -400,6 +395,7 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch + 1, "history": history, "best_f1": best_f1, "best_epoch": best_epoch,
                     "init": init, "world_size": ctx.world_size,
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                 }, tmp)
         barrier(ctx)  # nobody races ahead of a checkpoint that a resume would need
 
@@ -409,11 +405,17 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision on GPUs only: this CPU has no bf16/fp16 matrix units, so it would be slower."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    """The autocast dtype for `--amp` on this device (None: full fp32).
+
+    auto: bf16 on a CPU with native bf16 arithmetic (emulated bf16 is slower than fp32), bf16 or
+    fp16 on a GPU, fp32 anywhere else.
+    """
+    if amp == "off":
         return None
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -435,28 +437,37 @@ def _finish(out: Path, cfg: TrainConfig, prepared: PreparedData, init: dict, bes
     model = model.to(memory_format=torch.channels_last).eval()
     test, test_loss, test_logits = _evaluate(model, prepared.caches["test"], prepared.targets["test"], cfg,
                                              prepared.pp, criterion)
-    # Calibration and the malignant operating point, fitted on validation only; test metrics use both.
-    _, _, val_logits = _evaluate(model, prepared.caches["val"], prepared.targets["val"], cfg, prepared.pp, criterion)
-    op = fit_operating_point(val_logits, prepared.targets["val"], cfg.task, classes, cfg.target_sensitivity)
-    test = classification_metrics(prepared.targets["test"], logits_to_probs(test_logits, cfg.task, op["temperature"])
-                                  .numpy(), classes, cfg.task, op["threshold"])
-    metrics = {"subset": "test", "best_epoch": best_epoch, "val_macro_f1": best_f1, "test_loss": test_loss, **test}
+    has_val = len(prepared.targets["val"]) > 0
+    if has_val:
+        # Calibration and the malignant operating point, fitted on validation only; test metrics use both.
+        _, _, val_logits = _evaluate(model, prepared.caches["val"], prepared.targets["val"], cfg, prepared.pp,
+                                     criterion)
+        op = fit_operating_point(val_logits, prepared.targets["val"], cfg.task, classes, cfg.target_sensitivity)
+        test = classification_metrics(prepared.targets["test"], logits_to_probs(test_logits, cfg.task,
+                                      op["temperature"]).numpy(), classes, cfg.task, op["threshold"])
+    else:  # a cross-validation member: the ensemble is calibrated on the pooled out-of-fold predictions
+        op = None
+    metrics = {"subset": "test", "best_epoch": best_epoch, "val_macro_f1": best_f1 if has_val else None,
+               "test_loss": test_loss, **test}
     contract = ModelContract(
         arch="resnet50", task=cfg.task, classes=classes, preprocessing=prepared.pp, init=init,
         training={
             "data": cfg.data, "data_fingerprint_sha256": prepared.summary["fingerprint_sha256"],
             "split": prepared.summary["split"], "finetune": cfg.finetune, "head_epochs": cfg.head_epochs,
             "optimizer": cfg.optimizer, "lr": cfg.resolved_lr(), "best_epoch": best_epoch, "seed": cfg.seed,
-            "operating_point": op,
+            "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
+            **({"operating_point": op} if op is not None else {}),
         },
-        temperature=op["temperature"], thresholds={"malignant": op["threshold"]},
+        temperature=op["temperature"] if op is not None else 1.0,
+        thresholds={"malignant": op["threshold"]} if op is not None else {"malignant": 0.5},
         metrics={k: test[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc")},
         versions={"lungcad": lungcad.__version__, "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "python": platform.python_version()},
     )
     # Out-of-distribution detector: fitted on training features, thresholded on validation ones.
-    contract.ood = fit_ood(out, model, prepared.caches["train"], prepared.caches["val"], prepared.pp,
-                           seed=cfg.seed, progress=cfg.progress)
+    # Without validation (a CV member) the threshold comes from the held-out fold: unseen images too.
+    contract.ood = fit_ood(out, model, prepared.caches["train"], prepared.caches["val" if has_val else "test"],
+                           prepared.pp, seed=cfg.seed, progress=cfg.progress)
     contract.appearance = fit_profile(prepared.caches["train"])
     atomic_write_json(out / "metrics.json", metrics)
     save_model(out, model, contract)
