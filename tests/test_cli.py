@@ -76,6 +76,7 @@ def test_evaluate_reproduces_training_metrics(trained_run, capsys, tmp_path):
 
 def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     from conftest import make_dataset
+
     import lungcad.training.trainer as trainer
 
     data = make_dataset(tmp_path / "data")
@@ -178,11 +179,10 @@ def test_audit_command(tmp_path, capsys):
 
 
 def test_extra_data_goes_to_training_only_and_is_recorded(tmp_path):
+    import numpy as np
     from PIL import Image
 
     from conftest import make_dataset, synthetic_slice
-
-    import numpy as np
 
     data = make_dataset(tmp_path / "data")
     extra = tmp_path / "feedback"

@@ -15,7 +15,6 @@ from lungcad.data.split import check_no_leak, read_split, stratified_group_split
 from lungcad.data.transforms import Preprocessing, foreground_box, normalise, prepare, preprocess, train_augmentation
 from lungcad.errors import LungcadError
 
-
 # --- discovery ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset, synthetic_slice
+
 from lungcad.cli import main
 from lungcad.data.transforms import Preprocessing, prepare
 from lungcad.errors import LungcadError

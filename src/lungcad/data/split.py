@@ -114,12 +114,16 @@ def write_split(path: Path, rows: list[SplitRow], root: Path) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label", "group", "subset"])
     for r in rows:
-        try:
-            p = r.path.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            p = str(r.path)
-        w.writerow([p, r.label, r.group, r.subset])
+        w.writerow([portable_path(r.path, root), r.label, r.group, r.subset])
     atomic_write_text(path, buf.getvalue())
+
+
+def portable_path(path: Path, root: Path) -> str:
+    """`path` relative to the data root where possible (run folders survive a moved data folder)."""
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def read_split(path: Path, root: Path | None = None) -> list[SplitRow]:

@@ -133,3 +133,30 @@ def run_feature_baselines(
     if task == "binary" and threshold is None:
         threshold = 0.5
     return eval_p, threshold, info
+
+
+def out_of_fold_baseline(features: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str], task: str,
+                         target_sensitivity: float, which: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A baseline cross-validated on the model's own folds: (probabilities, decisions) per image.
+
+    Fold k's images are predicted by a baseline fitted on the other folds (as the fold member was);
+    their malignant threshold is chosen for `target_sensitivity` on the other folds' out-of-fold
+    probabilities, exactly as the ensemble's cross-fitted operating point, so false positives are
+    compared at matched sensitivity and nothing is tuned on the images it is scored on.
+    """
+    n_classes, m = len(classes), malignant_index(classes)
+    probs = np.zeros((len(y), n_classes))
+    for k in np.unique(folds):
+        mine = folds == k
+        model = classical_model(seed) if which == "classical" else metadata_model(seed)
+        (probs[mine],) = _fit_predict(model, features[~mine], y[~mine], [features[mine]], n_classes)
+    pred = probs.argmax(axis=1)
+    if m is None:
+        return probs, pred
+    for k in np.unique(folds):
+        mine = folds == k
+        threshold = choose_threshold(probs[~mine, m], y[~mine] == m, target_sensitivity)["threshold"]
+        rest = probs[mine].copy()
+        rest[:, m] = -np.inf
+        pred[mine] = np.where(probs[mine, m] >= threshold, m, rest.argmax(axis=1))
+    return probs, pred

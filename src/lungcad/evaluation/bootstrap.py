@@ -183,3 +183,37 @@ def attach_intervals(metrics: dict, ci: dict) -> dict:
             node = node.get(part) if isinstance(node, dict) else None
         table[key] = {"value": node, **interval}
     return table
+
+
+def paired_difference(y_true: np.ndarray, probs_a: np.ndarray, pred_a: np.ndarray, probs_b: np.ndarray,
+                      pred_b: np.ndarray, groups: np.ndarray, classes: list[str], task: str,
+                      key: str = "balanced_accuracy", n_boot: int = N_BOOT, level: float = LEVEL,
+                      seed: int = 0) -> dict:
+    """A's metric minus B's on the same images, with a paired group-bootstrap interval: both are
+    scored on the very same resamples of patients, so what the two share cancels out."""
+    rng = np.random.default_rng(seed)
+    w = group_weights(np.asarray(groups), n_boot, rng)
+    a = weighted_metrics(y_true, probs_a, pred_a, classes, task, w)[key]
+    b = weighted_metrics(y_true, probs_b, pred_b, classes, task, w)[key]
+    one = np.ones((1, len(y_true)))
+    point = float(weighted_metrics(y_true, probs_a, pred_a, classes, task, one)[key][0]
+                  - weighted_metrics(y_true, probs_b, pred_b, classes, task, one)[key][0])
+    d = a - b
+    alpha = (1.0 - level) / 2
+    lo, hi = np.nanquantile(d, [alpha, 1.0 - alpha])
+    return {"metric": key, "difference": point, "low": float(lo), "high": float(hi), "n_boot": int(n_boot),
+            "share_above_zero": float(np.nanmean(d > 0))}
+
+
+def metrics_with_intervals(y, probs, threshold, groups, classes, task, n_boot: int = N_BOOT, seed: int = 0,
+                           pred=None) -> dict:
+    """`classification_metrics` plus group-bootstrap intervals ("ci", "intervals"); `pred` overrides the
+    decisions of the rule at `threshold` (e.g. cross-fitted thresholds)."""
+    from lungcad.evaluation.metrics import classification_metrics, predict_labels
+
+    pred = predict_labels(probs, task, threshold, classes) if pred is None else pred
+    metrics = classification_metrics(y, probs, classes, task, threshold, y_pred=pred)
+    ci = bootstrap_ci(y, probs, pred, groups, classes, task, n_boot=n_boot, seed=seed)
+    metrics["ci"] = {k: v for k, v in ci.items() if k != "intervals"}
+    metrics["intervals"] = attach_intervals(metrics, ci)
+    return metrics

@@ -1,5 +1,10 @@
-"""Rows of the comparison table: baselines (a)-(c) and other run folders (d), scored on exactly the
-evaluation images and groups the model was scored on. See `lungcad.evaluation.baselines`."""
+"""The comparison table: baselines (a)-(c) and other run folders (d), scored on exactly the
+evaluation images and groups the model was scored on. See `lungcad.evaluation.baselines`.
+
+For a fold ensemble evaluated on its own images, the baselines are cross-validated on the same
+folds with the same cross-fitted threshold rule, and each row carries the paired group-bootstrap
+difference in balanced accuracy against the model.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +16,100 @@ import torch
 
 from lungcad.data.dataset import load_cache
 from lungcad.errors import LungcadError
-from lungcad.evaluation.baselines import majority_probs, metadata_features, run_feature_baselines, texture_features
-from lungcad.evaluation.calibration import TARGET_SENSITIVITY, decision_threshold
+from lungcad.evaluation.baselines import (
+    majority_probs,
+    metadata_features,
+    out_of_fold_baseline,
+    run_feature_baselines,
+    texture_features,
+)
+from lungcad.evaluation.bootstrap import metrics_with_intervals, paired_difference
+from lungcad.evaluation.calibration import TARGET_SENSITIVITY
 from lungcad.inference.engine import infer_logits
 from lungcad.models.contract import ModelContract, load_model
-from lungcad.models.factory import logits_to_probs
+from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.run import RunFolder
+
+__all__ = ["baseline_rows", "comparison_row", "init_text", "out_of_fold_baseline_rows", "score_probs"]
 
 log = logging.getLogger(__name__)
+
+
+def init_text(contract: ModelContract) -> str:
+    init = contract.init.get("pretrained", "?")
+    return {"none": "random initialisation", "imagenet": "ImageNet initialisation"}.get(init, f"init: {init}")
+
+
+def comparison_row(name: str, detail: str, m: dict) -> dict:
+    """One line of the comparison table: the same metrics (with intervals) for every method."""
+    mv = m.get("malignant_vs_rest") or {}
+    iv = m.get("intervals", {})
+
+    def ci(key):
+        v = iv.get(key, {})
+        return {"value": v.get("value"), "low": v.get("low"), "high": v.get("high")}
+
+    return {
+        "method": name, "detail": detail, "threshold": m.get("threshold"),
+        "accuracy": ci("accuracy"), "balanced_accuracy": ci("balanced_accuracy"), "macro_f1": ci("macro_f1"),
+        "roc_auc": ci("roc_auc"),
+        "sensitivity": ci("malignant_vs_rest.sensitivity"), "specificity": ci("malignant_vs_rest.specificity"),
+        "false_positives": mv.get("fp"), "false_negatives": mv.get("fn"),
+        "per_class_false_positives": {c: v["false_positives"] for c, v in m["per_class"].items()},
+        "per_class_false_negatives": {c: v["false_negatives"] for c, v in m["per_class"].items()},
+    }
+
+
+def score_probs(name: str, detail: str, y: np.ndarray, probs: np.ndarray, threshold: float | None,
+                groups: np.ndarray, classes: list[str], task: str, n_boot: int, seed: int, pred=None,
+                **extra) -> dict:
+    """A comparison-table row for any method's probabilities on the evaluation images."""
+    m = metrics_with_intervals(y, probs, threshold, groups, classes, task, n_boot, seed, pred=pred)
+    return {**comparison_row(name, detail, m), **extra}
+
+
+def _target_sensitivity(contract: ModelContract) -> float:
+    return ((contract.training.get("operating_point") or {}).get("validation", {}).get("target_sensitivity")
+            or TARGET_SENSITIVITY)
+
+
+def out_of_fold_baseline_rows(contract: ModelContract, s, n_boot: int, seed: int, progress: bool) -> list[dict]:
+    """Baselines (a)-(c) cross-validated on the ensemble's own folds (`s`: evaluate's Scored set)."""
+    classes, task = contract.classes, contract.task
+    target = _target_sensitivity(contract)
+    common = dict(y=s.y, groups=s.groups, classes=classes, task=task, n_boot=n_boot, seed=seed)
+    rows = []
+    majority = np.zeros((len(s.y), len(classes)))
+    for k in np.unique(s.folds):
+        mine = s.folds == k
+        majority[mine] = majority_probs(s.y[~mine], int(mine.sum()), len(classes))
+    rows.append(score_probs("(a) majority class", "always the commonest class of the other folds", probs=majority,
+                            threshold=0.5 if task == "binary" else None, **common))
+    for name, detail, which, feats in (
+        ("(b) classical texture model", "intensity histogram + GLCM + LBP features, logistic regression; "
+         "cross-validated on the same folds, threshold cross-fitted like the model's", "classical",
+         texture_features(s.cache, progress)),
+        ("(c) metadata shortcut", "audit's depth-3 tree on file size, image size, mode, format only; same folds",
+         "metadata", metadata_features(s.paths)),
+    ):
+        probs, pred = out_of_fold_baseline(feats, s.y, s.folds, classes, task, target, which, seed)
+        diff = paired_difference(s.y, s.probs, s.pred, probs, pred, s.groups, classes, task, n_boot=n_boot,
+                                 seed=seed)
+        rows.append(score_probs(name, detail, probs=probs, threshold=None, pred=pred,
+                                model_minus_this=diff, **common))
+    return rows
 
 
 def baseline_rows(run_dir: Path, contract: ModelContract, cache: torch.Tensor, paths: list[Path], y: np.ndarray,
                   groups: np.ndarray, compare: list, baselines: bool, progress: bool, n_boot: int,
                   seed: int) -> list[dict]:
-    from lungcad.evaluation.evaluate import run_split, score_probs
-    from lungcad.models.factory import target_index
-
     classes, task = contract.classes, contract.task
-    target = (contract.training.get("operating_point") or {}).get("validation", {}).get(
-        "target_sensitivity") or TARGET_SENSITIVITY
+    target = _target_sensitivity(contract)
     common = dict(y=y, groups=groups, classes=classes, task=task, n_boot=n_boot, seed=seed)
     rows: list[dict] = []
     if baselines:
         try:
-            split = run_split(run_dir)
+            split = RunFolder(run_dir).split()
         except LungcadError as exc:
             log.warning("baselines skipped: %s", exc)
             return [{"method": "baselines (a)-(c)", "note": f"skipped: {exc}"}] + _compare_rows(compare, paths, common)
@@ -71,8 +147,6 @@ def baseline_rows(run_dir: Path, contract: ModelContract, cache: torch.Tensor, p
 
 
 def _compare_rows(compare: list, paths: list[Path], common: dict) -> list[dict]:
-    from lungcad.evaluation.evaluate import _init_text, run_split, score_probs
-
     rows = []
     for other in compare:
         other = Path(other)
@@ -81,7 +155,7 @@ def _compare_rows(compare: list, paths: list[Path], common: dict) -> list[dict]:
             raise LungcadError(f"--compare run predicts {c.task} {c.classes}, not {common['task']} "
                                f"{common['classes']}", other)
         try:  # a compare run trained on our evaluation images would flatter itself
-            seen = {r.path.resolve() for r in run_split(other) if r.subset != "test"}
+            seen = {r.path.resolve() for r in RunFolder(other).split() if r.subset != "test"}
         except LungcadError:
             seen = set()
         leaked = sum(Path(p).resolve() in seen for p in paths)
@@ -93,6 +167,6 @@ def _compare_rows(compare: list, paths: list[Path], common: dict) -> list[dict]:
             raise LungcadError(f"cannot decode {len(bad)} evaluation image(s) for the compare run", other)
         logits = infer_logits(model.to(memory_format=torch.channels_last), cache, c.preprocessing)
         probs = logits_to_probs(logits, c.task, c.temperature).numpy()
-        rows.append(score_probs(f"(d) {other.name}", f"ResNet-50, {_init_text(c)} (run folder {other})",
-                                probs=probs, threshold=decision_threshold(c), **common))
+        rows.append(score_probs(f"(d) {other.name}", f"ResNet-50, {init_text(c)} (run folder {other})",
+                                probs=probs, threshold=c.decision_threshold(), **common))
     return rows

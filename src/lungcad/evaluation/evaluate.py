@@ -16,7 +16,6 @@ Group-level rule (a group is a patient proxy: the split's `group` column, or gro
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass
@@ -27,14 +26,15 @@ import torch
 
 from lungcad.data.dataset import load_cache
 from lungcad.data.discovery import CLASSES, discover, parse_label_map
-from lungcad.data.split import read_split
 from lungcad.errors import LungcadError
-from lungcad.evaluation.bootstrap import N_BOOT, attach_intervals, bootstrap_ci
-from lungcad.evaluation.calibration import calibration_summary, decision_threshold
-from lungcad.evaluation.metrics import classification_metrics, predict_labels
+from lungcad.evaluation.bootstrap import N_BOOT, metrics_with_intervals
+from lungcad.evaluation.calibration import calibration_summary
+from lungcad.evaluation.compare import comparison_row, init_text
+from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.engine import infer_logits
 from lungcad.models.contract import ModelContract, load_model
 from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -55,26 +55,9 @@ class EvalSet:
     subset: str  # "test" or the external folder
 
 
-def _run_config(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise LungcadError(f"cannot read config.json ({exc}); not a complete lungcad run folder", run_dir) from None
-
-
-def run_split(run_dir: Path) -> list:
-    """All split rows of a run folder (paths resolved against the run's data folder)."""
-    config = _run_config(run_dir)
-    if "data" not in config:
-        raise LungcadError("config.json has no 'data' entry (run from an older lungcad?)", run_dir / "config.json")
-    if not (run_dir / "split.csv").is_file():
-        raise LungcadError("no split.csv in the run folder (older or incomplete run)", run_dir)
-    return read_split(run_dir / "split.csv", root=Path(config["data"]))
-
-
 def eval_set(run_dir: Path, data: str | Path | None, label_map: list[str] | None, progress: bool) -> EvalSet:
     if data is None:
-        rows = [r for r in run_split(run_dir) if r.subset == "test"]
+        rows = RunFolder(run_dir).split("test")
         if not rows:
             raise LungcadError("split.csv has no test rows", run_dir / "split.csv")
         return EvalSet([r.path for r in rows], [r.label for r in rows], [r.group for r in rows],
@@ -105,21 +88,62 @@ def group_level(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, classes: l
     return gtruth, gprobs, ids
 
 
-def _with_ci(y, probs, threshold, groups, classes, task, n_boot, seed) -> dict:
-    metrics = classification_metrics(y, probs, classes, task, threshold)
-    pred = predict_labels(probs, task, threshold, classes)
-    ci = bootstrap_ci(y, probs, pred, groups, classes, task, n_boot=n_boot, seed=seed)
-    metrics["ci"] = {k: v for k, v in ci.items() if k != "intervals"}
-    metrics["intervals"] = attach_intervals(metrics, ci)
-    return metrics
 
 
-def _history(run_dir: Path) -> list[dict]:
-    try:
-        with open(run_dir / "history.csv", newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except OSError:
-        return []
+@dataclass
+class Scored:
+    """The evaluation images with the model's probabilities and decisions on them."""
+
+    subset: str
+    paths: list[Path]
+    y: np.ndarray
+    groups: np.ndarray
+    cache: torch.Tensor  # prepared uint8 images (examples in the report, texture baselines)
+    raw: np.ndarray  # probabilities before temperature scaling
+    probs: np.ndarray  # calibrated probabilities
+    pred: np.ndarray  # decisions
+    skipped: int = 0
+    folds: np.ndarray | None = None  # fold of each image (out-of-fold evaluation of an ensemble)
+
+
+def _decoded(paths: list[Path], contract: ModelContract, progress: bool) -> tuple[torch.Tensor, list[int], int]:
+    """(cache of the readable images, their indices, number skipped)."""
+    cache, bad = load_cache(paths, contract.preprocessing, progress=progress, desc="decoding")
+    for _, reason in bad:
+        log.warning("skipping unreadable image: %s", reason)
+    bad_set = {Path(p) for p, _ in bad}
+    keep = [i for i, p in enumerate(paths) if Path(p) not in bad_set]
+    return (cache[keep] if bad else cache), keep, len(bad)
+
+
+def _scored(model, contract: ModelContract, es: EvalSet, progress: bool) -> Scored:
+    """Run the model on an evaluation set (its test split, or an external folder)."""
+    targets = [target_index(lab, contract.classes, contract.task, es.source) for lab in es.labels]
+    cache, keep, skipped = _decoded(es.paths, contract, progress)
+    if not keep:
+        raise LungcadError("no readable images to evaluate", es.source)
+    logits = infer_logits(model, cache, contract.preprocessing)
+    probs = logits_to_probs(logits, contract.task, contract.temperature).numpy()
+    return Scored(es.subset, [es.paths[i] for i in keep], np.array([targets[i] for i in keep], dtype=int),
+                  np.array([es.groups[i] for i in keep]), cache, logits_to_probs(logits, contract.task, 1.0).numpy(),
+                  probs, predict_labels(probs, contract.task, contract.decision_threshold(), contract.classes),
+                  skipped)
+
+
+def _out_of_fold(run: RunFolder, contract: ModelContract, progress: bool) -> Scored:
+    """A fold ensemble's own figures: every image as predicted by the member that never saw it, at
+    the temperature and threshold fitted on the other folds (written by `train --folds`)."""
+    oof = run.out_of_fold()
+    cache, keep, skipped = _decoded(oof.paths, contract, progress)
+    if skipped:
+        raise LungcadError(f"{skipped} out-of-fold image(s) unreadable: the data folder changed since training",
+                           run.data_root)
+    classes, task = contract.classes, contract.task
+    raw = logits_to_probs(torch.as_tensor(oof.logits, dtype=torch.float32), task, 1.0).numpy()
+    return Scored("out-of-fold", oof.paths,
+                  np.array([target_index(lab, classes, task, run.file("oof.csv")) for lab in oof.labels]),
+                  np.array([f"{f}:{g}" for f, g in zip(oof.folds, oof.groups)]), cache, raw, oof.probs,
+                  np.array([classes.index(p) for p in oof.predicted]), skipped, oof.folds)
 
 
 def _audit_warnings(run_dir: Path) -> dict:
@@ -155,54 +179,52 @@ def evaluate_run(
     run_dir = Path(run_dir)
     model, contract = load_model(run_dir)
     model = model.to(memory_format=torch.channels_last)
-    es = eval_set(run_dir, data, label_map, progress)
-    targets = [target_index(lab, contract.classes, contract.task, es.source) for lab in es.labels]
-    cache, bad = load_cache(es.paths, contract.preprocessing, progress=progress, desc="decoding")
-    keep = list(range(len(es.paths)))
-    if bad:
-        for path, reason in bad:
-            log.warning("skipping unreadable image: %s", reason)
-        bad_set = {p for p, _ in bad}
-        keep = [i for i, p in enumerate(es.paths) if Path(p) not in bad_set]
-        cache = cache[keep]
-    if not keep:
-        raise LungcadError("no readable images to evaluate", es.source)
-    paths = [es.paths[i] for i in keep]
-    groups = np.array([es.groups[i] for i in keep])
-    y = np.array([targets[i] for i in keep], dtype=int)
-    logits = infer_logits(model, cache, contract.preprocessing)
-    raw = logits_to_probs(logits, contract.task, 1.0).numpy()
-    probs = logits_to_probs(logits, contract.task, contract.temperature).numpy()
-    threshold = decision_threshold(contract)
     classes, task = contract.classes, contract.task
+    run = RunFolder(run_dir)
+    if data is None and contract.ensemble:
+        s = _out_of_fold(run, contract, progress)
+        if compare:
+            raise LungcadError("--compare needs --data for a fold ensemble (its own images are out-of-fold)")
+    else:
+        s = _scored(model, contract, eval_set(run_dir, data, label_map, progress), progress)
+    y, probs, groups, pred = s.y, s.probs, s.groups, s.pred
+    threshold = contract.decision_threshold()
 
-    metrics = {"subset": es.subset, "skipped": len(bad), "n_groups": int(len(np.unique(groups)))}
+    metrics = {"subset": s.subset, "skipped": s.skipped, "n_groups": int(len(np.unique(groups)))}
     metrics["group_concentration"] = group_concentration(y, groups, classes)
     for warning in metrics["group_concentration"]["warnings"]:
         log.warning("%s", warning)
-    metrics.update(_with_ci(y, probs, threshold, groups, classes, task, n_boot, seed))
+    metrics.update(metrics_with_intervals(y, probs, threshold, groups, classes, task, n_boot, seed, pred=pred))
+    # group level: the ensemble's per-fold thresholds do not average; the deployed one is used there
     gy, gp, gids = group_level(y, probs, groups, classes, task)
     metrics["group_level"] = {
         "rule": "truth: most severe label in the group; prediction: mean calibrated probabilities, "
                 "then the image decision rule at the same threshold",
-        **_with_ci(gy, gp, threshold, gids, classes, task, n_boot, seed),
+        **metrics_with_intervals(gy, gp, threshold, gids, classes, task, n_boot, seed),
     }
+    op = contract.training.get("operating_point", {})
     metrics["calibration"] = {
-        "temperature": contract.temperature,
-        "before": calibration_summary(raw, y, task),
+        "temperature": contract.ensemble.get("member_temperature", contract.temperature),
+        "before": calibration_summary(s.raw, y, task),
         "after": calibration_summary(probs, y, task),
-        "validation": contract.training.get("operating_point", {}).get("validation"),
+        "validation": op.get("validation"),
+        "fitted_on": op.get("fitted_on"),
     }
     metrics["operating_point"] = _operating_point(contract, threshold, metrics)
-    training_metrics = _training_metrics(run_dir) if es.subset == "test" else {}
-    metrics.update(training_metrics)
+    if s.subset == "test":
+        metrics.update(_training_metrics(run_dir))
 
-    pred = predict_labels(probs, task, threshold, classes)
-    comparison = [_row("lungcad ResNet-50 (this run)", _init_text(contract), metrics)]
-    if baselines or compare:
+    comparison = [comparison_row("lungcad ResNet-50 (this run)" if not contract.ensemble else
+                       f"lungcad ResNet-50, {len(contract.ensemble['members'])}-fold ensemble",
+                       init_text(contract), metrics)]
+    if baselines and s.folds is not None:
+        from lungcad.evaluation.compare import out_of_fold_baseline_rows
+
+        comparison += out_of_fold_baseline_rows(contract, s, n_boot, seed, progress)
+    elif baselines or compare:
         from lungcad.evaluation.compare import baseline_rows
 
-        comparison += baseline_rows(run_dir, contract, cache, paths, y, groups, compare or [], baselines,
+        comparison += baseline_rows(run_dir, contract, s.cache, s.paths, y, groups, compare or [], baselines,
                                     progress, n_boot, seed)
     metrics["comparison"] = comparison
 
@@ -215,8 +237,8 @@ def evaluate_run(
         from lungcad.evaluation.report import write_report
 
         write_report(out_dir / "report.html", metrics, contract=contract, run_dir=run_dir, y=y, probs=probs,
-                     raw=raw, pred=pred, cache=cache, paths=paths, history=_history(run_dir),
-                     audit=_audit_warnings(run_dir), model=model)
+                     raw=s.raw, pred=pred, cache=s.cache, paths=s.paths, history=run.history(),
+                     audit=_audit_warnings(run_dir))
     return metrics
 
 
@@ -246,15 +268,10 @@ def group_concentration(y: np.ndarray, groups: np.ndarray, classes: list[str]) -
 
 def _training_metrics(run_dir: Path) -> dict:
     try:
-        saved = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+        saved = RunFolder(run_dir).metrics() or {}
+    except LungcadError:
         return {}
     return {k: saved[k] for k in TRAINING_KEYS if k in saved}
-
-
-def _init_text(contract: ModelContract) -> str:
-    init = contract.init.get("pretrained", "?")
-    return {"none": "random initialisation", "imagenet": "ImageNet initialisation"}.get(init, f"init: {init}")
 
 
 def _operating_point(contract: ModelContract, threshold: float | None, metrics: dict) -> dict:
@@ -279,33 +296,7 @@ def _operating_point(contract: ModelContract, threshold: float | None, metrics: 
     return result
 
 
-def _row(name: str, detail: str, m: dict) -> dict:
-    """One line of the comparison table: the same metrics (with intervals) for every method."""
-    mv = m.get("malignant_vs_rest") or {}
-    iv = m.get("intervals", {})
-
-    def ci(key):
-        v = iv.get(key, {})
-        return {"value": v.get("value"), "low": v.get("low"), "high": v.get("high")}
-
-    return {
-        "method": name, "detail": detail, "threshold": m.get("threshold"),
-        "accuracy": ci("accuracy"), "balanced_accuracy": ci("balanced_accuracy"), "macro_f1": ci("macro_f1"),
-        "roc_auc": ci("roc_auc"),
-        "sensitivity": ci("malignant_vs_rest.sensitivity"), "specificity": ci("malignant_vs_rest.specificity"),
-        "false_positives": mv.get("fp"), "false_negatives": mv.get("fn"),
-        "per_class_false_positives": {c: v["false_positives"] for c, v in m["per_class"].items()},
-        "per_class_false_negatives": {c: v["false_negatives"] for c, v in m["per_class"].items()},
-    }
-
-
-def score_probs(name: str, detail: str, y: np.ndarray, probs: np.ndarray, threshold: float | None,
-                groups: np.ndarray, classes: list[str], task: str, n_boot: int, seed: int, **extra) -> dict:
-    """A comparison-table row for any method's probabilities on the evaluation images."""
-    return {**_row(name, detail, _with_ci(y, probs, threshold, groups, classes, task, n_boot, seed)), **extra}
-
-
-__all__ = ["evaluate_run", "group_level", "score_probs"]
+__all__ = ["evaluate_run", "group_level"]
 
 
 def format_evaluation(m: dict) -> str:

@@ -54,14 +54,15 @@ def predict_labels(probs: np.ndarray, task: str, threshold: float | None = None,
 
 def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, classes: list[str], task: str = "multiclass",
-    threshold: float | None = None,
+    threshold: float | None = None, y_pred: np.ndarray | None = None,
 ) -> dict:
     """Accuracy, balanced accuracy, per-class precision / recall (sensitivity) / specificity / F1 /
     false-positive rate / one-vs-rest ROC-AUC and PR-AUC, macro-F1, macro ROC-AUC and PR-AUC, the
     malignant-vs-rest view at the decision threshold, and the confusion matrix."""
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
-    y_pred = predict_labels(probs, task, threshold, classes)
+    # y_pred: decisions made elsewhere (e.g. cross-fitted thresholds); by default the rule at `threshold`
+    y_pred = predict_labels(probs, task, threshold, classes) if y_pred is None else np.asarray(y_pred, dtype=int)
     labels = list(range(len(classes)))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     with warnings.catch_warnings():

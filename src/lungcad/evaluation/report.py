@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lungcad.errors import LungcadError
 from lungcad.evaluation.metrics import malignant_index
+from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -186,14 +188,13 @@ def render(context: dict) -> str:
 
 def write_report(path: Path, metrics: dict, *, contract, run_dir: Path, y: np.ndarray, probs: np.ndarray,
                  raw: np.ndarray, pred: np.ndarray, cache: torch.Tensor, paths: list[Path], history: list[dict],
-                 audit: dict, model=None) -> Path:
+                 audit: dict) -> Path:
     """Render and atomically write report.html."""
     classes = contract.classes
-    data_summary = {}
     try:
-        data_summary = json.loads((run_dir / "data.json").read_text())
-    except (OSError, ValueError):
-        pass
+        data_summary = RunFolder(run_dir).data_summary() or {}
+    except LungcadError:
+        data_summary = {}
     ex, heat_note = examples(run_dir, y, probs, pred, cache, paths, classes)
     html = render({
         "m": metrics, "classes": classes, "task": contract.task, "run_dir": str(run_dir),

@@ -15,9 +15,9 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from lungcad.distributed import barrier, broadcast_from_main, init_distributed, shutdown
 from lungcad.errors import LungcadError
 from lungcad.inference.predictor import Prediction, Predictor, iter_inputs, write_predictions
-from lungcad.distributed import barrier, broadcast_from_main, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ it in INT8, so both runtimes share one quantised model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -38,7 +37,8 @@ from tqdm.auto import tqdm
 from lungcad.data.transforms import normalise
 from lungcad.errors import LungcadError
 from lungcad.models.contract import ModelContract, load_model, parse_contract_file
-from lungcad.models.factory import logits_to_probs
+from lungcad.models.factory import logits_to_probs, split_head
+from lungcad.run import RunFolder
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,6 @@ class _ExportWrapper(nn.Module):
 
     def __init__(self, model: nn.Module, task: str, temperature: float):
         super().__init__()
-        from lungcad.inference.engines import split_head
-
         self.backbone, self.head = split_head(model)
         self.task, self.temperature = task, float(temperature)
 
@@ -267,20 +265,20 @@ def _check_fp32_parity(model: nn.Module, contract: ModelContract, onnx_path: Pat
 
 
 def _split_paths(run_dir: Path, subset: str) -> tuple[list[Path], list[str]]:
-    """(paths, labels) of one subset of the run's split.csv, resolved as `lungcad evaluate` does."""
-    from lungcad.data.split import read_split
+    """(paths, labels) of one subset of the run's split.csv, resolved as `lungcad evaluate` does.
 
+    A fold ensemble has no test split of its own (every development image trained 4 of 5 members):
+    "test" is then every development image, which measures quantisation drift, not accuracy on new
+    patients (`_measure_int8` says so in the exported contract).
+    """
+    run = RunFolder(run_dir)
     try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        data = Path(config["data"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        rows = run.split() if (subset == "test" and run.is_ensemble) else run.split(subset)
+    except LungcadError as exc:
         raise LungcadError(f"INT8 export needs the run's config.json and split.csv ({exc})", run_dir) from None
-    if not (run_dir / "split.csv").is_file():
-        raise LungcadError("INT8 export needs the run's split.csv (calibration and test images)", run_dir)
-    rows = [r for r in read_split(run_dir / "split.csv", root=data) if r.subset == subset]
     rows = [r for r in rows if r.path.is_file()]
     if not rows:
-        raise LungcadError(f"no {subset} images of split.csv found under the data folder {data}", run_dir)
+        raise LungcadError(f"no {subset} images of split.csv found under the data folder {run.data_root}", run_dir)
     return [r.path for r in rows], [r.label for r in rows]
 
 
@@ -308,8 +306,14 @@ def _normalised_batches(paths: Sequence[Path], contract: ModelContract, progress
 
 
 def _quantise(src: Path, dst: Path, calib_paths: list[Path], contract: ModelContract, progress: bool) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -354,10 +358,10 @@ def _quiet_logging() -> Iterator[None]:
 def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8_path: Path,
                   progress: bool) -> dict:
     """Accuracy of fp32 (PyTorch) and INT8 (ONNX Runtime) on the run's test split."""
-    from lungcad.models.factory import target_index
     from lungcad.data.dataset import load_cache
     from lungcad.evaluation.metrics import classification_metrics, predict_labels
     from lungcad.inference.engines import OnnxEngine, TorchEngine
+    from lungcad.models.factory import target_index
 
     paths, labels = _split_paths(run_dir, "test")
 
@@ -376,7 +380,7 @@ def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8
             outs.append(engine.run(x)[0])
         probs[name] = logits_to_probs(torch.from_numpy(np.concatenate(outs)), contract.task,
                                       contract.temperature).numpy()
-    threshold = contract.thresholds.get("malignant")  # the contract's decision rule, as `evaluate` uses it
+    threshold = contract.decision_threshold()  # the one decision rule, as `evaluate` and `predict` use it
     metrics = {k: classification_metrics(targets, p, contract.classes, contract.task, threshold)
                for k, p in probs.items()}
     diff = np.abs(probs["int8"] - probs["fp32"])
@@ -395,6 +399,9 @@ def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8
             "label_agreement": float(agree.mean()),
             "max_abs_prob_diff": float(diff.max()),
             "mean_abs_prob_diff": float(diff.mean()),
+            **({"note": "a fold ensemble has no test split: measured on every development image, which the "
+                        "members trained on; this is quantisation drift, not accuracy on new patients"}
+               if RunFolder(run_dir).is_ensemble else {}),
         }
     }
     log.info("INT8 on the test split: accuracy %.3f -> %.3f (%+.2f pp), labels agree on %.1f%%",

@@ -176,3 +176,47 @@ def fit_ood(run_dir: str | Path, model: nn.Module, train_cache: torch.Tensor, va
         "method": METHOD, "file": OOD_FILE, "sha256": sha, "threshold": det.threshold, "quantile": quantile,
         "components": int(len(det.variances)), "fit_images": int(len(train_feats)), "val_scores": val_summary,
     }
+
+
+ENSEMBLE_METHOD = "ensemble-mean-normalised-score"
+
+
+def ensemble_ood_entry(members: list[tuple[str, dict]]) -> dict:
+    """`contract.ood` of a fold ensemble from its members' entries ((subfolder, member.ood) pairs).
+
+    Each member's detector was fitted on its training folds and thresholded on its held-out fold
+    (images it never saw), so `score / threshold` is on the same scale for every member: 1 is the
+    member's 99th percentile of unseen in-distribution images. The ensemble's score is the mean of
+    those ratios over the members, flagged above 1.
+    """
+    if not members or not all(entry for _, entry in members):
+        log.warning("an ensemble member has no out-of-distribution detector; the ensemble will not flag OOD")
+        return {}
+    return {"method": ENSEMBLE_METHOD, "threshold": 1.0,
+            "members": [{"path": path, **entry} for path, entry in members]}
+
+
+@dataclass
+class EnsembleOODDetector:
+    """Member detectors, each on its member's slice of the concatenated features."""
+
+    members: list[OODDetector]
+    threshold: float = 1.0
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        chunks = np.split(np.asarray(features), len(self.members), axis=1)
+        return np.mean([d.score(f) / d.threshold for d, f in zip(self.members, chunks)], axis=0)
+
+    def is_ood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.score(features)
+        return scores > self.threshold, scores
+
+
+def load_ood_detector(run_dir: str | Path, entry: dict) -> OODDetector | EnsembleOODDetector | None:
+    """The detector `contract.ood` describes (None when the contract has none)."""
+    if not entry:
+        return None
+    if entry.get("method") == ENSEMBLE_METHOD:
+        return EnsembleOODDetector([OODDetector.load(Path(run_dir) / m["path"], m) for m in entry["members"]],
+                                   float(entry.get("threshold", 1.0)))
+    return OODDetector.load(run_dir, entry)

@@ -11,13 +11,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lungcad.data.transforms import Preprocessing
 from lungcad.errors import LungcadError
-from lungcad.models.factory import create_model, logits_to_probs, num_outputs
+from lungcad.models.factory import create_model, num_outputs
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
 CONTRACT_VERSION = 1
@@ -40,12 +39,29 @@ class ModelContract:
     ood: dict = field(default_factory=dict)  # out-of-distribution detector parameters (if fitted)
     # intensity profile of the training images (lungcad.inference.appearance; empty before it existed)
     appearance: dict = field(default_factory=dict)
+    # fold ensemble (`lungcad train --folds K`): {"members": [{"path", "model_sha256"}, ...],
+    # "member_temperature": T}; empty for a single network. See lungcad.models.ensemble.
+    ensemble: dict = field(default_factory=dict)
     model_sha256: str = ""
     format_version: int = CONTRACT_VERSION
 
     @property
     def outputs(self) -> int:
         return num_outputs(self.task, len(self.classes))
+
+    def decision_threshold(self) -> float | None:
+        """The malignant threshold of the decision rule (`lungcad.evaluation.metrics.predict_labels`).
+
+        Binary: the stored threshold (0.5 unless one was fitted). Multiclass: the operating point
+        when one was fitted (on validation, or on the pooled out-of-fold predictions of an
+        ensemble), otherwise None, i.e. argmax: the 0.5 in `thresholds` is then a placeholder that
+        no one fitted and no one applies.
+        """
+        if self.task == "binary":
+            return float(self.thresholds.get("malignant", 0.5))
+        if "operating_point" not in self.training:
+            return None
+        return float(self.thresholds.get("malignant", 0.5))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,9 +110,15 @@ def read_contract(run_dir: str | Path) -> ModelContract:
 
 
 def load_model(run_dir: str | Path, verify: bool = True) -> tuple[nn.Module, ModelContract]:
-    """Load (model in eval mode, contract) from a run folder; checks the weights' sha256."""
+    """Load (model in eval mode, contract) from a run folder; checks the weights' sha256.
+
+    A fold ensemble's run folder loads its members from their subfolders (each checked against
+    the sha256 its own contract and the ensemble's contract record) into one `Ensemble`.
+    """
     run_dir = Path(run_dir)
     contract = read_contract(run_dir)
+    if contract.ensemble:
+        return _load_ensemble(run_dir, contract, verify), contract
     weights = run_dir / MODEL_FILE
     if not weights.is_file():
         raise LungcadError(f"no {MODEL_FILE} in the run folder", run_dir)
@@ -111,7 +133,26 @@ def load_model(run_dir: str | Path, verify: bool = True) -> tuple[nn.Module, Mod
     return model, contract
 
 
-@torch.no_grad()
-def predict_batch(model: nn.Module, batch: torch.Tensor, contract: ModelContract) -> torch.Tensor:
-    """Normalised float batch (N, 3, S, S) -> calibrated probabilities (N, C)."""
-    return logits_to_probs(model(batch), contract.task, contract.temperature)
+def _load_ensemble(run_dir: Path, contract: ModelContract, verify: bool) -> nn.Module:
+    from lungcad.models.ensemble import Ensemble
+
+    members = []
+    for entry in contract.ensemble.get("members", []):
+        member_dir = run_dir / entry["path"]
+        model, member = load_model(member_dir, verify)
+        if verify and entry.get("model_sha256") and member.model_sha256 != entry["model_sha256"]:
+            raise LungcadError("ensemble member does not match the sha256 in the ensemble's model.json", member_dir)
+        if member.classes != contract.classes or member.task != contract.task:
+            raise LungcadError(f"ensemble member predicts {member.task} {member.classes}, not {contract.task} "
+                               f"{contract.classes}", member_dir)
+        members.append(model)
+    if not members:
+        raise LungcadError("ensemble model.json lists no members", run_dir / CONTRACT_FILE)
+    return Ensemble(members, contract.task, contract.ensemble.get("member_temperature", 1.0)).eval()
+
+
+def ensemble_sha256(member_shas: list[str]) -> str:
+    """The identity of an ensemble: the sha256 of its members' weight hashes, in order."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(member_shas).encode()).hexdigest()

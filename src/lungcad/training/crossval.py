@@ -1,12 +1,25 @@
-"""`lungcad train --folds K`: grouped, stratified K-fold cross-validation.
+"""`lungcad train --folds K`: grouped, stratified K-fold cross-validation, and the fold ensemble.
 
-Each fold is an ordinary run folder (`OUT/fold-1/`, ...) trained by `train` from a split file
-written here (`OUT/fold-k.split.csv`: fold k is the test set, a group-disjoint validation set is
-carved from the rest). Groups are the same patient proxies the normal split uses, so no patient
-is ever on both sides. `OUT/crossval.json` holds per-fold metrics, their mean and standard
-deviation, and the pooled out-of-fold metrics (every image predicted by the one model that never
-saw it, at that fold's own temperature and threshold) with group-bootstrap intervals;
-`OUT/oof.csv` holds the out-of-fold predictions.
+Run folder (OUT):
+    config.json         the recipe (TrainConfig) every fold was trained with, and `folds`
+    data.json           images, groups, classes, skipped files
+    split.csv           every development image (subset "train": the ensemble saw them all) + its fold
+    fold-k.split.csv    fold k's split: fold k is "test", the other folds "train" (no validation:
+                        the epochs are part of the recipe, chosen by cross-validation)
+    fold-k/             an ordinary run folder: the member trained without fold k
+    oof.csv             out-of-fold predictions: every image predicted by the one member that never
+                        saw it (raw logits, calibrated probabilities, the decision)
+    crossval.json       per-fold metrics, their mean and sd, the pooled out-of-fold metrics with
+                        group-bootstrap intervals
+    metrics.json        the pooled out-of-fold metrics (what `lungcad evaluate` reports for this run)
+    model.json          the ensemble's contract: its members (with sha256), the temperature and the
+                        malignant threshold fitted on the pooled out-of-fold predictions (hundreds of
+                        images and about a hundred groups, instead of one small validation split),
+                        the out-of-distribution detector of every member
+
+Groups are the same patient proxies the normal split uses, so no patient is ever on both sides.
+The out-of-fold estimate describes one member on unseen patients; the deployed ensemble averages
+K members and is usually at least as good (see docs/ablations.md).
 """
 
 from __future__ import annotations
@@ -14,27 +27,35 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
+import platform
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision
 from sklearn.model_selection import StratifiedGroupKFold
 
+import lungcad
 from lungcad.data.dataset import load_cache
 from lungcad.data.discovery import discover, parse_label_map
 from lungcad.data.grouping import assign_groups, scan_images
-from lungcad.data.split import SplitRow, check_no_leak, write_split
+from lungcad.data.split import SplitRow, check_no_leak, portable_path, split_summary, write_split
 from lungcad.errors import LungcadError
 from lungcad.evaluation.bootstrap import attach_intervals, bootstrap_ci, weighted_metrics
-from lungcad.evaluation.calibration import decision_threshold
-from lungcad.evaluation.metrics import predict_labels
+from lungcad.evaluation.calibration import fit_operating_point
+from lungcad.evaluation.metrics import classification_metrics, predict_labels
 from lungcad.inference.engine import infer_logits
-from lungcad.models.contract import load_model
-from lungcad.models.factory import logits_to_probs
-from lungcad.models.factory import target_index
+from lungcad.inference.ood import ensemble_ood_entry
+from lungcad.models.contract import CONTRACT_FILE, ModelContract, ensemble_sha256, load_model, read_contract
+from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import output_classes
-from lungcad.training.trainer import TrainConfig, _check_out, train
+from lungcad.training.trainer import check_out_dir, train
 from lungcad.utils import atomic_write_json, atomic_write_text
+
+__all__ = ["cross_validate", "fold_splits", "format_summary", "summarise"]
 
 log = logging.getLogger(__name__)
 
@@ -44,90 +65,193 @@ MALIGNANT_KEYS = ("sensitivity", "specificity", "ppv", "roc_auc")
 
 def fold_splits(labels: np.ndarray, groups: np.ndarray, folds: int, val_fraction: float,
                 seed: int) -> list[np.ndarray]:
-    """One subset array ("train"/"val"/"test") per fold; whole groups only, stratified by label."""
-    per_class = {c: len(np.unique(groups[labels == c])) for c in np.unique(labels)}
-    short = {c: n for c, n in per_class.items() if n < folds + 1}
+    """One subset array ("train"/"val"/"test") per fold; whole groups only, stratified by label.
+
+    With `val_fraction` 0 there is no "val": every group outside the test fold trains.
+    """
     if folds < 2:
         raise LungcadError("--folds needs K >= 2")
+    per_class = {c: len(np.unique(groups[labels == c])) for c in np.unique(labels)}
+    need = folds + (1 if val_fraction > 0 else 0)
+    short = {c: n for c, n in per_class.items() if n < need}
     if short:
         raise LungcadError(f"--folds {folds}: class(es) {', '.join(f'{c!r} ({n} groups)' for c, n in short.items())} "
-                           f"need at least {folds + 1} groups (one per test fold plus validation)")
+                           f"need at least {need} groups (one per test fold"
+                           + (" plus validation)" if val_fraction > 0 else ")"))
     out = []
     outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (rest, test) in enumerate(outer.split(np.zeros(len(labels)), labels, groups)):
         subset = np.full(len(labels), "train", dtype=object)
         subset[test] = "test"
-        # validation: about val_fraction of all images, carved from the non-test groups
-        n_inner = max(2, min(round((1 - 1 / folds) / val_fraction),
-                             min(len(np.unique(groups[rest][labels[rest] == c])) for c in np.unique(labels))))
-        inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + k + 1)
-        _, val = next(inner.split(np.zeros(len(rest)), labels[rest], groups[rest]))
-        subset[rest[val]] = "val"
+        if val_fraction > 0:  # about val_fraction of all images, carved from the non-test groups
+            n_inner = max(2, min(round((1 - 1 / folds) / val_fraction),
+                                 min(len(np.unique(groups[rest][labels[rest] == c])) for c in np.unique(labels))))
+            inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + k + 1)
+            _, val = next(inner.split(np.zeros(len(rest)), labels[rest], groups[rest]))
+            subset[rest[val]] = "val"
         out.append(subset)
     return out
 
 
-def cross_validate(cfg: TrainConfig, folds: int) -> dict:
-    """Train K fold runs under cfg.out and summarise them; returns the crossval.json content."""
+def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False) -> dict:
+    """Train K fold members under cfg.out, calibrate on their pooled out-of-fold predictions and
+    write the ensemble's run folder (module docstring); returns the crossval.json content.
+
+    `resume` continues an interrupted cross-validation: finished members are kept, an interrupted
+    one resumes from its checkpoint.
+    """
     out = Path(cfg.out)
     if folds < 2:
         raise LungcadError("--folds needs K >= 2")
-    _check_out(out)
+    if resume:
+        cfg, folds = _resume_config(out, cfg.progress)
+    else:
+        check_out_dir(out)
     data = Path(cfg.data)
     samples = discover(data, parse_label_map(cfg.label_map))
-    infos, _ = scan_images(samples, progress=cfg.progress)
+    infos, unreadable = scan_images(samples, progress=cfg.progress)
     groups_all = assign_groups(samples, infos)
     keep = sorted(i.index for i in infos)  # unreadable files are left out (train would skip them too)
     samples = [samples[i] for i in keep]
     labels = np.array([s.label for s in samples])
     groups = np.array([groups_all[i] for i in keep])
     splits = fold_splits(labels, groups, folds, cfg.val_fraction, cfg.seed)
-    out.mkdir(parents=False)
+    fold_of = np.zeros(len(samples), dtype=int)
+    for k, subset in enumerate(splits, start=1):
+        fold_of[subset == "test"] = k
+    if not resume:
+        out.mkdir(parents=True)
+        atomic_write_json(out / "config.json", {**dataclasses.asdict(cfg), "folds": folds})
+        all_rows = [SplitRow(s.path, s.label, g, "train") for s, g in zip(samples, groups)]
+        write_split(out / "split.csv", all_rows, data)
+        atomic_write_json(out / "data.json", {
+            "data": str(data), "images": len(samples), "groups": int(len(np.unique(groups))),
+            "skipped": len(unreadable), "split": split_summary(all_rows), "folds": folds,
+            "fold_of_image": "split.csv rows in order; see fold-k.split.csv for each fold's test images",
+            "skipped_files": [{"path": str(p), "reason": r} for p, r in unreadable]})
     per_fold, oof = [], []
     for k, subset in enumerate(splits, start=1):
         rows = [SplitRow(s.path, s.label, g, str(sub)) for s, g, sub in zip(samples, groups, subset)]
         check_no_leak(rows)
         split_file = out / f"fold-{k}.split.csv"
-        write_split(split_file, rows, data)
-        log.info("fold %d/%d: %d train, %d val, %d test images", k, folds, *(int((subset == s).sum())
-                                                                          for s in ("train", "val", "test")))
-        fold_dir = train(dataclasses.replace(cfg, out=str(out / f"fold-{k}"), split=str(split_file)))
-        test_rows = [r for r in rows if r.subset == "test"]
-        per_fold.append(_fold_metrics(fold_dir))
-        oof.extend(_oof(fold_dir, test_rows, k, cfg))
-    summary = summarise(per_fold, oof, cfg.task)
-    atomic_write_json(out / "crossval.json", summary)
-    _write_oof(out / "oof.csv", oof, summary["classes"])
-    return summary
+        fold_dir = out / f"fold-{k}"
+        if not (fold_dir / CONTRACT_FILE).is_file():
+            log.info("fold %d/%d: %d train, %d val, %d test images", k, folds,
+                     *(int((subset == s).sum()) for s in ("train", "val", "test")))
+            if (fold_dir / "checkpoint.pt").is_file():
+                train(dataclasses.replace(cfg, out=str(fold_dir)), resume=True)
+            else:
+                if fold_dir.exists():  # a member that died before its first checkpoint: start it again
+                    import shutil
+
+                    shutil.rmtree(fold_dir)
+                write_split(split_file, rows, data)
+                train(dataclasses.replace(cfg, out=str(fold_dir), split=str(split_file)))
+        else:
+            log.info("fold %d/%d: finished earlier, kept", k, folds)
+        per_fold.append(json.loads((fold_dir / "metrics.json").read_text()))
+        oof.extend(_oof(fold_dir, [r for r in rows if r.subset == "test"], k, cfg))
+    return _finish_ensemble(out, cfg, folds, per_fold, oof)
 
 
-def _fold_metrics(fold_dir: Path) -> dict:
-    import json
-
-    return json.loads((fold_dir / "metrics.json").read_text())
+def _resume_config(out: Path, progress: bool) -> tuple[TrainConfig, int]:
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        folds = int(saved["folds"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LungcadError(f"cannot resume cross-validation: unreadable config.json ({exc})", out) from None
+    cfg = TrainConfig.from_dict(saved)
+    cfg.progress = progress
+    return cfg, folds
 
 
 def _oof(fold_dir: Path, rows: list[SplitRow], fold: int, cfg: TrainConfig) -> list[dict]:
+    """Raw logits of the fold's member on its test images (calibration happens on the pooled set)."""
     model, contract = load_model(fold_dir)
     cache, bad = load_cache([r.path for r in rows], contract.preprocessing, progress=False)
     if bad:
         raise LungcadError(f"fold {fold}: test image became unreadable: {bad[0][1]}")
-    probs = logits_to_probs(infer_logits(model, cache, contract.preprocessing), contract.task,
-                            contract.temperature).numpy()
-    pred = predict_labels(probs, contract.task, decision_threshold(contract), contract.classes)
-    return [{"path": r.path, "label": r.label, "group": r.group, "fold": fold, "y": target_index(r.label, output_classes(cfg.task), cfg.task),
-             "pred": int(p), "probs": pr, "classes": contract.classes} for r, p, pr in zip(rows, pred, probs)]
+    logits = infer_logits(model.to(memory_format=torch.channels_last), cache, contract.preprocessing)
+    classes = output_classes(cfg.task)
+    return [{"path": r.path, "label": r.label, "group": r.group, "fold": fold,
+             "y": target_index(r.label, classes, cfg.task), "logits": z.numpy()} for r, z in zip(rows, logits)]
 
 
-def summarise(per_fold: list[dict], oof: list[dict], task: str) -> dict:
-    classes = oof[0]["classes"]
+def cross_fitted(logits: torch.Tensor, y: np.ndarray, folds: np.ndarray, task: str, classes: list[str],
+                 target_sensitivity: float) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
+    """Calibrated probabilities and decisions for every out-of-fold image, with the temperature and
+    threshold fitted on the *other* folds' out-of-fold predictions (so no image helps choose its
+    own operating point: the sensitivity reported is the one a new patient would meet, not the
+    target by construction). Returns (probs, predictions, operating point per fold)."""
+    probs = np.zeros((len(y), len(classes)))
+    pred = np.zeros(len(y), dtype=int)
+    per_fold = {}
+    for k in np.unique(folds):
+        mine = folds == k
+        op = fit_operating_point(logits[~mine], y[~mine], task, classes, target_sensitivity,
+                                 fitted_on=f"out-of-fold predictions outside fold {k}")
+        probs[mine] = logits_to_probs(logits[mine], task, op["temperature"]).numpy()
+        pred[mine] = predict_labels(probs[mine], task, op["threshold"], classes)
+        per_fold[int(k)] = {"temperature": op["temperature"], "threshold": op["threshold"]}
+    return probs, pred, per_fold
+
+
+def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dict], oof: list[dict]) -> dict:
+    classes = output_classes(cfg.task)
+    logits = torch.as_tensor(np.stack([o["logits"] for o in oof]), dtype=torch.float32)
+    y = np.array([o["y"] for o in oof])
+    # the deployed operating point: fitted on every out-of-fold prediction
+    op = fit_operating_point(logits, y, cfg.task, classes, cfg.target_sensitivity,
+                             fitted_on="pooled out-of-fold predictions")
+    # the honest estimate of what it does on new patients: cross-fitted (see cross_fitted)
+    probs, pred, fold_ops = cross_fitted(logits, y, np.array([o["fold"] for o in oof]), cfg.task, classes,
+                                         cfg.target_sensitivity)
+    op["cross_fitted"] = fold_ops
+    for o, p, pr in zip(oof, pred, probs):
+        o["pred"], o["probs"] = int(p), pr
+    summary = summarise(per_fold, oof, cfg.task, classes)
+    summary["operating_point"] = op
+    atomic_write_json(out / "crossval.json", summary)
+    _write_oof(out / "oof.csv", oof, classes, Path(cfg.data))
+    metrics = {"subset": "out-of-fold", "folds": folds,
+               **classification_metrics(y, probs, classes, cfg.task, y_pred=pred)}
+    atomic_write_json(out / "metrics.json", metrics)
+
+    members = [read_contract(out / f"fold-{k}") for k in range(1, folds + 1)]
+    first = members[0]
+    contract = ModelContract(
+        arch=first.arch, task=cfg.task, classes=classes, preprocessing=first.preprocessing, init=first.init,
+        training={
+            "data": cfg.data, "folds": folds, "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
+            "seed": cfg.seed, "lr": cfg.resolved_lr(), "operating_point": op,
+            "data_fingerprints_sha256": [m.training.get("data_fingerprint_sha256") for m in members],
+        },
+        temperature=1.0,  # the members' temperature is inside the ensemble (ensemble.member_temperature)
+        thresholds={"malignant": op["threshold"]},
+        metrics={"subset": "out-of-fold", **{k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy",
+                                                                       "macro_f1", "roc_auc")}},
+        versions={"lungcad": lungcad.__version__, "torch": torch.__version__,
+                  "torchvision": torchvision.__version__, "python": platform.python_version()},
+        ood=ensemble_ood_entry([(f"fold-{k}", m.ood) for k, m in enumerate(members, start=1)]),
+        # every member's training images are K-1 of the K folds of the same data: one profile serves
+        appearance=first.appearance,
+        ensemble={"members": [{"path": f"fold-{k}", "model_sha256": m.model_sha256}
+                              for k, m in enumerate(members, start=1)],
+                  "member_temperature": op["temperature"],
+                  "combine": "mean of the members' probabilities at member_temperature"},
+        model_sha256=ensemble_sha256([m.model_sha256 for m in members]),
+    )
+    atomic_write_json(out / CONTRACT_FILE, contract.to_dict())
+    load_model(out)  # the folder must load as a model before we call it done
+    return summary
+
+
+def summarise(per_fold: list[dict], oof: list[dict], task: str, classes: list[str]) -> dict:
     stats = {}
     for key in SUMMARY_KEYS:
-        vals = [m.get(key) for m in per_fold]
-        stats[key] = _mean_sd(vals)
+        stats[key] = _mean_sd([m.get(key) for m in per_fold])
     for key in MALIGNANT_KEYS:
-        vals = [(m.get("malignant_vs_rest") or {}).get(key) for m in per_fold]
-        stats[f"malignant_vs_rest.{key}"] = _mean_sd(vals)
+        stats[f"malignant_vs_rest.{key}"] = _mean_sd([(m.get("malignant_vs_rest") or {}).get(key) for m in per_fold])
     y = np.array([o["y"] for o in oof])
     pred = np.array([o["pred"] for o in oof])
     probs = np.stack([o["probs"] for o in oof])
@@ -135,14 +259,16 @@ def summarise(per_fold: list[dict], oof: list[dict], task: str) -> dict:
     point = {k: (None if np.isnan(v[0]) else float(v[0]))
              for k, v in weighted_metrics(y, probs, pred, classes, task, np.ones((1, len(y)))).items()}
     ci = bootstrap_ci(y, probs, pred, groups, classes, task)
-    pooled = _nest(point)
     return {
         "folds": len(per_fold), "classes": classes, "n": int(len(y)),
         "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "n", "malignant_vs_rest", "threshold")} for m in per_fold],
+        "per_fold_note": "each member on its own test fold at temperature 1 and argmax (members are not calibrated "
+                         "alone)",
         "mean_sd": stats,
-        "pooled_out_of_fold": {"note": "every image predicted by the fold model that never saw it, at that fold's "
-                                       "temperature and threshold; group-bootstrap 95 % intervals",
-                               "intervals": attach_intervals(pooled, ci), "n_groups": ci["n_groups"]},
+        "pooled_out_of_fold": {"note": "every image predicted by the fold member that never saw it, at the "
+                                       "temperature and threshold fitted on the other folds' out-of-fold "
+                                       "predictions; group-bootstrap 95 % intervals",
+                               "intervals": attach_intervals(_nest(point), ci), "n_groups": ci["n_groups"]},
     }
 
 
@@ -164,13 +290,15 @@ def _mean_sd(vals: list) -> dict:
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None, "n_folds": int(len(v))}
 
 
-def _write_oof(path: Path, oof: list[dict], classes: list[str]) -> None:
+def _write_oof(path: Path, oof: list[dict], classes: list[str], root: Path) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "group", "fold", "predicted", *(f"p_{c}" for c in classes)])
+    n_logits = len(oof[0]["logits"]) if oof else 0
+    w.writerow(["path", "label", "group", "fold", "predicted", *(f"p_{c}" for c in classes),
+                *(f"logit_{i}" for i in range(n_logits))])
     for o in oof:
-        w.writerow([str(o["path"]), o["label"], o["group"], o["fold"], classes[o["pred"]],
-                    *(f"{p:.6f}" for p in o["probs"])])
+        w.writerow([portable_path(o["path"], root), o["label"], o["group"], o["fold"], classes[o["pred"]],
+                    *(f"{p:.6f}" for p in o["probs"]), *(f"{z:.6f}" for z in o["logits"])])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -184,4 +312,9 @@ def format_summary(s: dict) -> str:
         iv = s["pooled_out_of_fold"]["intervals"].get(key, {})
         ci = f"[{f(iv.get('low'))}, {f(iv.get('high'))}]" if iv.get("low") is not None else iv.get("note", "")
         lines.append(f"{key:<34}{f(ms['mean']):>8}{f(ms['sd']):>8}{f(iv.get('value')):>9}  {ci}")
+    op = s.get("operating_point")
+    if op:
+        lines.append(f"pooled calibration: temperature {op['temperature']:.3f}, malignant threshold "
+                     f"{op['threshold']:.3f} (out-of-fold sensitivity {f(op['validation'].get('sensitivity'))}, "
+                     f"specificity {f(op['validation'].get('specificity'))})")
     return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""The ablation table of docs/ablations.md, from finished `lungcad train --folds K` run folders.
+
+Every run is scored the same way, from the raw out-of-fold logits in its oof.csv: temperature and
+malignant threshold cross-fitted (fitted on the other folds' out-of-fold predictions, see
+`lungcad.training.crossval.cross_fitted`), metrics pooled over all folds with 95 % group-bootstrap
+intervals, and the paired difference in balanced accuracy against the first run given (the
+reference) and against the texture baseline on the same folds.
+
+    python benchmarks/ablation_table.py RUN_A RUN_B ... [--markdown] [--texture]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lungcad.data.dataset import load_cache
+from lungcad.evaluation.baselines import out_of_fold_baseline, texture_features
+from lungcad.evaluation.bootstrap import metrics_with_intervals, paired_difference
+from lungcad.evaluation.calibration import calibration_summary
+from lungcad.models.factory import target_index
+from lungcad.run import RunFolder
+from lungcad.training.crossval import cross_fitted
+
+
+def score(run_dir: Path) -> dict:
+    run = RunFolder(run_dir)
+    contract = run.contract()
+    oof = run.out_of_fold()
+    classes, task = contract.classes, contract.task
+    y = np.array([target_index(lab, classes, task) for lab in oof.labels])
+    groups = np.array([f"{f}:{g}" for f, g in zip(oof.folds, oof.groups)])
+    target = contract.training["operating_point"]["validation"]["target_sensitivity"]
+    probs, pred, _ = cross_fitted(torch.as_tensor(oof.logits, dtype=torch.float32), y, oof.folds, task, classes,
+                                  target)
+    m = metrics_with_intervals(y, probs, None, groups, classes, task, pred=pred)
+    recipe = contract.training.get("recipe", {})
+    seconds = [float(r["seconds"]) for member in run.members() for r in member.history()]
+    return {"run": run_dir.name, "recipe": recipe, "y": y, "probs": probs, "pred": pred, "groups": groups,
+            "folds": oof.folds, "paths": oof.paths, "classes": classes, "task": task, "target": target,
+            "metrics": m, "ece": calibration_summary(probs, y, task)["ece"],
+            "train_minutes": sum(seconds) / 60.0, "pp": contract.preprocessing}
+
+
+def _ci(m: dict, key: str) -> str:
+    v = m["intervals"][key]
+    if v["value"] is None:
+        return "n/a"
+    if v.get("low") is None:
+        return f"{v['value']:.3f}"
+    return f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--texture", action="store_true", help="add the texture baseline on the first run's folds")
+    ap.add_argument("--json", type=Path, help="also write the table as JSON")
+    args = ap.parse_args(argv)
+    rows = [score(r) for r in args.runs]
+    ref = rows[0]
+    header = ("| run | balanced accuracy | macro-F1 | malignant ROC-AUC | sensitivity / specificity | ECE | "
+              "Δ bal. acc. vs first [95 % CI] | training min |")
+    lines = [header, "|" + "---|" * 8]
+    table = []
+    for r in rows:
+        m = r["metrics"]
+        mv = m["malignant_vs_rest"]
+        if r is ref:
+            diff = "reference"
+        else:
+            same = all(np.array_equal(a, b) for a, b in ((r["y"], ref["y"]), (r["folds"], ref["folds"])))
+            if not same:
+                diff = "other folds"
+            else:
+                d = paired_difference(r["y"], r["probs"], r["pred"], ref["probs"], ref["pred"], r["groups"],
+                                      r["classes"], r["task"])
+                diff = f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+        lines.append(f"| {r['run']} | {_ci(m, 'balanced_accuracy')} | {_ci(m, 'macro_f1')} | "
+                     f"{_ci(m, 'malignant_vs_rest.roc_auc')} | {mv['sensitivity']:.3f} / {mv['specificity']:.3f} | "
+                     f"{r['ece']:.3f} | {diff} | {r['train_minutes']:.0f} |")
+        table.append({"run": r["run"], "recipe": r["recipe"], "balanced_accuracy": m["intervals"]["balanced_accuracy"],
+                      "macro_f1": m["intervals"]["macro_f1"],
+                      "malignant_roc_auc": m["intervals"]["malignant_vs_rest.roc_auc"],
+                      "sensitivity": mv["sensitivity"], "specificity": mv["specificity"], "fp": mv["fp"],
+                      "fn": mv["fn"], "ece": r["ece"], "difference_vs_first": diff,
+                      "train_minutes": r["train_minutes"]})
+    if args.texture:
+        cache, bad = load_cache(ref["paths"], ref["pp"], progress=False)
+        assert not bad, bad[:1]
+        probs, pred = out_of_fold_baseline(texture_features(cache), ref["y"], ref["folds"], ref["classes"],
+                                           ref["task"], ref["target"], "classical")
+        m = metrics_with_intervals(ref["y"], probs, None, ref["groups"], ref["classes"], ref["task"], pred=pred)
+        mv = m["malignant_vs_rest"]
+        d = paired_difference(ref["y"], ref["probs"], ref["pred"], probs, pred, ref["groups"], ref["classes"],
+                              ref["task"])
+        lines.append(f"| texture baseline (same folds) | {_ci(m, 'balanced_accuracy')} | {_ci(m, 'macro_f1')} | "
+                     f"{_ci(m, 'malignant_vs_rest.roc_auc')} | {mv['sensitivity']:.3f} / {mv['specificity']:.3f} | "
+                     f"{calibration_summary(probs, ref['y'], ref['task'])['ece']:.3f} | first run minus texture: "
+                     f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | - |")
+        table.append({"run": "texture baseline", "balanced_accuracy": m["intervals"]["balanced_accuracy"],
+                      "first_minus_texture": d, "fp": mv["fp"], "fn": mv["fn"]})
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
