@@ -21,7 +21,8 @@ from lungcad.data.images import MIN_SIDE, ImageReadError, decode_image
 from lungcad.data.transforms import PAD_LIMIT, Preprocessing, prepare
 from lungcad.errors import LungcadError
 from lungcad.inference.appearance import check, fit_profile
-from lungcad.inference.predictor import Prediction, Predictor
+from lungcad.inference.predictor import Predictor
+from lungcad.inference.results import Prediction
 from lungcad.models.contract import CONTRACT_FILE, ModelContract, read_contract, save_model
 from lungcad.models.factory import create_model
 

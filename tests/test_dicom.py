@@ -110,6 +110,37 @@ def test_magic_detection():
     assert is_dicom(raw[:132]) and not is_dicom(b"\xff\xd8\xff" + b"\0" * 200) and not is_dicom(b"")
 
 
+@pytest.mark.parametrize("head, kind, predict_kind, upload_kind", [
+    (b"\0" * 128 + b"DICM", "dicom", "dicom", "dicom"),  # exactly 132 bytes: the magic is all there
+    (b"\0" * 127 + b"DICM", None, None, None),  # 131 bytes: DICM at byte 127 is not the magic
+    (b"\0" * 128 + b"DICM" + b"\x02\x00", "dicom", "dicom", "dicom"),  # preamble + DICM + a data element
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 120 + b"DICM\x02", "dicom", "dicom", "dicom"),  # preamble looks like PNG
+    (b"\0" * 128 + b"DIC", None, None, None),  # truncated magic
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 8, "png", "image", "png"),
+    (b"\xff\xd8\xff\xe0", "jpeg", "image", "jpeg"),
+    (b"BM" + b"\0" * 200, "bmp", "image", None),  # predict reads BMP; the web app takes PNG/JPEG/DICOM only
+    (b"", None, None, None),
+])
+def test_one_sniffer_for_predict_the_dicom_reader_and_uploads(head, kind, predict_kind, upload_kind):
+    from lungcad.inference.inputs import file_kind, sniff
+    from lungcad.web.uploads import sniff as upload_sniff
+
+    assert file_kind(head) == kind
+    assert sniff(head) == predict_kind
+    assert upload_sniff(head) == upload_kind
+    assert is_dicom(head) == (kind == "dicom")
+
+
+def test_a_bare_dicom_magic_is_sniffed_as_dicom_and_rejected_by_its_reader():
+    from lungcad.web.uploads import check_upload
+
+    bare = b"\0" * 128 + b"DICM"
+    with pytest.raises(LungcadError, match="bare.dcm: DICOM without pixel data"):
+        read_dicom(bare, name="bare.dcm")
+    with pytest.raises(LungcadError, match="not a readable DICOM image"):
+        check_upload(bare, "bare.dcm")
+
+
 def test_only_uids_leave_and_deidentify_strips_patient():
     ds = _ct()
     assert str(ds.PatientName)  # the bundled file does carry a (fake) patient name

@@ -19,7 +19,8 @@ from lungcad.cli import main
 from lungcad.data.transforms import Preprocessing, prepare
 from lungcad.errors import LungcadError
 from lungcad.inference.ood import fit_ood
-from lungcad.inference.predictor import SERIES_TOP_K, Prediction, Predictor
+from lungcad.inference.predictor import SERIES_TOP_K, Predictor
+from lungcad.inference.results import Prediction
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.factory import create_model
 

@@ -23,6 +23,7 @@ import numpy as np
 from lungcad.data.images import MAX_PIXELS, ImageReadError, check_size
 from lungcad.dicom.deid import safe_metadata
 from lungcad.errors import LungcadError
+from lungcad.inference.inputs import HEAD_BYTES, is_dicom  # the one file-type sniffer
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ class DicomFrames:
     frames: list[np.ndarray]  # each HxW (grey) or HxWx3 (colour) uint8
     metadata: dict = field(default_factory=dict)  # UIDs, modality, instance number: see deid.safe_metadata
     window: tuple[float, float] | None = None  # (level, width) applied to grey frames, None = min-max
-
-
-def is_dicom(head: bytes) -> bool:
-    """True if these leading bytes carry the DICOM Part 10 magic (`DICM` after the 128-byte preamble)."""
-    return len(head) >= 132 and head[128:132] == b"DICM"
 
 
 def parse_window(text: str) -> tuple[float, float]:
@@ -125,7 +121,7 @@ def read_dicom(
         raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
     except OSError as exc:
         raise DicomReadError(f"cannot read file ({exc.strerror or exc})", label) from None
-    if not is_dicom(raw[:132]):
+    if not is_dicom(raw[:HEAD_BYTES]):
         raise DicomReadError("not a DICOM file (no DICM magic at byte 128)", label)
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))

@@ -12,7 +12,6 @@ UIDs and the model sha256, so writing the same result twice gives the same objec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -20,10 +19,8 @@ from PIL import Image
 import lungcad
 from lungcad.dicom.deid import hashed_uid
 from lungcad.errors import LungcadError
+from lungcad.inference.results import Prediction
 from lungcad.utils import atomic_path
-
-if TYPE_CHECKING:
-    from lungcad.inference.predictor import Prediction
 
 SERIES_NUMBER = 9900  # high, so the overlays sort after the acquired series in a viewer
 DISCLAIMER = "lungcad decision support, not a diagnosis"

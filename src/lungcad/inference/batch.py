@@ -17,7 +17,9 @@ from pathlib import Path
 
 from lungcad.distributed import barrier, broadcast_from_main, init_distributed, shutdown
 from lungcad.errors import LungcadError
-from lungcad.inference.predictor import Prediction, Predictor, iter_inputs, write_predictions
+from lungcad.inference.inputs import iter_inputs
+from lungcad.inference.predictor import Predictor
+from lungcad.inference.results import Prediction, add_to_series, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,5 @@ def predict_archive(
 def _series_groups(predictions: list[Prediction]) -> list[dict]:
     groups: dict[str, dict] = {}
     for p in predictions:
-        uid = p.dicom.get("SeriesInstanceUID")
-        if uid and not p.error and p.level != "series":  # the same instance twice counts once
-            groups.setdefault(uid, {})[(p.dicom.get("SOPInstanceUID"), p.dicom.get("frame"))] = p
+        add_to_series(groups, p)
     return list(groups.values())

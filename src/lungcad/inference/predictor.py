@@ -18,13 +18,15 @@ malignant probability, among the slices that are not out of distribution (all sl
 one is). A nodule shows on a few slices only: a mean over the whole series would dilute it to
 nothing, the single highest slice would follow one noisy slice. The series is flagged OOD when
 more than half of its slices are; its ood_score is the median slice score.
+
+Around it: the result record and CSV/JSON output (`lungcad.inference.results`), finding and
+sniffing inputs (`lungcad.inference.inputs`), engines (`lungcad.inference.engines`) and
+DICOM Secondary Capture results (`lungcad.dicom.writer`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -35,81 +37,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lungcad.data.images import IMAGE_SUFFIXES, check_min_side, decode_image
+from lungcad.data.images import check_min_side, decode_image
 from lungcad.data.transforms import normalise, prepare
-from lungcad.dicom.reader import is_dicom, read_dicom
+from lungcad.dicom.reader import read_dicom
+from lungcad.dicom.writer import write_secondary_capture
 from lungcad.errors import LungcadError
 from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.appearance import check as appearance_check
 from lungcad.inference.engines import Engine, TorchEngine
 from lungcad.inference.explain import Explanation, grad_cam
+from lungcad.inference.inputs import HEAD_BYTES, _common_source, is_dicom, iter_inputs, sniff
 from lungcad.inference.ood import load_ood_detector
+from lungcad.inference.results import Prediction, add_to_series, prediction_columns, write_predictions
 from lungcad.models.contract import ModelContract, load_model
 from lungcad.models.factory import logits_to_probs
+
+# Prediction, write_predictions, iter_inputs and sniff moved to lungcad.inference.results / .inputs;
+# they are re-exported here for the callers that import them from the predictor.
+__all__ = ["SERIES_TOP_K", "Prediction", "Predictor", "iter_inputs", "sniff", "write_predictions"]
 
 log = logging.getLogger(__name__)
 
 SERIES_TOP_K = 3  # slices averaged for a series' probabilities (see the module docstring)
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
-DICOM_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "InstanceNumber", "frame")
-# Leading bytes of the image formats decode_image (Pillow) reads; used to pick files out of folders.
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8", b"RIFF")
-
-
-@dataclass
-class Prediction:
-    source: str  # file path / upload name ("file.dcm#3" for frame 3; a folder for a series row)
-    probabilities: dict[str, float]  # calibrated (contract temperature), by class name
-    label: str  # predicted class at the contract's thresholds
-    malignant_probability: float
-    decision: str  # "malignant" or "not malignant" at contract.thresholds["malignant"]
-    ood: bool  # the feature-space detector or the appearance check flagged it (reasons in ood_reasons)
-    ood_score: float | None
-    error: str = ""  # "" when fine; one line otherwise (the file is still reported)
-    model_sha256: str = ""
-    dicom: dict = field(default_factory=dict)  # UIDs (+ modality, instance, frame); never patient identity
-    level: str = "image"  # "image", "frame" (of a multi-frame DICOM) or "series" (aggregate)
-    slices: int = 1  # images aggregated into this row (series rows)
-    cam_path: str = ""  # Grad-CAM overlay PNG, when asked for
-    ood_reasons: list[str] = field(default_factory=list)  # why `ood` is set, one line each ("; " in CSV/JSON)
-
-    @classmethod
-    def failed(cls, source: str, error: str, model_sha256: str = "", dicom: dict | None = None) -> Prediction:
-        return cls(source=source, probabilities={}, label="", malignant_probability=math.nan, decision="",
-                   ood=False, ood_score=None, error=error, model_sha256=model_sha256, dicom=dict(dicom or {}))
-
-    @classmethod
-    def from_row(cls, row: dict, classes: list[str]) -> Prediction:
-        """Inverse of `to_row` (merging sharded or resumed results)."""
-        dicom = {k: row[k] for k in DICOM_COLUMNS if row.get(k) is not None}
-        if row.get("error"):
-            return cls.failed(row["source"], row["error"], row.get("model_sha256", ""), dicom)
-        return cls(source=row["source"], probabilities={c: float(row[f"p_{c}"]) for c in classes},
-                   label=row["label"], malignant_probability=float(row["malignant_probability"]),
-                   decision=row["decision"], ood=bool(row["ood"]),
-                   ood_score=None if row.get("ood_score") is None else float(row["ood_score"]),
-                   model_sha256=row.get("model_sha256", ""), dicom=dicom, level=row.get("level", "image"),
-                   slices=int(row.get("slices") or 1), cam_path=row.get("cam_path") or "",
-                   ood_reasons=[r for r in (row.get("ood_reasons") or "").split("; ") if r])
-
-    def to_row(self) -> dict:
-        """Flat dict for CSV/JSON: p_<class> columns, DICOM UIDs as columns; None where not applicable."""
-        ok = not self.error
-        row: dict = {"source": self.source, "level": self.level, "label": self.label or None,
-                     "decision": self.decision or None,
-                     "malignant_probability": round(self.malignant_probability, 6) if ok else None}
-        for name, p in self.probabilities.items():
-            row[f"p_{name}"] = round(float(p), 6)
-        row["ood"] = self.ood if ok else None
-        row["ood_score"] = round(self.ood_score, 6) if self.ood_score is not None else None
-        row["ood_reasons"] = "; ".join(self.ood_reasons) if ok else None
-        row["error"] = self.error
-        row["model_sha256"] = self.model_sha256
-        row["slices"] = self.slices
-        for key in DICOM_COLUMNS:
-            row[key] = self.dicom.get(key)
-        row["cam_path"] = self.cam_path or None
-        return row
 
 
 @dataclass
@@ -174,9 +123,7 @@ class Predictor:
     @property
     def columns(self) -> list[str]:
         """CSV columns of `Prediction.to_row` for this model (fixed, whatever the rows hold)."""
-        return (["source", "level", "label", "decision", "malignant_probability"]
-                + [f"p_{c}" for c in self.classes]
-                + ["ood", "ood_score", "ood_reasons", "error", "model_sha256", "slices", *DICOM_COLUMNS, "cam_path"])
+        return prediction_columns(self.classes)
 
     def _frames(self, data: bytes | Path | str, name: str | None) -> list[tuple[np.ndarray, dict]]:
         """Decoded uint8 frames with their DICOM metadata (one frame for ordinary images)."""
@@ -193,7 +140,7 @@ class Predictor:
             raw = bytes(data)
         if not raw:
             raise LungcadError("empty file (0 bytes)", label)
-        if is_dicom(raw[:132]):
+        if is_dicom(raw[:HEAD_BYTES]):
             dcm = read_dicom(raw, label, window=self.window, ct_window=self.pp.window)
             if self.window is None and dcm.window == self.pp.window and self.pp.window_source != "declared":
                 self._warn_default_window()
@@ -395,9 +342,7 @@ class Predictor:
                     pred.cam_path = str(self._save_cam(it, exp, Path(cam_dir)))
                 if to_dicom:
                     self._save_dicom(it, exp, pred, Path(dicom_out))
-            uid = it.dicom.get("SeriesInstanceUID")
-            if uid:  # the same instance twice (e.g. re-encoded copies) counts once
-                series.setdefault(uid, {})[(it.dicom.get("SOPInstanceUID"), it.dicom.get("frame"))] = pred
+            add_to_series(series, pred)
             yield pred
 
     def _aggregate(self, source: str, preds: list[Prediction]) -> Prediction:
@@ -448,8 +393,6 @@ class Predictor:
         return exp.save_overlay(path)
 
     def _save_dicom(self, item: _Item, exp: Explanation, pred: Prediction, out_dir: Path) -> None:
-        from lungcad.dicom.writer import write_secondary_capture
-
         try:
             write_secondary_capture(item.source.split("#")[0], exp.overlay, pred, out_dir, frame=item.dicom.get("frame"))
         except LungcadError as exc:  # the prediction stands; the missing DICOM result is reported
@@ -457,114 +400,10 @@ class Predictor:
             log.error("--dicom-out: %s", exc)
 
 
-# -------------------------------------------------------------------------------------- inputs
-
-
-def sniff(head: bytes) -> str | None:
-    """"dicom", "image" or None from a file's leading bytes (content, not the extension)."""
-    if is_dicom(head):
-        return "dicom"
-    if head.startswith(_IMAGE_MAGIC):
-        return "image"
-    return None
-
-
-def _wanted_in_folder(path: Path) -> bool:
-    """In folders: files whose content is DICOM or an image, and files *named* like one.
-
-    Named-like-one files are kept whatever their content, so a truncated or zero-byte scan is
-    reported rather than skipped; anything else (README, DICOMDIR, .DS_Store) is skipped quietly.
-    """
-    if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
-        return False
-    if path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as fh:
-            return sniff(fh.read(132)) is not None
-    except OSError:
-        return True  # unreadable: report it
-
-
-def iter_inputs(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
-    """(file, problem) for every input: files as given, folders walked recursively in sorted order.
-
-    `problem` is "" or a one-line reason the input cannot even be opened (missing path).
-    """
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = 0
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for f in sorted(files):
-                    fp = Path(root) / f
-                    if _wanted_in_folder(fp):
-                        found += 1
-                        yield fp, ""
-            if not found:
-                yield p, "folder holds no image or DICOM files"
-        elif p.exists():
-            yield p, ""
-        else:
-            yield p, "file not found"
-
-
-def _common_source(sources: Iterable[str]) -> str:
-    paths = [s.split("#")[0] for s in sources]
-    if len(set(paths)) == 1:
-        return paths[0]
-    try:
-        return os.path.commonpath(paths)
-    except ValueError:
-        return paths[0]
+# --------------------------------------------------------------------------------- helpers
 
 
 def _strip_path(message: str, source: str) -> str:
     """LungcadError messages start with the path; the row already has it in `source`."""
     prefix = f"{source}: "
     return message[len(prefix):] if message.startswith(prefix) else message
-
-
-# -------------------------------------------------------------------------------------- output
-
-
-def write_predictions(predictions: Iterable[Prediction], out: str | Path | None, columns: list[str]
-                      ) -> tuple[int, int]:
-    """Stream rows to `out` (.csv or .json, written atomically) or CSV on stdout; returns (rows, failed)."""
-    import csv
-    import json
-    import sys
-
-    fmt = "csv" if out is None else Path(out).suffix.lower().lstrip(".")
-    if fmt not in ("csv", "json"):
-        raise LungcadError("output file must end in .csv or .json", out)
-    counts = [0, 0]
-
-    def emit(fh) -> None:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
-        if fmt == "csv":
-            writer.writeheader()
-        else:
-            fh.write("[")
-        for pred in predictions:
-            row = pred.to_row()
-            if fmt == "csv":
-                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-            else:
-                row = {k: row.get(k) for k in columns}  # the same keys in every object, null when n/a
-                fh.write(("," if counts[0] else "") + "\n  " + json.dumps(row))
-            counts[0] += 1
-            counts[1] += bool(pred.error)
-        if fmt == "json":
-            fh.write("\n]\n")
-
-    if out is None:
-        emit(sys.stdout)
-        sys.stdout.flush()
-    else:
-        from lungcad.utils import atomic_path
-
-        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-            emit(fh)
-    return counts[0], counts[1]

@@ -17,6 +17,7 @@ from pydicom.errors import InvalidDicomError
 from lungcad.data.images import MAX_PIXELS, check_min_side, check_size
 from lungcad.dicom.deid import deidentify
 from lungcad.errors import LungcadError
+from lungcad.inference.inputs import file_kind
 
 __all__ = [
     "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "check_upload", "deidentify_upload", "sniff",
@@ -31,14 +32,10 @@ KINDS = ("png", "jpeg", "dicom")
 
 
 def sniff(raw: bytes) -> str | None:
-    """The file type from its magic bytes: 'png', 'jpeg', 'dicom' or None."""
-    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if raw.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if len(raw) > 132 and raw[128:132] == b"DICM":
-        return "dicom"
-    return None
+    """The upload's type from its content: 'png', 'jpeg', 'dicom' or None (any other kind; one sniffer for
+    predict and the web app: `lungcad.inference.inputs.file_kind`)."""
+    kind = file_kind(raw)
+    return kind if kind in KINDS else None
 
 
 def check_upload(raw: bytes, label: str = "upload") -> tuple[str, int, int]:
