@@ -36,7 +36,8 @@ import _machine  # benchmarks/_machine.py: the script's folder is on sys.path
 
 from lungcad.data.images import decode_image
 from lungcad.data.transforms import Preprocessing, normalise, prepare, preprocess
-from lungcad.inference.engines import TorchEngine, default_threads, make_engine
+from lungcad.inference.engine_factory import make_engine
+from lungcad.inference.engines import TorchEngine, default_threads
 from lungcad.inference.export import default_export_path, export_model, onnx_to_openvino
 from lungcad.models.contract import ModelContract, load_model, save_model
 from lungcad.models.factory import create_model

@@ -21,7 +21,8 @@ from lungcad.cli import main  # noqa: E402
 from lungcad.data.images import decode_image  # noqa: E402
 from lungcad.data.transforms import Preprocessing, normalise, prepare  # noqa: E402
 from lungcad.errors import LungcadError  # noqa: E402
-from lungcad.inference.engines import OnnxEngine, OpenVinoEngine, TorchEngine, make_engine  # noqa: E402
+from lungcad.inference.engine_factory import make_engine  # noqa: E402
+from lungcad.inference.engines import OnnxEngine, OpenVinoEngine, TorchEngine  # noqa: E402
 from lungcad.inference.export import contract_path_for, default_export_path, export_model, read_exported_contract  # noqa: E402
 from lungcad.models.contract import ModelContract, load_model, save_model  # noqa: E402
 from lungcad.models.factory import create_model, logits_to_probs  # noqa: E402

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lungcad.data.transforms import normalise
 from lungcad.errors import LungcadError
+from lungcad.inference.engines import OnnxEngine, TorchEngine
 from lungcad.models.contract import ModelContract, load_model, parse_contract_file
 from lungcad.models.factory import logits_to_probs, split_head
 from lungcad.run import RunFolder
@@ -250,8 +251,6 @@ def _export_onnx(model: nn.Module, contract: ModelContract, path: Path) -> None:
 
 def _check_fp32_parity(model: nn.Module, contract: ModelContract, onnx_path: Path) -> float:
     """Max |p_onnx - p_torch| on a few random inputs; refuses a graph that does not match."""
-    from lungcad.inference.engines import OnnxEngine
-
     size = contract.preprocessing.image_size
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -360,7 +359,6 @@ def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8
     """Accuracy of fp32 (PyTorch) and INT8 (ONNX Runtime) on the run's test split."""
     from lungcad.data.dataset import load_cache
     from lungcad.evaluation.metrics import classification_metrics, predict_labels
-    from lungcad.inference.engines import OnnxEngine, TorchEngine
     from lungcad.models.factory import target_index
 
     paths, labels = _split_paths(run_dir, "test")

@@ -20,7 +20,7 @@ nothing, the single highest slice would follow one noisy slice. The series is fl
 more than half of its slices are; its ood_score is the median slice score.
 
 Around it: the result record and CSV/JSON output (`lungcad.inference.results`), finding and
-sniffing inputs (`lungcad.inference.inputs`), engines (`lungcad.inference.engines`) and
+sniffing inputs (`lungcad.inference.inputs`), engines (`lungcad.inference.engine_factory`) and
 DICOM Secondary Capture results (`lungcad.dicom.writer`).
 """
 
@@ -44,12 +44,12 @@ from lungcad.dicom.writer import write_secondary_capture
 from lungcad.errors import LungcadError
 from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.appearance import check as appearance_check
-from lungcad.inference.engines import Engine, TorchEngine
+from lungcad.inference.engine_factory import make_engine
 from lungcad.inference.explain import Explanation, grad_cam
 from lungcad.inference.inputs import HEAD_BYTES, _common_source, is_dicom, iter_inputs, sniff
 from lungcad.inference.ood import load_ood_detector
 from lungcad.inference.results import Prediction, add_to_series, prediction_columns, write_predictions
-from lungcad.models.contract import ModelContract, load_model
+from lungcad.models.contract import load_model
 from lungcad.models.factory import logits_to_probs
 
 # Prediction, write_predictions, iter_inputs and sniff moved to lungcad.inference.results / .inputs;
@@ -73,16 +73,6 @@ class _Item:
     reasons: list[str] = field(default_factory=list)  # appearance check (lungcad.inference.appearance)
 
 
-def _make_engine(kind: str, run_dir: Path, model, contract: ModelContract) -> Engine:
-    if kind == "torch":
-        return TorchEngine(model)
-    try:  # exported runtimes (ONNX Runtime, OpenVINO) live beside TorchEngine when installed
-        from lungcad.inference.engines import make_engine
-    except ImportError:
-        raise LungcadError(f"engine {kind!r} is not available in this lungcad build (use --engine torch)") from None
-    return make_engine(kind, run_dir, model, contract)
-
-
 class Predictor:
     """A trained run, loaded once, predicting and explaining files under its model contract."""
 
@@ -91,7 +81,7 @@ class Predictor:
         t0 = time.perf_counter()
         self.run_dir = Path(run_dir)
         self.model, self.contract = load_model(self.run_dir)
-        self.engine = _make_engine(engine, self.run_dir, self.model, self.contract)
+        self.engine = make_engine(engine, self.run_dir, self.model, self.contract)
         self.window = window
         self.pp = self.contract.preprocessing
         self.appearance = self.contract.appearance or {}
