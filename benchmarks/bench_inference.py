@@ -36,6 +36,7 @@ import _machine  # benchmarks/_machine.py: the script's folder is on sys.path
 
 from lungcad.data.images import decode_image
 from lungcad.data.transforms import Preprocessing, normalise, prepare, preprocess
+from lungcad.errors import first_line
 from lungcad.inference.engine_factory import make_engine
 from lungcad.inference.engines import TorchEngine, default_threads
 from lungcad.inference.export import default_export_path, export_model, onnx_to_openvino
@@ -190,7 +191,7 @@ def main() -> None:
             print(f"torch.compile warm-up: {time.perf_counter() - start:.0f} s", flush=True)
             runners["torch.compile channels_last"] = torch_compiled
         except Exception as exc:  # no C++ compiler, unsupported platform, ...
-            print(f"torch.compile unavailable: {str(exc).splitlines()[0][:120]}")
+            print(f"torch.compile unavailable: {first_line(exc, 120)}")
     runners.update({name: e.run for name, e in engines.items() if name != "torch"})
 
     print(f"\nbatch {args.batch} at {pp.image_size} px, {args.threads} threads ({gflop:.2f} GFLOP/img); "

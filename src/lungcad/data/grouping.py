@@ -30,6 +30,7 @@ from scipy import ndimage, sparse
 
 from lungcad.data.discovery import Sample
 from lungcad.data.images import ImageReadError, decode_image
+from lungcad.errors import first_line
 from lungcad.utils import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def scan_images(
             unreadable.append((path, _reason(exc)))
             continue
         except Exception as exc:  # noqa: BLE001 - a scan must survive any odd file
-            unreadable.append((path, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+            unreadable.append((path, f"{type(exc).__name__}: {first_line(exc, limit=None)}"))
             continue
         thumb = Image.fromarray(pixels).resize((thumb_size, thumb_size), Image.BILINEAR)
         infos.append(
@@ -124,10 +125,10 @@ def scan_images(
 
 def _reason(exc: ImageReadError) -> str:
     # LungcadError prefixes the path; the caller already has it, so keep only the reason.
-    text = str(exc)
+    text = first_line(exc, limit=None)
     if exc.path is not None and text.startswith(f"{exc.path}: "):
         text = text[len(f"{exc.path}: ") :]
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text or type(exc).__name__
 
 
 def exact_duplicate_sets(infos: Sequence[ImageInfo]) -> list[list[int]]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from lungcad.data.images import MAX_PIXELS, ImageReadError, check_size
 from lungcad.dicom.deid import safe_metadata
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.inference.inputs import HEAD_BYTES, is_dicom  # the one file-type sniffer
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def read_dicom(
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise DicomReadError(f"corrupt DICOM file ({_one_line(exc)})", label) from None
+        raise DicomReadError(f"corrupt DICOM file ({first_line(exc)})", label) from None
     metadata = safe_metadata(ds)
     if "PixelData" not in ds:
         kind = "FloatPixelData" if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds else None
@@ -150,7 +150,7 @@ def read_dicom(
     try:
         arr = ds.pixel_array  # YBR_* colour is converted to RGB by pydicom here
     except Exception as exc:  # pydicom raises many types for broken pixel data; all mean "unusable"
-        raise DicomReadError(f"cannot decode pixel data ({_one_line(exc)})", label) from None
+        raise DicomReadError(f"cannot decode pixel data ({first_line(exc)})", label) from None
 
     colour = photometric in COLOUR
     if n_frames == 1:
@@ -205,8 +205,3 @@ def _check_decoder(ds, label) -> None:
         + (f" (or: {alternatives})" if alternatives else ""),
         label,
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

@@ -18,7 +18,7 @@ from PIL import Image
 
 import lungcad
 from lungcad.dicom.deid import hashed_uid
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.inference.results import Prediction
 from lungcad.utils import atomic_path
 
@@ -49,7 +49,7 @@ def write_secondary_capture(source: str | Path, overlay: np.ndarray, prediction:
     try:
         ref = pydicom.dcmread(source, stop_before_pixels=True)
     except Exception as exc:
-        raise LungcadError(f"cannot re-read the DICOM header ({str(exc).splitlines()[0][:120]})", source) from None
+        raise LungcadError(f"cannot re-read the DICOM header ({first_line(exc, 120)})", source) from None
     key = prediction.model_sha256 or "lungcad"
     sop_source = f"{ref.SOPInstanceUID}#{frame}" if frame is not None else str(ref.SOPInstanceUID)
     image = np.asarray(Image.fromarray(np.ascontiguousarray(overlay, dtype=np.uint8), "RGB")

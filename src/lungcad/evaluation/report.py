@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.evaluation.metrics import malignant_index
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_text
@@ -158,7 +158,7 @@ def heatmap_overlays(run_dir: Path, paths: list[Path]) -> tuple[dict[int, str], 
         predictor = Predictor(run_dir)
         return {i: _array_png(predictor.explain(p).overlay) for i, p in enumerate(paths)}, ""
     except Exception as exc:  # noqa: BLE001 - a report without heatmaps beats no report
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         log.warning("heatmaps omitted: %s", reason)
         return {}, f"heatmaps omitted: {reason}"
 

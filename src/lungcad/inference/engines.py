@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.models.factory import split_head
 
 ENGINE_KINDS = ("torch", "onnx", "openvino", "onnx-int8", "openvino-int8")
@@ -58,10 +58,6 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
 class OnnxEngine:
     """ONNX Runtime on the CPU, for a graph exported by `lungcad.inference.export`."""
 
@@ -83,7 +79,7 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise LungcadError(f"cannot load ONNX model ({_first_line(exc)})", path) from None
+            raise LungcadError(f"cannot load ONNX model ({first_line(exc)})", path) from None
         self.path = Path(path)
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +110,7 @@ class OpenVinoEngine:
             core = ov.Core()
             self.compiled = core.compile_model(str(path), "CPU", config)
         except Exception as exc:
-            raise LungcadError(f"cannot load OpenVINO model ({_first_line(exc)})", path) from None
+            raise LungcadError(f"cannot load OpenVINO model ({first_line(exc)})", path) from None
         self.request = self.compiled.create_infer_request()
         self.outputs = {o.get_any_name(): o for o in self.compiled.outputs}
         self.lock = threading.Lock()  # one infer request: serialise callers (the web app is threaded)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lungcad.data.transforms import normalise
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.inference.engines import OnnxEngine, TorchEngine
 from lungcad.models.contract import ModelContract, load_model, parse_contract_file
 from lungcad.models.factory import logits_to_probs, split_head
@@ -246,7 +246,7 @@ def _export_onnx(model: nn.Module, contract: ModelContract, path: Path) -> None:
                 do_constant_folding=True,
             )
         except Exception as exc:  # exporter errors are long; keep the first line
-            raise LungcadError(f"ONNX export failed ({str(exc).splitlines()[0][:200]})") from None
+            raise LungcadError(f"ONNX export failed ({first_line(exc)})") from None
 
 
 def _check_fp32_parity(model: nn.Module, contract: ModelContract, onnx_path: Path) -> float:
@@ -414,7 +414,7 @@ def _to_openvino(onnx_path: Path, xml_path: Path, tmp: Path) -> None:
     try:
         ov_model = ov.convert_model(str(onnx_path))
     except Exception as exc:
-        raise LungcadError(f"OpenVINO conversion failed ({str(exc).splitlines()[0][:200]})") from None
+        raise LungcadError(f"OpenVINO conversion failed ({first_line(exc)})") from None
     tmp_xml = tmp / "model.xml"
     # fp16 weight compression is OpenVINO's default; keep fp32 so parity with PyTorch holds
     ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=False)

@@ -41,7 +41,7 @@ from lungcad.data.images import check_min_side, decode_image
 from lungcad.data.transforms import normalise, prepare
 from lungcad.dicom.reader import read_dicom
 from lungcad.dicom.writer import write_secondary_capture
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.appearance import check as appearance_check
 from lungcad.inference.engine_factory import make_engine
@@ -212,7 +212,7 @@ class Predictor:
             return [_Item(source, None, error=_strip_path(str(exc), source))]
         except Exception as exc:  # a decoder bug on one odd file must not stop a batch of thousands
             log.debug("unexpected error on %s", source, exc_info=True)
-            return [_Item(source, None, error=f"unexpected error while reading ({type(exc).__name__}: {exc})"[:300])]
+            return [_Item(source, None, error=f"unexpected error while reading ({type(exc).__name__}: {first_line(exc, 250)})")]
 
     def _predict_items(self, ok: list[_Item]) -> dict[int, Prediction]:
         """One forward pass over decoded items -> Prediction by id(item)."""

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lungcad.data.transforms import Preprocessing
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.models.factory import create_model, num_outputs
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
@@ -128,7 +128,7 @@ def load_model(run_dir: str | Path, verify: bool = True) -> tuple[nn.Module, Mod
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:
-        raise LungcadError(f"cannot load weights ({str(exc).splitlines()[0][:200]})", weights) from None
+        raise LungcadError(f"cannot load weights ({first_line(exc)})", weights) from None
     model.eval()
     return model, contract
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.utils import sha256_file
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,8 @@ def _imagenet_state_dict(arch: str, weights: tvm.WeightsEnum) -> dict[str, torch
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:  # URLError, OSError, HTTPError, hash mismatch: all mean "not available"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LungcadError(
-            f"cannot obtain ImageNet weights for {arch} from {weights.url} ({reason}); "
+            f"cannot obtain ImageNet weights for {arch} from {weights.url} ({first_line(exc)}); "
             "pass --weights FILE with a local copy of the torchvision weights, "
             "or --pretrained none to train from random initialisation"
         ) from None
@@ -138,8 +137,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LungcadError(f"unreadable weights file ({reason[:200]})", path) from None
+        raise LungcadError(f"unreadable weights file ({first_line(exc)})", path) from None
     for key in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -13,7 +13,7 @@ from alembic.config import Config  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.exc import OperationalError, SQLAlchemyError  # noqa: E402
 
-from lungcad.errors import LungcadError  # noqa: E402
+from lungcad.errors import LungcadError, first_line  # noqa: E402
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def upgrade_database(engine: Engine, revision: str = "head") -> None:
     try:
         command.upgrade(alembic_config(engine), revision)
     except OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "cannot connect"
+        reason = first_line(exc.orig) if exc.orig else "cannot connect"
         raise LungcadError(f"database {engine.url.render_as_string(hide_password=True)}: {reason}") from None
     except SQLAlchemyError as exc:
-        raise LungcadError(f"database migration failed: {str(exc).splitlines()[0]}") from None
+        raise LungcadError(f"database migration failed: {first_line(exc)}") from None

@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 
 from lungcad.data.images import MAX_PIXELS, check_min_side, check_size
 from lungcad.dicom.deid import deidentify
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.inference.inputs import file_kind
 
 __all__ = [
@@ -81,7 +81,7 @@ def deidentify_upload(raw: bytes, secret: str, name: str = "<upload>") -> tuple[
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), force=False)
     except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-        raise LungcadError(f"not a readable DICOM file ({str(exc).splitlines()[0][:120]})", name) from None
+        raise LungcadError(f"not a readable DICOM file ({first_line(exc, 120)})", name) from None
     ds = deidentify(ds, secret)
     meta = getattr(ds, "file_meta", None)
     out = io.BytesIO()
