@@ -12,6 +12,7 @@ from scipy import ndimage
 from lungcad.data.discovery import Sample
 from lungcad.data.grouping import (
     assign_groups,
+    connected_components,
     exact_duplicate_sets,
     near_duplicate_pairs,
     scan_images,
@@ -152,3 +153,10 @@ def test_tiny_inputs(tmp_path, n):
     infos, _ = scan_images(samples)
     assert near_duplicate_pairs(infos) == []
     assert assign_groups(samples, infos) == ["g0001"] * n
+
+
+def test_connected_components_of_an_edge_list():
+    # what the audit counts as near-duplicate groups, with the union-find assign_groups uses
+    assert connected_components([]) == []
+    assert connected_components([(5, 6), (3, 1), (0, 3), (8, 6), (10, 11)]) == [[0, 1, 3], [5, 6, 8], [10, 11]]
+    assert connected_components([(2, 4), (4, 2), (2, 4)]) == [[2, 4]]  # repeated edges count once

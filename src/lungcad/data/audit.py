@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lungcad.data.discovery import Sample
-from lungcad.data.grouping import ImageInfo, exact_duplicate_sets, near_duplicate_pairs
+from lungcad.data.grouping import ImageInfo, connected_components, exact_duplicate_sets, near_duplicate_pairs
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_audit(
     exact = exact_duplicate_sets(infos)
     if near_pairs is None:
         near_pairs = near_duplicate_pairs(infos)
-    components = _components([(i, j) for i, j, _ in near_pairs] + [(s[0], j) for s in exact for j in s[1:]])
+    components = connected_components([(i, j) for i, j, _ in near_pairs] + [(s[0], j) for s in exact for j in s[1:]])
     cross_exact = [s for s in exact if len({labels[i] for i in s}) > 1]
     cross_near = [(i, j, v) for i, j, v in near_pairs if labels[i] != labels[j]]
     report["exact_duplicates"] = {
@@ -140,29 +140,6 @@ def run_audit(
         warn.append(f"... and {len(report['size_rule']) - 5} more image size(s) seen in one class only")
     report["warnings"] = warn
     return report
-
-
-def _components(edges: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Connected components (size >= 2) of an undirected edge list."""
-    adj: dict[int, set[int]] = defaultdict(set)
-    for a, b in edges:
-        adj[a].add(b)
-        adj[b].add(a)
-    seen: set[int] = set()
-    out = []
-    for start in sorted(adj):
-        if start in seen:
-            continue
-        stack, comp = [start], []
-        seen.add(start)
-        while stack:
-            node = stack.pop()
-            comp.append(node)
-            for nb in adj[node] - seen:
-                seen.add(nb)
-                stack.append(nb)
-        out.append(sorted(comp))
-    return out
 
 
 def _size_hist(sizes: Sequence[int]) -> dict[str, int]:

@@ -374,6 +374,20 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def connected_components(edges: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of an undirected edge list (the nodes on some edge), each sorted, in
+    order of their smallest node."""
+    if not edges:
+        return []
+    uf = _UnionFind(max(max(a, b) for a, b in edges) + 1)
+    for a, b in edges:
+        uf.union(a, b)
+    members: dict[int, list[int]] = defaultdict(list)
+    for node in sorted({n for edge in edges for n in edge}):
+        members[uf.find(node)].append(node)
+    return sorted(members.values())
+
+
 def assign_groups(
     samples: Sequence[Sample],
     infos: Sequence[ImageInfo],
