@@ -19,6 +19,8 @@ import numpy as np
 from lungcad.data.discovery import Sample
 from lungcad.data.grouping import ImageInfo, connected_components, exact_duplicate_sets, near_duplicate_pairs
 
+__all__ = ["FEATURE_SETS", "format_audit", "run_audit"]
+
 log = logging.getLogger(__name__)
 
 # A class this small cannot be evaluated meaningfully (a handful of test images per fold).

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from lungcad.data.images import ImageReadError, decode_image
 from lungcad.data.transforms import Preprocessing, normalise, prepare
 
+__all__ = ["CachedImageDataset", "load_cache"]
+
 log = logging.getLogger(__name__)
 
 

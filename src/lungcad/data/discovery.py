@@ -15,6 +15,8 @@ from pathlib import Path
 from lungcad.data.images import IMAGE_SUFFIXES
 from lungcad.errors import LungcadError
 
+__all__ = ["ALIASES", "CLASSES", "Sample", "canonical_label", "class_counts", "discover", "parse_label_map"]
+
 CLASSES: tuple[str, ...] = ("normal", "benign", "malignant")
 
 # Known folder names, compared after lower-casing and squeezing non-letters to single spaces.

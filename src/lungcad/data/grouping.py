@@ -33,6 +33,11 @@ from lungcad.data.images import ImageReadError, decode_image
 from lungcad.errors import first_line
 from lungcad.utils import sha256_bytes
 
+__all__ = [
+    "ImageInfo", "assign_groups", "connected_components", "exact_duplicate_sets", "near_duplicate_pairs",
+    "scan_images", "slice_run_pairs",
+]
+
 log = logging.getLogger(__name__)
 
 # --- Thresholds, calibrated on the shared data (see the module docstring of each function). ---

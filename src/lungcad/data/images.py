@@ -15,6 +15,11 @@ from PIL import Image, UnidentifiedImageError
 
 from lungcad.errors import LungcadError
 
+__all__ = [
+    "IMAGE_SUFFIXES", "MAX_ASPECT", "MAX_PIXELS", "MIN_SIDE", "ImageReadError", "check_min_side", "check_size",
+    "decode_image",
+]
+
 # Size rules, one set for training, `lungcad predict` and the web app (the first two are checked
 # from the header, before anything is decoded):
 # - MAX_PIXELS: decompression-bomb guard. CT slices are 512x512, radiographs a few thousand pixels

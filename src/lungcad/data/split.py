@@ -15,6 +15,11 @@ from lungcad.data.discovery import CLASSES, Sample
 from lungcad.errors import LungcadError
 from lungcad.utils import atomic_write_text
 
+__all__ = [
+    "SUBSETS", "SplitRow", "check_no_leak", "portable_path", "read_split", "split_summary",
+    "stratified_group_split", "write_split",
+]
+
 SUBSETS = ("train", "val", "test")
 
 

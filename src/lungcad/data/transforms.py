@@ -18,6 +18,11 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+__all__ = [
+    "AUGMENT_POLICIES", "IMAGENET_MEAN", "IMAGENET_STD", "PAD_LIMIT", "Preprocessing", "RandomIntensity",
+    "foreground_box", "normalise", "prepare", "preprocess", "train_augmentation",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # prepare(): a crop whose long side exceeds this is resized before it is padded to a square

@@ -21,6 +21,8 @@ import hmac
 
 from lungcad.utils import keyed_hash
 
+__all__ = ["SAFE_UID_KEYS", "deidentify", "hashed_uid", "safe_metadata"]
+
 SAFE_UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _SAFE_OTHER = ("Modality", "InstanceNumber")
 

@@ -25,6 +25,10 @@ from lungcad.dicom.deid import safe_metadata
 from lungcad.errors import LungcadError, first_line
 from lungcad.inference.inputs import HEAD_BYTES, is_dicom  # the one file-type sniffer
 
+__all__ = [
+    "DEFAULT_WINDOW", "DicomFrames", "DicomReadError", "is_dicom", "parse_window", "read_dicom", "window_to_uint8",
+]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = (-600.0, 1500.0)  # lung window (level, width) in HU, as in Preprocessing

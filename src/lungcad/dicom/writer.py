@@ -22,6 +22,8 @@ from lungcad.errors import LungcadError, first_line
 from lungcad.inference.results import Prediction
 from lungcad.utils import atomic_path
 
+__all__ = ["DISCLAIMER", "patient_orientation", "write_secondary_capture"]
+
 SERIES_NUMBER = 9900  # high, so the overlays sort after the acquired series in a viewer
 DISCLAIMER = "lungcad decision support, not a diagnosis"
 _AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # + / - direction of patient x, y, z (DICOM LPS)

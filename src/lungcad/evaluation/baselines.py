@@ -29,6 +29,11 @@ from lungcad.data.audit import FEATURE_SETS
 from lungcad.evaluation.calibration import choose_threshold
 from lungcad.evaluation.metrics import malignant_index
 
+__all__ = [
+    "classical_model", "majority_probs", "metadata_features", "metadata_model", "out_of_fold_baseline",
+    "run_feature_baselines", "texture_features",
+]
+
 log = logging.getLogger(__name__)
 
 GLCM_LEVELS = 32  # grey levels for co-occurrence: 256 makes a sparse, noisy matrix on small images

@@ -18,6 +18,11 @@ from scipy.optimize import minimize_scalar
 from lungcad.evaluation.metrics import malignant_index
 from lungcad.models.factory import logits_to_probs
 
+__all__ = [
+    "TARGET_SENSITIVITY", "brier_score", "calibration_summary", "choose_threshold", "expected_calibration_error",
+    "fit_operating_point", "fit_temperature", "reliability_bins", "top_label",
+]
+
 log = logging.getLogger(__name__)
 
 N_BINS = 15  # reliability bins: the usual choice (Guo et al., 2017); fewer would hide miscalibration

@@ -25,6 +25,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+__all__ = [
+    "MALIGNANT", "classification_metrics", "format_metrics", "malignant_index", "malignant_vs_rest",
+    "predict_labels",
+]
+
 MALIGNANT = "malignant"
 
 

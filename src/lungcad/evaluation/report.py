@@ -22,6 +22,11 @@ from lungcad.evaluation.metrics import malignant_index
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_text
 
+__all__ = [
+    "HEADLINE", "examples", "figures", "fmt", "fmt_ci", "heatmap_overlays", "pick_examples", "render",
+    "write_report",
+]
+
 log = logging.getLogger(__name__)
 
 N_EXAMPLES = 8  # example predictions in the report: the most confident errors first, then hits

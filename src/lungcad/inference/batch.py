@@ -21,6 +21,8 @@ from lungcad.inference.inputs import iter_inputs
 from lungcad.inference.predictor import Predictor
 from lungcad.inference.results import Prediction, add_to_series, write_predictions
 
+__all__ = ["part_files", "predict_archive"]
+
 log = logging.getLogger(__name__)
 
 

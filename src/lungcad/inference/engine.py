@@ -7,6 +7,8 @@ from torch import nn
 
 from lungcad.data.transforms import Preprocessing, normalise
 
+__all__ = ["infer_logits"]
+
 
 @torch.inference_mode()
 def infer_logits(model: nn.Module, cache: torch.Tensor, pp: Preprocessing, batch_size: int = 32) -> torch.Tensor:

@@ -20,6 +20,8 @@ from torch import nn
 from lungcad.errors import LungcadError, first_line
 from lungcad.models.factory import split_head
 
+__all__ = ["ENGINE_KINDS", "Engine", "OnnxEngine", "OpenVinoEngine", "TorchEngine", "default_threads"]
+
 ENGINE_KINDS = ("torch", "onnx", "openvino", "onnx-int8", "openvino-int8")
 
 

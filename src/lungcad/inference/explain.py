@@ -19,6 +19,8 @@ from lungcad.errors import LungcadError
 from lungcad.models.factory import cam_target_layers
 from lungcad.utils import atomic_path
 
+__all__ = ["Explanation", "grad_cam"]
+
 
 @dataclass
 class Explanation:

@@ -42,6 +42,11 @@ from lungcad.models.factory import logits_to_probs, split_head
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
+__all__ = [
+    "EXPORT_DIR", "FORMATS", "ExportResult", "contract_path_for", "default_export_path", "export_model",
+    "onnx_to_openvino", "read_exported_contract",
+]
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino")

@@ -28,6 +28,11 @@ from lungcad.data.transforms import Preprocessing, normalise
 from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path, sha256_file
 
+__all__ = [
+    "OOD_FILE", "EnsembleOODDetector", "OODDetector", "cache_features", "ensemble_ood_entry", "fit_ood",
+    "load_ood_detector",
+]
+
 log = logging.getLogger(__name__)
 
 OOD_FILE = "ood.safetensors"

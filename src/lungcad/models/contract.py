@@ -19,6 +19,11 @@ from lungcad.errors import LungcadError, first_line
 from lungcad.models.factory import create_model, num_outputs
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
+__all__ = [
+    "CONTRACT_FILE", "CONTRACT_VERSION", "MODEL_FILE", "ModelContract", "ensemble_sha256", "load_model",
+    "parse_contract_file", "read_contract", "save_model",
+]
+
 CONTRACT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONTRACT_FILE = "model.json"

@@ -13,6 +13,12 @@ from torchvision import models as tvm
 from lungcad.errors import LungcadError, first_line
 from lungcad.utils import sha256_file
 
+__all__ = [
+    "ARCHITECTURES", "ARCH_SPECS", "FINETUNE_STRATEGIES", "ArchSpec", "cam_target_layers", "configure_finetuning",
+    "create_model", "logits_to_probs", "num_outputs", "read_state_dict", "set_train_mode", "split_head",
+    "target_index",
+]
+
 log = logging.getLogger(__name__)
 
 # Architecture name -> (torchvision builder, default ImageNet weights enum)

@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+__all__ = ["FrozenTrunkView", "fuse_conv_bn"]
+
 _PAIRS = {Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
           BasicBlock: (("conv1", "bn1"), ("conv2", "bn2"))}
 

@@ -23,6 +23,8 @@ from lungcad.errors import LungcadError
 from lungcad.models.factory import target_index
 from lungcad.training.config import TrainConfig
 
+__all__ = ["BINARY_CLASSES", "DataPlan", "PreparedData", "load_data", "output_classes", "plan_data"]
+
 log = logging.getLogger(__name__)
 
 BINARY_CLASSES = ["not_malignant", "malignant"]
