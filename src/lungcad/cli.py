@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run into the same --out, skipping inputs already done")
     _add_common(p)
 
+    p = sub.add_parser("check", help="does a new site's or scanner's data look like the training data? (exit 3 if not)",
+                       epilog="Exit status: 0 the site matches, 3 it does not (reasons printed and in check.json), "
+                              "1 an error (missing folder, no readable image, ...).")
+    p.add_argument("run", metavar="RUNDIR")
+    p.add_argument("data", metavar="DATA", help="folder of the site's unlabelled images or DICOM (recursive)")
+    p.add_argument("--out", metavar="DIR", help="where check.json and check.html go (default RUNDIR/check-<DATA's name>)")
+    p.add_argument("--max-flagged", type=float, default=0.05, metavar="SHARE",
+                   help="largest share of images flagged out of distribution that still matches (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.01,
+                   help="significance level of the OOD-score shift test against the reference images (default 0.01)")
+    _add_common(p)
+
     from lungcad.web.commands import add_web_commands  # argparse only: the web extra loads when run
 
     COMMANDS.update(add_web_commands(sub, _add_common))
@@ -242,6 +254,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed or not_written else 0  # any failure fails the run, after reporting every file
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from lungcad.inference.site_check import EXIT_MISMATCH, format_check, run_check
+
+    report = run_check(args.run, args.data, out=args.out, max_flagged=args.max_flagged, alpha=args.alpha,
+                       progress=args.progress)
+    print(format_check(report))
+    return 0 if report["verdict"] == "matches" else EXIT_MISMATCH
+
+
 def _writable_file(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -251,6 +272,7 @@ def _writable_file(path: str) -> None:
 COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate}
 COMMANDS["export"] = cmd_export
 COMMANDS["predict"] = cmd_predict
+COMMANDS["check"] = cmd_check
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,9 @@ subset "train"), model.json (listing its members), metrics.json, plus
     fold-k.split.csv   each member's split (its test fold = the images it never saw)
     oof.csv            out-of-fold predictions
     crossval.json      per-fold and pooled out-of-fold metrics
+Either kind may also hold what `lungcad check RUNDIR DATA` writes (lungcad.inference.site_check):
+    check-<site>/      check.json + check.html: one site's images against the model
+    site-check-reference.json   the reference images' OOD scores, cached for checks away from the data
 """
 
 from __future__ import annotations
@@ -111,6 +114,29 @@ class RunFolder:
 
     def crossval(self) -> dict | None:
         return self._json(CROSSVAL, required=False)
+
+    def site_checks(self) -> list[dict]:
+        """The latest `lungcad check` of each site (RUNDIR/check-*/check.json), sorted by site.
+
+        Flat summaries: site, date, verdict, flagged_share, p_value, images, folder. Unreadable or
+        foreign files are skipped.
+        """
+        latest: dict[str, dict] = {}
+        for path in sorted(self.path.glob("check-*/check.json")):
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+                summary = {
+                    "site": str(d.get("site") or path.parent.name.removeprefix("check-")),
+                    "date": str(d.get("date", "")), "verdict": str(d["verdict"]),
+                    "flagged_share": (d.get("flagged") or {}).get("share"),
+                    "p_value": (d.get("shift") or {}).get("p_value"), "images": d.get("images"),
+                    "reasons": list(d.get("reasons") or []), "folder": path.parent.name,
+                }
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if summary["site"] not in latest or summary["date"] > latest[summary["site"]]["date"]:
+                latest[summary["site"]] = summary
+        return [latest[site] for site in sorted(latest)]
 
     def history(self) -> list[dict]:
         try:

@@ -1,0 +1,545 @@
+"""`lungcad check RUNDIR DATA`: does a new site's (or scanner's) data look like the training data?
+
+Before a model is used on images from a new hospital or scanner, its unlabelled images are run
+through the deployed model and compared with the model's own in-distribution reference:
+
+1. **Flagged share.** The share of the site's images the model flags out of distribution (the
+   feature-space detector or the appearance check, exactly as `lungcad predict` flags them), with
+   a 95 % Wilson interval and the reasons tallied. On in-distribution images about 1 % are
+   flagged (the detector's threshold is the 99th percentile of unseen in-distribution images).
+2. **Shift of the OOD-score distribution.** The site's OOD scores against those of reference
+   images the scoring network never saw: for a single run its test split; for a fold ensemble
+   every development image in split.csv, each scored by the one member that never saw it (its
+   held-out fold), and the site's images shared out among the members round-robin, so that both
+   sides are scored by networks that never saw them. Scores are in units of the scoring network's
+   OOD threshold. Statistic: the Mann-Whitney U (stratified by member for an ensemble: the sum of
+   the members' U), i.e. the probability that a site image lies further from the training data
+   than a reference image (`auc`; 0.5 = no shift), with a one-sided permutation p-value (the
+   site's and the reference's labels shuffled within each member, `PERMUTATIONS` times). Why this
+   statistic: the OOD score measures distance from the training manifold, which is what a shift
+   harmful to the model changes; a test on the features themselves (MMD, energy distance) would
+   also flag a site whose *class mix* differs from the reference (a screening site with mostly
+   normal scans), which the model handles fine. One-sided: a site whose images are *more* typical
+   of the training data than the reference is no reason to stop. Rank-based: a handful of blank
+   frames with huge scores (already counted in the flagged share) does not dominate it.
+   Why not the ensemble's own scores on its development images: each was a training image of
+   K-1 of the K members, whose detectors were fitted on it, so its ensemble score is lower than
+   an unseen image's; against it, every in-distribution site would look shifted.
+3. **Appearance.** The site's intensity profile (`lungcad.inference.appearance.features` of every
+   prepared image; one frame per multi-frame DICOM) against the training profile stored in the
+   contract: a statistic differs when the site's median lies outside the training images' 5th-95th
+   percentile range (half the site's images are more extreme than 95 % of the training images),
+   e.g. a whole site rendered at a slightly different window, each image within the per-image
+   tolerance.
+
+Verdict: "does not match" when the flagged share exceeds `--max-flagged` (the point estimate; the
+interval is reported beside it), the shift test's p-value is below `--alpha`, an appearance
+statistic differs, or more than `--max-flagged` of the files cannot be read; otherwise "matches".
+`lungcad check` exits 0 on "matches" and `EXIT_MISMATCH` (3) on "does not match"; errors exit 1.
+
+Reference scores are cached in RUNDIR/`REFERENCE_CACHE` (keyed by the model's sha256) the first
+time a check runs where the training data is, so that a check at a site without the training
+data (the run folder copied there) still has its reference.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import re
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lungcad
+from lungcad.errors import LungcadError
+from lungcad.inference.appearance import NAMES, PROFILE_VERSION
+from lungcad.inference.appearance import features as appearance_features
+from lungcad.run import RunFolder
+from lungcad.utils import atomic_write_json, atomic_write_text
+
+__all__ = ["EXIT_MISMATCH", "REFERENCE_CACHE", "format_check", "run_check", "shift_test", "wilson"]
+
+log = logging.getLogger(__name__)
+
+EXIT_MISMATCH = 3  # `lungcad check` exit status when the site does not match (errors exit 1)
+DEFAULT_MAX_FLAGGED = 0.05
+DEFAULT_ALPHA = 0.01
+PERMUTATIONS = 9999
+REFERENCE_CACHE = "site-check-reference.json"
+CHECK_FILE, CHECK_HTML = "check.json", "check.html"
+FEW_IMAGES = 20  # below this many images on either side the shift test has little power (said in the output)
+MAX_LISTED = 100  # unreadable files listed in check.json (all are counted)
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """95 % Wilson score interval of k successes in n trials (None when n = 0)."""
+    if n <= 0:
+        return None
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def shift_test(strata: list[tuple[np.ndarray, np.ndarray]], permutations: int = PERMUTATIONS,
+               seed: int = 0) -> dict:
+    """One-sided stratified permutation test that the first sample of each stratum is larger.
+
+    strata: (site scores, reference scores) pairs. Statistic: the sum over strata of the
+    Mann-Whitney U of the site sample (ties count a half); `auc` = U / pairs, the probability that
+    a site score exceeds a reference score. p = (1 + #{permuted U >= observed}) / (1 + permutations),
+    the labels permuted within each stratum.
+    """
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(seed)
+    observed, pairs = 0.0, 0
+    null = np.zeros(permutations)
+    per_stratum = []
+    for site, ref in strata:
+        site, ref = np.asarray(site, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+        n_s, n_r = len(site), len(ref)
+        if n_s == 0 or n_r == 0:
+            continue
+        ranks = rankdata(np.concatenate([site, ref]))
+        offset = n_s * (n_s + 1) / 2
+        u = float(ranks[:n_s].sum() - offset)
+        observed += u
+        pairs += n_s * n_r
+        per_stratum.append({"site": n_s, "reference": n_r, "auc": u / (n_s * n_r)})
+        n = n_s + n_r
+        block = max(1, 2_000_000 // n)  # permutations per chunk: bounded memory for large sites
+        for start in range(0, permutations, block):
+            b = min(block, permutations - start)
+            order = rng.permuted(np.tile(np.arange(n), (b, 1)), axis=1)[:, :n_s]
+            null[start : start + b] += ranks[order].sum(axis=1) - offset
+    if pairs == 0:
+        return {"tested": False, "note": "no scores on one side: nothing to compare"}
+    p = (1 + int((null >= observed - 1e-9).sum())) / (1 + permutations)
+    return {"tested": True, "auc": observed / pairs, "p_value": p, "permutations": permutations,
+            "strata": per_stratum}
+
+
+def _reason_kind(reason: str) -> str:
+    """An OOD reason without its numbers: what to tally."""
+    if reason.startswith("feature-space score"):
+        return "feature-space score above the threshold"
+    return reason.split(" (")[0]
+
+
+# ------------------------------------------------------------------------------------ the check
+
+
+def _predict(predictor, paths: list, progress: bool) -> list:
+    return list(predictor.predict_paths(paths, progress=progress, series_rows=False))
+
+
+def _threshold(contract) -> float | None:
+    ood = contract.ood or {}
+    return float(ood["threshold"]) if ood.get("threshold") else None
+
+
+def _normalised(preds: list, threshold: float | None) -> np.ndarray:
+    scores = [p.ood_score for p in preds if not p.error and p.ood_score is not None]
+    if threshold is None or not scores:
+        return np.zeros(0)
+    return np.asarray(scores, dtype=np.float64) / threshold
+
+
+def _files(preds: list) -> list[str]:
+    """The files behind readable predictions, in order, once each (frames share their file)."""
+    seen: dict[str, None] = {}
+    for p in preds:
+        if not p.error:
+            seen.setdefault(p.source.split("#")[0] if p.level == "frame" else p.source, None)
+    return list(seen)
+
+
+def _reference_rows(run: RunFolder, contract) -> tuple[list[tuple[str, Path, list[Path], float | None, str]], dict]:
+    """(member name, scoring run folder, its unseen reference images, its threshold, sha256) per stratum."""
+    if contract.ensemble:
+        from lungcad.models.contract import read_contract
+
+        strata = []
+        for entry in contract.ensemble.get("members", []):
+            member = RunFolder(run.path / entry["path"])
+            member_contract = read_contract(member.path)
+            strata.append((entry["path"], member.path, [r.path for r in member.split("test")],
+                           _threshold(member_contract), member_contract.model_sha256))
+        k = len(strata)
+        info = {"kind": "development images, out-of-fold",
+                "description": f"every development image in split.csv ({sum(len(s[2]) for s in strata)}), each "
+                               f"scored by the one of the {k} members that never saw it (its held-out fold); the "
+                               f"site's images are shared among the members round-robin. The ensemble's own scores "
+                               f"on these images are not used: each was a training image of {k - 1} of the {k} "
+                               "members, so its ensemble score is lower than a new image's, and every "
+                               "in-distribution site would look shifted against them."}
+        return strata, info
+    rows = [r.path for r in run.split("test")]
+    info = {"kind": "test split", "description": f"the run's test split ({len(rows)} images in split.csv, never "
+                                                 "seen in training, fitting or calibration)"}
+    return [("", run.path, rows, _threshold(contract), contract.model_sha256)], info
+
+
+def _reference_scores(run: RunFolder, contract, strata, progress: bool) -> tuple[list[dict], str]:
+    """Reference scores per stratum, from the cache or computed (then cached); (strata, where from)."""
+    from lungcad.inference.predictor import Predictor
+
+    cache_path = run.file(REFERENCE_CACHE)
+    try:
+        cached = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else None
+    except (OSError, ValueError):
+        cached = None
+    if cached and cached.get("model_sha256") == contract.model_sha256 and len(cached.get("strata", [])) == len(strata):
+        log.info("reference scores from %s", cache_path)
+        return cached["strata"], f"cached in {REFERENCE_CACHE} ({cached.get('date', '?')})"
+    missing = [p for _, _, paths, _, _ in strata for p in paths if not Path(p).is_file()]
+    if missing or not any(paths for _, _, paths, _, _ in strata):
+        where = missing[0] if missing else run.path / "split.csv"
+        raise LungcadError(f"reference images not found ({len(missing)} missing, e.g. this one); the shift test "
+                           "needs them once: run lungcad check where the run's training data is, which caches their "
+                           f"scores in RUNDIR/{REFERENCE_CACHE}", where)
+    out = []
+    for name, scorer_dir, paths, threshold, sha in strata:
+        log.info("scoring %d reference images%s", len(paths), f" with member {name}" if name else "")
+        preds = _predict(Predictor(scorer_dir), paths, progress)
+        bad = [p for p in preds if p.error]
+        for p in bad:
+            log.warning("reference image left out: %s: %s", p.source, p.error)
+        ok = [p for p in preds if not p.error]
+        out.append({"member": name, "model_sha256": sha, "images": len(ok),
+                    "flagged": int(sum(p.ood for p in ok)),
+                    "scores": [round(float(s), 6) for s in _normalised(ok, threshold)]})
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        atomic_write_json(cache_path, {"model_sha256": contract.model_sha256, "date": date, "strata": out})
+    except OSError as exc:  # a read-only run folder: the check still works, the next one recomputes
+        log.warning("could not cache the reference scores in %s (%s)", cache_path, exc.strerror or exc)
+    return out, "computed now"
+
+
+def _site_appearance(predictor, files: list[str], chunk: int = 64) -> dict[str, np.ndarray]:
+    """Appearance statistics of every readable site file's prepared image (middle frame of a multi-frame file)."""
+    parts: list[dict[str, np.ndarray]] = []
+    batch: list[torch.Tensor] = []
+    for f in files:
+        try:
+            pixels, _ = predictor.load_pixels(Path(f))
+        except LungcadError:
+            continue
+        batch.append(predictor.prepare(pixels))
+        if len(batch) >= chunk:
+            parts.append(appearance_features(torch.stack(batch)))
+            batch = []
+    if batch:
+        parts.append(appearance_features(torch.stack(batch)))
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def compare_appearance(site: dict[str, np.ndarray], profile: dict) -> dict:
+    """The site's per-statistic distribution against the contract's training profile."""
+    feats = profile.get("features") if profile and profile.get("version") == PROFILE_VERSION else None
+    if not feats:
+        return {"compared": False, "differs": [],
+                "note": "model.json holds no appearance profile of the training images (an older run): not compared"}
+    if not site:
+        return {"compared": False, "differs": [], "note": "no site image could be prepared"}
+    stats, differs = {}, []
+    for name, f in feats.items():
+        v = site.get(name)
+        if v is None or not len(v):
+            continue
+        median = float(np.median(v))
+        stats[name] = {
+            "name": NAMES.get(name, name), "site_median": round(median, 4),
+            "site_q05": round(float(np.quantile(v, 0.05)), 4), "site_q95": round(float(np.quantile(v, 0.95)), 4),
+            "training_median": f["median"], "training_q05": f["q05"], "training_q95": f["q95"],
+            "share_outside_accepted_range": round(float(((v < f["lo"]) | (v > f["hi"])).mean()), 4),
+        }
+        if not f["q05"] <= median <= f["q95"]:
+            differs.append(name)
+    return {"compared": True, "images": int(len(next(iter(site.values())))), "training_images": profile.get("images"),
+            "statistics": stats, "differs": differs,
+            "rule": "a statistic differs when the site's median lies outside the training images' 5th-95th percentile range"}
+
+
+def _fmt_stat(name: str, v: float) -> str:
+    return f"{v:.2f}" if name in ("dark", "bright") else f"{v:.1f}"
+
+
+def default_out(run_dir: str | Path, data: str | Path) -> Path:
+    """RUNDIR/check-<the data folder's name>."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data).resolve().name).strip("._") or "site"
+    return Path(run_dir) / f"check-{name}"
+
+
+def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
+              max_flagged: float = DEFAULT_MAX_FLAGGED, alpha: float = DEFAULT_ALPHA, progress: bool = False,
+              permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
+    """Check a site's unlabelled images against a run; writes check.json + check.html into `out`.
+
+    Returns the check.json content. Raises LungcadError on bad input (missing or empty folder, no
+    readable image, a run folder that is not a model, reference images that are nowhere).
+    """
+    from lungcad.inference.predictor import Predictor
+
+    run = RunFolder(run_dir)
+    data = Path(data)
+    if not 0.0 <= max_flagged < 1.0:
+        raise LungcadError(f"--max-flagged must be in [0, 1), not {max_flagged}")
+    if not 0.0 < alpha < 1.0:
+        raise LungcadError(f"--alpha must be in (0, 1), not {alpha}")
+    if not data.exists():
+        raise LungcadError("folder not found", data)
+    if not data.is_dir():
+        raise LungcadError("not a folder (lungcad check takes the folder of a site's images)", data)
+    contract = run.contract()  # one-line errors for a missing or unfinished run folder
+    out = Path(out) if out is not None else default_out(run.path, data)
+    if out.exists() and not out.is_dir():
+        raise LungcadError("--out must be a folder", out)
+    strata, ref_info = _reference_rows(run, contract)
+
+    predictor = Predictor(run.path)
+    preds = _predict(predictor, [data], progress)
+    if len(preds) == 1 and preds[0].error and Path(preds[0].source) == data:
+        raise LungcadError(preds[0].error, data)  # "folder holds no image or DICOM files"
+    ok = [p for p in preds if not p.error]
+    bad = [p for p in preds if p.error]
+    for p in bad:
+        log.warning("unreadable: %s: %s", p.source, p.error)
+    if not ok:
+        raise LungcadError(f"none of the {len(preds)} files could be read (e.g. {bad[0].source}: {bad[0].error})", data)
+    files = _files(ok)
+
+    # 1. flagged share
+    n, k = len(ok), int(sum(p.ood for p in ok))
+    kinds = Counter(_reason_kind(r) for p in ok for r in p.ood_reasons)
+    flagged = {"count": k, "images": n, "share": k / n, "ci95": list(wilson(k, n)), "max": max_flagged,
+               "reasons": dict(kinds.most_common())}
+
+    # 2. shift of the OOD scores against the reference
+    if not contract.ood or any(threshold is None for _, _, _, threshold, _ in strata):
+        shift = {"tested": False, "note": "the model has no out-of-distribution detector: no OOD scores to compare"}
+        reference = {**ref_info, "images": 0}
+        site_scores: list[np.ndarray] = []
+        ref_scores: list[np.ndarray] = []
+    else:
+        ref, ref_source = _reference_scores(run, contract, strata, progress)
+        ref_scores = [np.asarray(s["scores"], dtype=np.float64) for s in ref]
+        if contract.ensemble:
+            site_scores = []
+            for i, (name, scorer_dir, _, threshold, _) in enumerate(strata):
+                mine = files[i :: len(strata)]
+                log.info("scoring %d site images with member %s", len(mine), name)
+                site_scores.append(_normalised(_predict(Predictor(scorer_dir), mine, progress), threshold)
+                                   if mine else np.zeros(0))
+        else:
+            site_scores = [_normalised(ok, strata[0][3])]
+        shift = shift_test(list(zip(site_scores, ref_scores)), permutations, seed)
+        shift["alpha"] = alpha
+        shift["statistic"] = ("one-sided permutation test of the Mann-Whitney U of the OOD scores (site > reference"
+                              + (", stratified by member)" if contract.ensemble else ")"))
+        site_all, ref_all = np.concatenate(site_scores), np.concatenate(ref_scores)
+        shift["site_median_score"] = float(np.median(site_all)) if len(site_all) else None
+        shift["reference_median_score"] = float(np.median(ref_all)) if len(ref_all) else None
+        shift["score_unit"] = "the scoring network's OOD threshold (1 = flagged)"
+        ref_n, ref_k = sum(s["images"] for s in ref), sum(s["flagged"] for s in ref)
+        reference = {**ref_info, "images": ref_n, "flagged": ref_k, "flagged_share": ref_k / ref_n if ref_n else None,
+                     "scores": ref_source}
+        if shift.get("tested") and min(len(site_all), len(ref_all)) < FEW_IMAGES:
+            shift["note"] = (f"few images ({len(site_all)} site, {len(ref_all)} reference): the shift test has little "
+                             "power to detect a small shift")
+
+    # 3. appearance
+    appearance = compare_appearance(_site_appearance(predictor, files), contract.appearance or {})
+
+    # verdict
+    reasons = []
+    if flagged["share"] > max_flagged:
+        lo, hi = flagged["ci95"]
+        reasons.append(f"{flagged['share']:.1%} of the images are flagged out of distribution (95 % CI {lo:.1%}-"
+                       f"{hi:.1%}; at most {max_flagged:.1%} allowed)")
+    if shift.get("tested") and shift["p_value"] < alpha:
+        reasons.append(f"the OOD scores are higher than on the reference images (p = {shift['p_value']:.2g} < alpha "
+                       f"{alpha:g}; a site image is further from the training data than a reference image with "
+                       f"probability {shift['auc']:.2f})")
+    if appearance["differs"]:
+        parts = [f"{NAMES.get(s, s)} {_fmt_stat(s, appearance['statistics'][s]['site_median'])}, training "
+                 f"{_fmt_stat(s, appearance['statistics'][s]['training_q05'])}-"
+                 f"{_fmt_stat(s, appearance['statistics'][s]['training_q95'])}" for s in appearance["differs"]]
+        reasons.append("the site's typical image looks unlike the training images (median " + "; ".join(parts) + ")")
+    unreadable_share = len(bad) / len(preds)
+    if unreadable_share > max_flagged:
+        reasons.append(f"{len(bad)} of {len(preds)} files could not be read")
+
+    report = {
+        "site": data.resolve().name, "data": str(data.resolve()), "run": str(run.path.resolve()),
+        "model_sha256": contract.model_sha256, "ensemble_members": len(strata) if contract.ensemble else 0,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "lungcad": lungcad.__version__,
+        "verdict": "does not match" if reasons else "matches", "reasons": reasons,
+        "files": len(preds), "images": n, "unreadable": len(bad),
+        "unreadable_files": [{"source": p.source, "error": p.error} for p in bad[:MAX_LISTED]],
+        "flagged": flagged, "shift": shift, "reference": reference, "appearance": appearance,
+        "settings": {"max_flagged": max_flagged, "alpha": alpha, "permutations": permutations, "seed": seed},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CHECK_HTML, render_html(report, site_scores, ref_scores))
+    atomic_write_json(out / CHECK_FILE, report)  # last: its presence means the check is complete
+    report["out"] = str(out)
+    return report
+
+
+# -------------------------------------------------------------------------------------- output
+
+
+def format_check(report: dict) -> str:
+    """The check in a few lines for the terminal."""
+    f = report["flagged"]
+    lines = [f"site {report['site']}: {report['images']} images ({report['unreadable']} unreadable files)",
+             f"  flagged out of distribution: {f['count']} ({f['share']:.1%}, 95 % CI {f['ci95'][0]:.1%}-"
+             f"{f['ci95'][1]:.1%}; at most {f['max']:.1%})"]
+    for reason, count in f["reasons"].items():
+        lines.append(f"    {count:5d}  {reason}")
+    s = report["shift"]
+    if s.get("tested"):
+        lines.append(f"  OOD-score shift vs the {report['reference']['kind']} ({report['reference']['images']} images): "
+                     f"P(site > reference) {s['auc']:.2f}, p = {s['p_value']:.2g} (alpha {s['alpha']:g})")
+        if s.get("note"):
+            lines.append(f"    {s['note']}")
+    else:
+        lines.append(f"  OOD-score shift: not tested ({s.get('note', '')})")
+    a = report["appearance"]
+    lines.append("  appearance: " + (("differs: " + ", ".join(NAMES.get(d, d) for d in a["differs"])) if a["differs"]
+                                     else "like the training images" if a["compared"] else a.get("note", "")))
+    lines.append(f"verdict: {report['verdict']}" + "".join(f"\n  - {r}" for r in report["reasons"]))
+    if report.get("out"):
+        lines.append(f"written to {report['out']}")
+    return "\n".join(lines)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def figures(report: dict, site: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, str]:
+    """OOD-score histograms (site vs reference) and the flagged share, as PNG data URIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    s = np.concatenate(site) if site else np.zeros(0)
+    r = np.concatenate(ref) if ref else np.zeros(0)
+    if len(s) or len(r):
+        both = np.concatenate([s, r])
+        lo, hi = max(float(both.min()), 1e-3), max(float(both.max()), 1.5)
+        bins = np.geomspace(lo, hi * 1.01, 30) if hi / lo > 20 else np.linspace(0, hi * 1.01, 30)
+        fig, ax = plt.subplots(figsize=(6.4, 3.4))
+        for values, label, colour in ((r, f"reference ({len(r)})", "#1f5fa8"), (s, f"site ({len(s)})", "#b3261e")):
+            if len(values):
+                ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, density=True, alpha=0.5, label=label,
+                        color=colour)
+        ax.axvline(1.0, color="black", linestyle=":", label="OOD threshold")
+        if hi / lo > 20:
+            ax.set_xscale("log")
+        ax.set(xlabel="OOD score / threshold", ylabel="density", title="OOD scores: site vs reference")
+        ax.legend(fontsize=8)
+        figs["scores"] = _png(fig)
+    f = report["flagged"]
+    fig, ax = plt.subplots(figsize=(5.2, 2.2))
+    rows = [("site", f["share"], f["ci95"])]
+    ref_info = report["reference"]
+    if ref_info.get("flagged_share") is not None:
+        rows.append(("reference", ref_info["flagged_share"], list(wilson(ref_info["flagged"], ref_info["images"]))))
+    for i, (label, share, ci) in enumerate(rows):
+        ax.barh(i, share * 100, color="#b3261e" if label == "site" else "#1f5fa8", alpha=0.7)
+        ax.errorbar(share * 100, i, xerr=[[max(0.0, (share - ci[0]) * 100)], [max(0.0, (ci[1] - share) * 100)]],
+                    color="black", capsize=4)
+    ax.axvline(f["max"] * 100, color="black", linestyle=":", label=f"max {f['max']:.0%}")
+    ax.set_yticks(range(len(rows)), [lab for lab, _, _ in rows])
+    ax.set(xlabel="% flagged out of distribution (95 % CI)", xlim=(0, max(100 * max(r[2][1] for r in rows), 10) * 1.05))
+    ax.legend(fontsize=8, loc="lower right")
+    figs["flagged"] = _png(fig)
+    return figs
+
+
+BAD_ROW = ' class="bad"'
+
+
+def render_html(report: dict, site: list[np.ndarray], ref: list[np.ndarray]) -> str:
+    """check.html: self-contained (inline style, figures as data URIs, no script, no network)."""
+    e = html.escape
+    figs = figures(report, site, ref)
+    ok = report["verdict"] == "matches"
+    f, s, a = report["flagged"], report["shift"], report["appearance"]
+    rows = [("Run", report["run"]), ("Model sha256", report["model_sha256"]), ("Site folder", report["data"]),
+            ("Date (UTC)", report["date"]),
+            ("Images", f"{report['images']} ({report['unreadable']} unreadable files)"),
+            ("Flagged out of distribution", f"{f['count']} ({f['share']:.1%}; 95 % CI {f['ci95'][0]:.1%}-"
+                                            f"{f['ci95'][1]:.1%}; at most {f['max']:.1%})"),
+            ("Reference", f"{report['reference']['kind']}: {report['reference']['description']}")]
+    if s.get("tested"):
+        rows.append(("OOD-score shift", f"P(site score > reference score) = {s['auc']:.3f}; p = {s['p_value']:.3g} "
+                                        f"(alpha {s['alpha']:g}; {s['statistic']}, {s['permutations']} permutations)"))
+        if s.get("note"):
+            rows.append(("Note", s["note"]))
+    else:
+        rows.append(("OOD-score shift", f"not tested: {s.get('note', '')}"))
+    table = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in rows)
+    reasons = "".join(f"<li>{e(r)}</li>" for r in report["reasons"])
+    tally = "".join(f"<tr><td>{e(r)}</td><td>{c}</td></tr>" for r, c in f["reasons"].items())
+    app = ""
+    if a["compared"]:
+        app = "".join(
+            f"<tr{BAD_ROW if name in a['differs'] else ''}><td>{e(st['name'])}</td>"
+            f"<td>{st['site_median']:g} ({st['site_q05']:g}-{st['site_q95']:g})</td>"
+            f"<td>{st['training_median']:g} ({st['training_q05']:g}-{st['training_q95']:g})</td>"
+            f"<td>{st['share_outside_accepted_range']:.1%}</td></tr>" for name, st in a["statistics"].items())
+        app = ("<table><thead><tr><th>Statistic</th><th>Site median (5th-95th pct)</th><th>Training median "
+               "(5th-95th pct)</th><th>Site images outside the per-image range</th></tr></thead><tbody>"
+               f"{app}</tbody></table><p class=muted>{e(a['rule'])}.</p>")
+    else:
+        app = f"<p class=muted>{e(a.get('note', ''))}</p>"
+    imgs = "".join(f'<img alt="{e(name)}" src="{uri}">' for name, uri in figs.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lungcad site check: {e(report['site'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #1c1c1c; }}
+table {{ border-collapse: collapse; margin: .5rem 0 1rem; }} th, td {{ text-align: left; padding: .25rem .6rem;
+border-bottom: 1px solid #ddd; vertical-align: top; }} .verdict {{ padding: .6rem 1rem; border-radius: .4rem; }}
+.ok {{ background: #e1f2e6; color: #1e7a3c; }} .bad, tr.bad td {{ background: #fbe3e1; color: #b3261e; }}
+.muted {{ color: #666; }} img {{ max-width: 100%; display: block; margin: .5rem 0; }}
+</style></head><body>
+<h1>Site check: {e(report['site'])}</h1>
+<p class="verdict {'ok' if ok else 'bad'}" id="verdict"><strong>{e(report['verdict'])}</strong></p>
+{f'<ul id="reasons">{reasons}</ul>' if reasons else ''}
+<table>{table}</table>
+<h2>Out-of-distribution flags</h2>
+{imgs}
+{f'<table><thead><tr><th>Reason</th><th>Images</th></tr></thead><tbody>{tally}</tbody></table>' if tally else '<p class=muted>No image flagged.</p>'}
+<h2>Appearance against the training images</h2>
+{app}
+<p class=muted>lungcad {e(report['lungcad'])}. Decision support, not a diagnosis: a site that matches still needs
+local validation with labelled cases.</p>
+</body></html>
+"""

@@ -1,0 +1,259 @@
+"""`lungcad check RUNDIR DATA`: a new site's unlabelled images against the model (lungcad.inference.site_check).
+
+Most tests use a run folder built without training (a random-init ResNet-50 at 32 px with its OOD
+detector and appearance profile fitted on synthetic slices, config.json and split.csv written by
+hand); one slow test checks a trained 2-fold ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_dataset, synthetic_slice
+
+from lungcad.cli import main
+from lungcad.data.dataset import load_cache
+from lungcad.data.split import SplitRow, write_split
+from lungcad.data.transforms import Preprocessing
+from lungcad.inference.appearance import fit_profile
+from lungcad.inference.ood import fit_ood
+from lungcad.inference.site_check import REFERENCE_CACHE, compare_appearance, shift_test, wilson
+from lungcad.models.contract import ModelContract, save_model
+from lungcad.models.factory import create_model
+from lungcad.run import RunFolder
+
+CLASSES = ["normal", "benign", "malignant"]
+FOLDERS = ["Normal cases", "Bengin cases", "Malignant cases"]
+# The fixture's OOD threshold is the 99th percentile of 36 validation slices of 12 synthetic patients,
+# i.e. about their maximum: whole new patients exceed it now and then. The in-distribution tests allow
+# for that; the out-of-distribution sites are flagged whole.
+LENIENT = ["--max-flagged", "0.25"]
+
+
+def make_check_run(root: Path, patients: int = 10) -> tuple[Path, Path]:
+    """(run folder, its data folder): patients 0-3 of each class train, 4-7 validate, the rest test."""
+    data = make_dataset(root / "data", patients=patients, slices=3, size=48, seed=0)
+    rows = []
+    for label, folder in zip(CLASSES, FOLDERS):
+        for f in sorted((data / folder).iterdir()):
+            p = (int(f.stem.split("(")[1].rstrip(")")) - 1) // 6  # 3 slices + a gap of 3 per patient
+            rows.append(SplitRow(f, label, f"{label}-{p}", "train" if p < 4 else "val" if p < patients - 2 else "test"))
+    torch.manual_seed(0)
+    model, _ = create_model("resnet50", outputs=3, pretrained="none")
+    model.eval()
+    pp = Preprocessing(image_size=32)
+    cache = {s: load_cache([r.path for r in rows if r.subset == s], pp, progress=False)[0] for s in ("train", "val")}
+    run = root / "run"
+    run.mkdir()
+    contract = ModelContract(arch="resnet50", task="multiclass", classes=CLASSES, preprocessing=pp)
+    contract.ood = fit_ood(run, model, cache["train"], cache["val"], pp)
+    contract.appearance = fit_profile(cache["train"])
+    save_model(run, model, contract)
+    (run / "config.json").write_text(json.dumps({"data": str(data)}))
+    write_split(run / "split.csv", rows, data)
+    return run, data
+
+
+def colour_tiles(folder: Path, n: int = 12) -> Path:
+    """LC25000-like RGB tiles: pink and purple texture."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        tile = np.array([200, 120, 190]) + rng.normal(0, 25, (64, 64, 3))
+        tile[rng.random((64, 64)) < 0.2] = (90, 40, 140)  # nuclei
+        Image.fromarray(np.clip(tile, 0, 255).astype(np.uint8), "RGB").save(folder / f"lung_aca{i}.jpeg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def check_run(tmp_path_factory) -> tuple[Path, Path]:
+    return make_check_run(tmp_path_factory.mktemp("check"))
+
+
+@pytest.fixture(scope="module")
+def site_ok(tmp_path_factory) -> Path:
+    """New patients from the generator the model's data came from."""
+    return make_dataset(tmp_path_factory.mktemp("sites") / "hospital-b", patients=4, slices=3, size=48, seed=7)
+
+
+def test_in_distribution_site_matches_and_writes_check_json_and_html(check_run, site_ok, capsys):
+    run, _ = check_run
+    assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) == 0
+    assert "verdict: matches" in capsys.readouterr().out
+    out = run / "check-hospital-b"
+    report = json.loads((out / "check.json").read_text())
+    assert report["verdict"] == "matches" and report["reasons"] == []
+    assert report["site"] == "hospital-b" and report["images"] == 36 and report["unreadable"] == 0
+    f = report["flagged"]
+    assert f["count"] / f["images"] == pytest.approx(f["share"]) and f["share"] <= 0.25
+    assert f["ci95"][0] <= f["share"] <= f["ci95"][1] and f["max"] == 0.25
+    s = report["shift"]
+    assert s["tested"] and s["p_value"] >= 0.01 and 0.0 <= s["auc"] <= 1.0 and s["permutations"] == 9999
+    assert report["reference"]["kind"] == "test split" and report["reference"]["images"] == 18
+    assert report["appearance"]["compared"] and report["appearance"]["differs"] == []
+    assert report["model_sha256"] == RunFolder(run).contract().model_sha256 and report["date"].endswith("+00:00")
+    page = (out / "check.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2  # score histograms, flagged share
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert 'id="verdict"' in page and "matches" in page
+    assert sorted(p.name for p in out.iterdir()) == ["check.html", "check.json"]  # no temporary files left
+
+
+def test_colour_tiles_and_blank_frames_do_not_match(check_run, tmp_path, capsys):
+    run, _ = check_run
+    site = colour_tiles(tmp_path / "lc25000-like")
+    for i in range(4):
+        Image.fromarray(np.full((64, 64), 40 * i, np.uint8), "L").save(site / f"blank{i}.png")
+    assert main(["check", str(run), str(site), "--no-progress"]) == 3
+    text = capsys.readouterr().out
+    assert "verdict: does not match" in text
+    report = json.loads((run / "check-lc25000-like" / "check.json").read_text())
+    assert report["verdict"] == "does not match" and report["flagged"]["share"] == 1.0
+    tally = report["flagged"]["reasons"]
+    assert tally["colour image given to a greyscale CT model"] == 12
+    assert tally["blank or constant image"] == 4
+    assert any("flagged out of distribution" in r for r in report["reasons"])
+    assert report["shift"]["p_value"] < 0.01 and report["shift"]["auc"] > 0.9
+    assert any("OOD scores are higher" in r for r in report["reasons"])
+    assert report["appearance"]["differs"]
+
+
+def test_a_site_rendered_differently_does_not_match_on_appearance(check_run, tmp_path):
+    run, _ = check_run
+    site = tmp_path / "other-window"
+    site.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(24):  # the same anatomy at lower contrast and higher brightness
+        a = synthetic_slice(rng, CLASSES[i % 3], 5000 + i, i % 3, 48).astype(float)
+        Image.fromarray(np.clip(a * 0.55 + 70, 0, 255).astype(np.uint8), "L").save(site / f"s{i}.png")
+    out = tmp_path / "result"
+    assert main(["check", str(run), str(site), "--out", str(out), "--no-progress", *LENIENT]) == 3
+    report = json.loads((out / "check.json").read_text())
+    assert "mean" in report["appearance"]["differs"]
+    assert any("looks unlike the training images" in r for r in report["reasons"])
+    assert not (run / "check-other-window").exists()  # --out was used
+
+
+def test_unreadable_files_are_reported_and_the_rest_is_checked(check_run, site_ok, tmp_path):
+    run, _ = check_run
+    site = tmp_path / "mixed"
+    shutil.copytree(site_ok, site)
+    (site / "Normal cases" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "o"
+    assert main(["check", str(run), str(site), "--out", str(out), "--no-progress", *LENIENT]) == 0
+    report = json.loads((out / "check.json").read_text())
+    assert report["files"] == 37 and report["images"] == 36 and report["unreadable"] == 1
+    assert report["unreadable_files"][0]["source"].endswith("broken.png")
+
+
+def test_bad_input_is_one_line_errors(check_run, tmp_path, capsys):
+    run, _ = check_run
+    (tmp_path / "empty").mkdir()
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.png").write_bytes(b"")
+    (unreadable / "b.jpg").write_bytes(b"\xff\xd8\xffgarbage")
+    cases = [
+        ([str(run), str(tmp_path / "nope")], "folder not found"),
+        ([str(run), str(tmp_path / "empty")], "folder holds no image or DICOM files"),
+        ([str(run), str(unreadable)], "none of the 2 files could be read"),
+        ([str(run), str(run / "model.json")], "not a folder"),
+        ([str(tmp_path / "norun"), str(tmp_path / "empty")], "run folder not found"),
+        ([str(run), str(tmp_path / "empty"), "--alpha", "2"], "--alpha must be in (0, 1)"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(["check", *argv, "--no-progress"]) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lungcad check: error: ") and message in err and "\n" not in err, err
+    assert not list(run.glob("check-empty")) and not list(run.glob("check-unreadable"))
+
+
+def test_reference_scores_are_cached_for_checks_away_from_the_training_data(check_run, site_ok, capsys):
+    run, data = check_run
+    assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) == 0  # computes or reuses the cache
+    cache = json.loads((run / REFERENCE_CACHE).read_text())
+    assert cache["model_sha256"] == RunFolder(run).contract().model_sha256 and len(cache["strata"][0]["scores"]) == 18
+    moved = data.with_name("moved")
+    data.rename(moved)  # the run folder copied to a site without the training data
+    try:
+        assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) == 0
+        report = json.loads((run / "check-hospital-b" / "check.json").read_text())
+        assert report["reference"]["scores"].startswith("cached in") and report["reference"]["images"] == 18
+        (run / REFERENCE_CACHE).rename(run / "kept.json")
+        capsys.readouterr()
+        assert main(["check", str(run), str(site_ok), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert "reference images not found" in err and REFERENCE_CACHE in err
+    finally:
+        moved.rename(data)
+        if (run / "kept.json").exists():
+            (run / "kept.json").rename(run / REFERENCE_CACHE)
+
+
+def test_shift_test_and_wilson_interval():
+    rng = np.random.default_rng(0)
+    same = shift_test([(rng.normal(0, 1, 60), rng.normal(0, 1, 40))], permutations=999)
+    shifted = shift_test([(rng.normal(1, 1, 60), rng.normal(0, 1, 40))], permutations=999)
+    lower = shift_test([(rng.normal(-1, 1, 60), rng.normal(0, 1, 40))], permutations=999)
+    assert same["p_value"] > 0.05 and shifted["p_value"] == pytest.approx(1 / 1000) and shifted["auc"] > 0.7
+    assert lower["p_value"] > 0.5  # one-sided: a site more typical than the reference is no reason to stop
+    strata = shift_test([(rng.normal(3, 1, 10), rng.normal(3, 1, 10)), (rng.normal(0, 1, 10), rng.normal(0, 1, 10))],
+                        permutations=999)
+    assert strata["p_value"] > 0.05 and len(strata["strata"]) == 2  # no shift within a member, whatever the offsets
+    assert not shift_test([(np.zeros(3), np.zeros(0))])["tested"]
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 0) is None
+
+
+def test_appearance_comparison_uses_the_site_median():
+    profile = {"version": 1, "images": 100, "features": {
+        "mean": {"q01": 40, "q05": 45, "median": 60, "q95": 75, "q99": 80, "lo": 30, "hi": 90}}}
+    rng = np.random.default_rng(0)
+    assert compare_appearance({"mean": rng.normal(60, 5, 50)}, profile)["differs"] == []
+    # every image within the per-image range (30-90), but the typical one brighter than 95 % of the training images
+    moved = compare_appearance({"mean": rng.uniform(78, 88, 50)}, profile)
+    assert moved["differs"] == ["mean"] and moved["statistics"]["mean"]["share_outside_accepted_range"] == 0.0
+    assert not compare_appearance({"mean": np.ones(3)}, {})["compared"]
+
+
+def test_run_folder_lists_the_latest_check_per_site(tmp_path):
+    run = tmp_path / "run"
+    for folder, site, date, verdict in (("check-a", "a", "2025-01-01T00:00:00+00:00", "matches"),
+                                        ("check-a-again", "a", "2025-02-01T00:00:00+00:00", "does not match"),
+                                        ("check-b", "b", "2025-01-05T00:00:00+00:00", "matches")):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "check.json").write_text(json.dumps({
+            "site": site, "date": date, "verdict": verdict, "images": 10, "flagged": {"share": 0.1},
+            "shift": {"p_value": 0.5}, "reasons": []}))
+    (run / "check-broken").mkdir()
+    (run / "check-broken" / "check.json").write_text("{not json")
+    checks = RunFolder(run).site_checks()
+    assert [(c["site"], c["verdict"], c["folder"]) for c in checks] == [("a", "does not match", "check-a-again"),
+                                                                         ("b", "matches", "check-b")]
+    assert checks[1]["flagged_share"] == 0.1 and checks[1]["p_value"] == 0.5
+    assert RunFolder(tmp_path / "nothing").site_checks() == []
+
+
+@pytest.mark.slow
+def test_fold_ensemble_is_checked_against_out_of_fold_reference(tmp_path, site_ok):
+    data = make_dataset(tmp_path / "data", patients=4, slices=3, size=48)
+    cv = tmp_path / "cv"
+    assert main(["train", "--data", str(data), "--out", str(cv), "--pretrained", "none", "--image-size", "32",
+                 "--epochs", "1", "--folds", "2", "--batch-size", "8", "--no-progress"]) == 0
+    main(["check", str(cv), str(site_ok), "--no-progress"])
+    report = json.loads((cv / "check-hospital-b" / "check.json").read_text())
+    assert report["ensemble_members"] == 2 and report["reference"]["kind"] == "development images, out-of-fold"
+    assert report["reference"]["images"] == 36  # every development image, each scored by the member that never saw it
+    assert "never saw it" in report["reference"]["description"]
+    assert [s["site"] for s in report["shift"]["strata"]] == [18, 18]  # the site shared among the members
+    assert report["shift"]["tested"]
+    assert main(["check", str(cv), str(colour_tiles(tmp_path / "tiles")), "--no-progress"]) == 3
