@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import struct
 import zlib
@@ -344,6 +345,25 @@ def test_dashboard_admin_only_with_csv_export(web):
     assert 'id="report-link"' in client.get("/model").text
     r = client.get("/model/report.html")
     assert "Evaluation report" in r.text and "sandbox" in r.headers["content-security-policy"]
+
+
+def test_model_page_lists_the_latest_site_check(web):
+    client, _, data = web
+    login(client)
+    assert "No site checks" in client.get("/model").text
+    run = data.parent / "run"
+    for folder, date, verdict, share in (("check-st-marys", "2025-03-01T10:00:00+00:00", "does not match", 0.31),
+                                         ("check-st-marys-2", "2025-04-01T10:00:00+00:00", "matches", 0.02)):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "check.json").write_text(json.dumps({
+            "site": "st-marys", "date": date, "verdict": verdict, "images": 120, "flagged": {"share": share},
+            "shift": {"tested": True, "p_value": 0.4321}, "reasons": []}))
+    page = client.get("/model").text
+    section = page[page.index('id="site-checks"'):]
+    section = section[:section.index("</section>")]
+    assert "st-marys" in section and "2025-04-01T10:00:00+00:00" in section and "2.0 %" in section
+    assert "0.432" in section and ">matches<" in section
+    assert "does not match" not in section  # the older check of the same site is not listed
 
 
 def test_users_cli(tmp_path, capsys):

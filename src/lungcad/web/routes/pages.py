@@ -150,7 +150,7 @@ def _threshold(store: service.Store) -> float | None:
 
 
 def _model_info(run_dir: Path, store: service.Store) -> dict:
-    """Contract, evaluation report and training-data summary for the model page (files that exist)."""
+    """Contract, evaluation report, training-data summary and site checks for the model page (files that exist)."""
     contract = store.predictor.contract
     info: dict[str, Any] = {"contract": contract.to_dict() if hasattr(contract, "to_dict") else dict(vars(contract))}
     run = RunFolder(run_dir)
@@ -159,6 +159,7 @@ def _model_info(run_dir: Path, store: service.Store) -> dict:
             info[name] = read()
         except LungcadError:
             info[name] = None
+    info["site_checks"] = run.site_checks()  # the latest `lungcad check` per site
     info["report_html"] = (run_dir / "report.html").is_file()
     reports = [p.name for p in sorted(run_dir.glob("report*.md"))] if run_dir.is_dir() else []
     info["report_md"] = (run_dir / reports[0]).read_text(encoding="utf-8")[:100_000] if reports else ""
