@@ -36,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=False, help="folder of class folders, or a CSV manifest")
     p.add_argument("--out", required=True, metavar="RUNDIR", help="run folder to create (or to resume)")
     p.add_argument("--task", choices=["multiclass", "binary"], default="multiclass")
-    p.add_argument("--pretrained", choices=["imagenet", "none"], default="imagenet",
+    p.add_argument("--pretrained", choices=["imagenet", "none"], default=None,
                    help="backbone initialisation (default imagenet; needs the weights cached or --weights)")
     p.add_argument("--weights", metavar="FILE", help="local torchvision ResNet-50 weights (.pth/.safetensors)")
+    p.add_argument("--init-from", metavar="RUNDIR",
+                   help="site adaptation: fine-tune this lungcad run's model (a fold ensemble: its member fold-1); "
+                        "image size, colour and window are the source's unless given here; task and classes must match")
     p.add_argument("--finetune", choices=["fc", "layer4", "all"], default="all")
     p.add_argument("--head-epochs", type=int, default=0, help="staged: train only the head first for N epochs")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
@@ -46,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 20)")
     p.add_argument("--patience", type=int, default=6, help="early stopping on validation macro-F1")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=None, help="input size in px (default 224, or the --init-from source's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", metavar="FILE", help="reuse a split.csv (path,label,group,subset)")
     p.add_argument("--label-map", action="append", default=[], metavar="FOLDER=LABEL")
-    p.add_argument("--colour", choices=["auto", "grey", "rgb"], default="auto")
+    p.add_argument("--colour", choices=["auto", "grey", "rgb"], default=None,
+                   help="default auto (grey if every image is), or the --init-from source's")
     p.add_argument("--window", metavar="L,W",
                    help="the CT window (level,width in HU) the training images were rendered at, e.g. "
                         "--window=195,480 for IQ-OTH/NCCD (docs/window.md); stored in the model contract, DICOM "
@@ -171,11 +175,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         parse_window(args.window)  # refuse a malformed window before any work
     cfg = TrainConfig(
-        data=str(args.data or ""), out=args.out, task=args.task, pretrained=args.pretrained, weights=args.weights,
+        data=str(args.data or ""), out=args.out, task=args.task, pretrained=args.pretrained or TrainConfig.pretrained,
+        weights=args.weights, init_from=args.init_from,
         finetune=args.finetune, head_epochs=args.head_epochs, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs if args.epochs is not None else 20,
-        patience=args.patience, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        split=args.split, label_map=args.label_map, colour=args.colour, window=args.window, workers=args.workers,
+        patience=args.patience, image_size=args.image_size if args.image_size is not None else TrainConfig.image_size,
+        batch_size=args.batch_size, seed=args.seed, split=args.split, label_map=args.label_map,
+        colour=args.colour or TrainConfig.colour, window=args.window, workers=args.workers,
         threads=args.threads, progress=args.progress, extra_data=args.extra_data, augment=args.augment,
         device=args.device, amp=args.amp, target_sensitivity=args.target_sensitivity,
         **{k: v for k, v in (("augment_policy", args.augment_policy), ("balance", args.balance),
@@ -188,7 +194,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.val_fraction = 0.0  # cross-validation chooses the recipe; members train on every other fold
     if not 0.0 < cfg.target_sensitivity <= 1.0:
         raise LungcadError(f"--target-sensitivity must be in (0, 1], not {cfg.target_sensitivity}")
-    if cfg.weights:
+    if cfg.init_from and not args.resume:  # the source's preprocessing where the command line says nothing
+        from lungcad.training.init_from import inherit
+
+        cfg = inherit(cfg, {k for k in ("image_size", "colour", "window", "pretrained") if getattr(args, k) is not None})
+    elif cfg.weights:
         cfg.pretrained = "file"
     if args.folds:
         from lungcad.training.crossval import cross_validate, format_summary

@@ -18,6 +18,8 @@ class TrainConfig:
     task: str = "multiclass"  # multiclass: normal/benign/malignant; binary: malignant vs. not
     pretrained: str = "imagenet"  # transfer learning from ImageNet is the point; "none" = random init
     weights: str | None = None  # local torchvision weights file (air-gapped sites); implies pretrained=file
+    # site adaptation: fine-tune this lungcad run's model (lungcad.training.init_from); pretrained="lungcad-run"
+    init_from: str | None = None
     finetune: str = "all"  # which layers train: fc, layer4 (+fc) or all
     head_epochs: int = 0  # staged fine-tuning: train only the head for this many epochs first
     optimizer: str = "adamw"  # adamw or sgd (momentum 0.9, Nesterov)

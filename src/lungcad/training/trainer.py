@@ -215,7 +215,11 @@ def _setup(
         raise LungcadError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
     plan = plan_data(cfg, split_file)
     classes = output_classes(cfg.task)
-    if state is None:
+    if state is None and cfg.init_from:  # site adaptation: the source run's weights, head included
+        from lungcad.training.init_from import load_source
+
+        model, init = load_source(cfg)
+    elif state is None:
         model, init = create_model("resnet50", outputs=num_outputs(cfg.task, len(classes)),
                                    pretrained=cfg.pretrained, weights_file=cfg.weights)
         if init["pretrained"] == "none" and cfg.finetune != "all":

@@ -1,0 +1,130 @@
+"""Site adaptation: `lungcad train --init-from RUNDIR --data LOCAL` fine-tunes an existing lungcad model.
+
+- **Weights**: the source run's `model.safetensors`, loaded through `load_model` (sha256 checked
+  against its model.json), head included: nothing is re-initialised. A fold ensemble has no
+  single set of weights: fine-tuning starts from its first member (fold-1), and the log says so;
+  every member of `--folds K` starts from that same source.
+- **Preprocessing**: image size, colour and CT window are the source contract's unless the command
+  line sets them (`inherit`, called by the CLI, which knows what was typed); overriding one is
+  allowed and logged, since the fine-tuned model then sees its input differently from how its
+  starting weights were trained. The rest of the preprocessing (geometry, foreground threshold,
+  normalisation) is what `lungcad train` always uses; a source that differs there is refused.
+- **Task and classes** must be the source's (a clear error otherwise): the head is kept.
+- **Lineage**: the new contract's `init` (and init.json) records the source run, the member, the
+  source's weights sha256, its training-data fingerprint and what the source itself started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lungcad.data.transforms import Preprocessing
+from lungcad.errors import LungcadError
+from lungcad.models.contract import ModelContract, load_model, read_contract
+from lungcad.training.config import TrainConfig
+from lungcad.training.data import output_classes
+
+__all__ = ["SOURCE_KIND", "Source", "inherit", "load_source", "open_source"]
+
+log = logging.getLogger(__name__)
+
+SOURCE_KIND = "lungcad-run"  # init["pretrained"] (and the resolved config's `pretrained`) of a fine-tuned run
+INHERITED = ("image_size", "colour", "window")  # TrainConfig fields taken from the source unless set
+FIXED = ("geometry", "foreground_threshold", "mean", "std")  # preprocessing lungcad train cannot change
+
+
+@dataclass
+class Source:
+    run_dir: Path  # the run folder given to --init-from
+    model_dir: Path  # the run folder whose weights are loaded (the ensemble's fold-1, or run_dir)
+    contract: ModelContract  # model_dir's contract
+    member: str | None = None  # "fold-1" when run_dir is a fold ensemble
+    ensemble_sha256: str | None = None
+
+    def window(self) -> str | None:
+        """The source's declared training window as `train --window` takes it (None: undeclared)."""
+        pp = self.contract.preprocessing
+        return f"{pp.window_level:g},{pp.window_width:g}" if pp.window_source == "declared" else None
+
+
+def open_source(run_dir: str | Path) -> Source:
+    """The model `--init-from` starts from; raises LungcadError for anything that is not a finished run."""
+    run_dir = Path(run_dir)
+    contract = read_contract(run_dir)
+    if not contract.ensemble:
+        return Source(run_dir, run_dir, contract)
+    members = contract.ensemble.get("members") or []
+    if not members:
+        raise LungcadError("--init-from: the ensemble's model.json lists no members", run_dir)
+    entry = members[0]
+    member_dir = run_dir / entry["path"]
+    member = read_contract(member_dir)
+    if entry.get("model_sha256") and member.model_sha256 != entry["model_sha256"]:
+        raise LungcadError("--init-from: ensemble member does not match the sha256 in the ensemble's model.json",
+                           member_dir)
+    return Source(run_dir, member_dir, member, entry["path"], contract.model_sha256)
+
+
+def check_compatible(source: Source, cfg: TrainConfig) -> None:
+    """Refuse a source whose task, classes, architecture or fixed preprocessing this run cannot keep."""
+    c = source.contract
+    classes = output_classes(cfg.task)
+    if c.task != cfg.task or list(c.classes) != classes:
+        raise LungcadError(f"--init-from: the source model is {c.task} ({', '.join(c.classes)}), this run would train "
+                           f"{cfg.task} ({', '.join(classes)}); fine-tuning keeps the source's head: use --task {c.task}",
+                           source.run_dir)
+    if c.arch != "resnet50":
+        raise LungcadError(f"--init-from: the source is a {c.arch}; lungcad train fine-tunes resnet50 only",
+                           source.run_dir)
+    if cfg.weights:
+        raise LungcadError("--init-from and --weights are alternatives: the weights come from the source run")
+    default = Preprocessing()
+    for name in FIXED:
+        if getattr(c.preprocessing, name) != getattr(default, name):
+            raise LungcadError(f"--init-from: the source preprocesses with {name}={getattr(c.preprocessing, name)!r}, "
+                               f"which lungcad train cannot reproduce ({getattr(default, name)!r})", source.run_dir)
+
+
+def inherit(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """`cfg` with the source's image size, colour and window where `explicit` (the options the
+    command line set) does not name them, `pretrained` = SOURCE_KIND; checked against the source."""
+    if "pretrained" in explicit:
+        raise LungcadError("--init-from replaces --pretrained: the weights come from the source run")
+    source = open_source(cfg.init_from)
+    pp = source.contract.preprocessing
+    taken = {"image_size": pp.image_size, "colour": pp.colour, "window": source.window()}
+    cfg = dataclasses.replace(cfg, pretrained=SOURCE_KIND,
+                              **{k: v for k, v in taken.items() if k not in explicit})
+    check_compatible(source, cfg)
+    return cfg
+
+
+def load_source(cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """(the source's model, the init record with its lineage) for the trainer's `_setup`."""
+    source = open_source(cfg.init_from)
+    check_compatible(source, cfg)
+    pp = source.contract.preprocessing
+    mine = {"image_size": cfg.image_size, "colour": cfg.colour, "window": cfg.window}
+    theirs = {"image_size": pp.image_size, "colour": pp.colour, "window": source.window()}
+    differ = [f"{k} {mine[k]} (source {theirs[k]})" for k in INHERITED
+              if mine[k] != theirs[k] and not (k == "colour" and mine[k] == "auto")]
+    if differ:
+        log.warning("--init-from: %s: the fine-tuned model sees its input differently from how its starting "
+                    "weights were trained", "; ".join(differ))
+    if source.member:
+        log.warning("--init-from %s is a fold ensemble: fine-tuning starts from its member %s alone",
+                    source.run_dir, source.member)
+    model, contract = load_model(source.model_dir)  # sha256 of model.safetensors checked
+    init = {"pretrained": SOURCE_KIND, "source": str(source.run_dir.resolve()),
+            **({"source_member": source.member, "source_ensemble_sha256": source.ensemble_sha256}
+               if source.member else {}),
+            "source_model_sha256": contract.model_sha256,
+            "source_data_fingerprint_sha256": contract.training.get("data_fingerprint_sha256"),
+            "source_init": contract.init}
+    log.info("fine-tuning from %s (weights sha256 %s)", source.model_dir, contract.model_sha256[:16])
+    return model, init
