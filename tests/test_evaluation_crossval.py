@@ -51,7 +51,7 @@ def test_summary_mean_sd_and_pooled_out_of_fold():
         p[y if i % 4 else (y + 1) % 3] = 0.8  # 3 in 4 right
         oof.append({"y": y, "pred": int(p.argmax()), "probs": p, "group": f"g{i // 2}", "fold": 1 + i % 2,
                     "classes": CLASSES, "path": f"{i}.png", "label": CLASSES[y]})
-    s = summarise(per_fold, oof, "multiclass")
+    s = summarise(per_fold, oof, "multiclass", CLASSES)
     assert s["mean_sd"]["accuracy"]["mean"] == pytest.approx(0.7)
     assert s["mean_sd"]["accuracy"]["sd"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
     assert s["mean_sd"]["roc_auc"]["mean"] is None
