@@ -315,7 +315,7 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
             ema.load_state_dict(state["ema"])
         history, best_f1, best_epoch, start_epoch = state["history"], state["best_f1"], state["best_epoch"], state["epoch"]
         if ctx.is_main:
-            log.info("resuming after epoch %d (best val macro-F1 %.3f at epoch %d)", start_epoch, best_f1, best_epoch)
+            log.info("resuming after epoch %d (best epoch so far: %d)", start_epoch, best_epoch)
         del state
 
     for epoch in range(start_epoch, cfg.epochs):
