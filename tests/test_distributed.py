@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
     # fc fine-tuning on a "pretrained" trunk keeps BatchNorm in eval mode, so the per-rank batch
     # size cannot change BN statistics and the two runs must agree to float precision.
     args = ["--data", str(data), "--weights", str(weights), "--finetune", "fc", "--image-size", "64",
-            "--batch-size", "8", "--no-augment", "--no-progress", "--seed", "1"]
+            "--batch-size", "8", "--no-augment", "--no-progress", "--seed", "1",
+            "--amp", "off"]  # exact equivalence is an fp32 property (bf16 autocast rounds per shard)
     return root, args
 
 
