@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lungcad.data.audit import FEATURE_SETS
 from lungcad.evaluation.calibration import choose_threshold
-from lungcad.evaluation.metrics import malignant_index
+from lungcad.evaluation.metrics import malignant_index, predict_labels
 
 __all__ = [
     "classical_model", "majority_probs", "metadata_features", "metadata_model", "out_of_fold_baseline",
@@ -161,7 +161,5 @@ def out_of_fold_baseline(features: np.ndarray, y: np.ndarray, folds: np.ndarray,
     for k in np.unique(folds):
         mine = folds == k
         threshold = choose_threshold(probs[~mine, m], y[~mine] == m, target_sensitivity)["threshold"]
-        rest = probs[mine].copy()
-        rest[:, m] = -np.inf
-        pred[mine] = np.where(probs[mine, m] >= threshold, m, rest.argmax(axis=1))
+        pred[mine] = predict_labels(probs[mine], task, threshold, classes)  # the one decision rule
     return probs, pred
