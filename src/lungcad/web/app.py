@@ -1,8 +1,9 @@
 """FastAPI application: server-rendered pages for clinicians plus a JSON REST API for PACS-side scripts.
 
 `create_app(run_dir, data_dir=..., db=...)` builds the app; `lungcad serve` runs it under uvicorn.
-Everything except /login, /health and /static requires a signed-in user (session cookie, HttpOnly,
-SameSite=Lax, CSRF token on every form) or an API token (`Authorization: Bearer lcd_...`).
+Everything except /login, /health and /static requires a signed-in user (a server-side session
+with idle timeout and absolute lifetime, its id in an HttpOnly SameSite=Lax cookie, CSRF token on
+every form) or an unexpired, unrevoked API token (`Authorization: Bearer lcd_...`).
 
 Layout (FastAPI's "bigger applications"): `create_app` builds the app state, error handlers and
 middleware and includes the routers of `lungcad.web.routes` (auth, pages, admin, api); the
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -31,16 +31,17 @@ from starlette.middleware.sessions import SessionMiddleware
 import lungcad
 from lungcad.errors import LungcadError
 from lungcad.web import service
-from lungcad.web.db import open_database
+from lungcad.web.db import open_database, private_dir
 from lungcad.web.deps import AuthRequired, Settings
 from lungcad.web.routes import admin, api, auth, pages
-from lungcad.web.security import load_secret
+from lungcad.web.security import SessionPolicy, load_secret
+from lungcad.web.throttle import BackoffPolicy
 
 __all__ = [
     "DISCLAIMER",
+    "HSTS",
     "MAX_REQUEST_BYTES",
     "SECURITY_HEADERS",
-    "SESSION_HOURS",
     "LimitBody",
     "SecurityHeaders",
     "create_app",
@@ -50,7 +51,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
-SESSION_HOURS = 12  # a clinical shift; then sign in again
+# Sent on responses over HTTPS (directly, or from a proxy uvicorn trusts to say so in X-Forwarded-Proto)
+# and whenever --secure-cookies says the site is served over HTTPS. No includeSubDomains: other hosts
+# of a hospital's domain are not ours to decide for.
+HSTS = ("strict-transport-security", "max-age=31536000")
 MAX_REQUEST_BYTES = 256 * 1024 * 1024  # whole request body (several files in one upload form)
 DISCLAIMER = (
     "Decision support only, not a diagnosis: the result must be reviewed by a qualified clinician "
@@ -110,18 +114,20 @@ class SecurityHeaders:
     extra task and queue, a measurable cost per request under load.
     """
 
-    def __init__(self, app: Any):
-        self.app = app
+    def __init__(self, app: Any, always_https: bool = False):
+        self.app, self.always_https = app, always_https
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
+        self.https_headers = [*self.headers, (HSTS[0].encode("latin-1"), HSTS[1].encode("latin-1"))]
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = self.https_headers if self.always_https or scope.get("scheme") == "https" else self.headers
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                missing = [(k, v) for k, v in self.headers if k not in present]
+                missing = [(k, v) for k, v in headers if k not in present]
                 message["headers"] = [*message.get("headers", []), *missing]
             await send(message)
 
@@ -145,13 +151,17 @@ def create_app(
     db: str | None = None,
     predictor: service.PredictorLike | None = None,
     secure_cookies: bool = False,
+    session_policy: SessionPolicy | None = None,
+    backoff: BackoffPolicy | None = None,
 ) -> FastAPI:
     """The web application for one model (run folder), with its database and data folder.
 
     `predictor` defaults to lungcad.inference.predictor.Predictor(run_dir); tests inject a fake.
+    `session_policy` (idle timeout, lifetime) and `backoff` (failed sign-ins) default to their dataclasses' defaults.
     """
-    settings = Settings(Path(run_dir), Path(data_dir), db, secure_cookies)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(Path(run_dir), Path(data_dir), db, secure_cookies,
+                        session_policy or SessionPolicy(), backoff or BackoffPolicy())
+    private_dir(settings.data_dir)
     if predictor is None:
         from lungcad.inference.predictor import Predictor
 
@@ -172,14 +182,15 @@ def create_app(
     templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__)
     app.state.settings, app.state.engine, app.state.sessions, app.state.store = settings, engine, session_factory, store
     app.state.templates = templates
-    app.state.login_failures = defaultdict(deque)  # (user name, client) -> failure times: see routes.auth
 
-    app.add_middleware(SecurityHeaders)
-    # Added last = outermost: the size cap applies before anything parses the body.
+    app.add_middleware(SecurityHeaders, always_https=secure_cookies)
+    # The signed cookie only carries the session id and the CSRF token; the login_sessions row decides
+    # whether the session is alive (web.security.user_for_session), so its max_age is just an upper bound.
     app.add_middleware(
-        SessionMiddleware, secret_key=secret, session_cookie="lungcad_session", max_age=SESSION_HOURS * 3600,
-        same_site="lax", https_only=secure_cookies,
+        SessionMiddleware, secret_key=secret, session_cookie="lungcad_session",
+        max_age=settings.session_policy.hours * 3600, same_site="lax", https_only=secure_cookies,
     )
+    # Added last = outermost: the size cap applies before anything parses the body.
     app.add_middleware(LimitBody, limit=MAX_REQUEST_BYTES)
 
     app.add_exception_handler(AuthRequired, _auth_required)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 from lungcad.web.batcher import MicroBatcher
-from lungcad.web.db import Feedback, Study, User, audit, new_id
+from lungcad.web.db import Feedback, Study, User, audit, new_id, private_dir
 from lungcad.web.uploads import check_upload, deidentify_upload
 
 __all__ = [
@@ -77,7 +77,7 @@ class Store:
         workers, threads = inference_workers()
         self.batcher = MicroBatcher(self._predict_batch, workers=workers, init_worker=lambda: _set_torch_threads(threads))
         for sub in ("images", "dicom", "explain"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(self.root / sub)
 
     def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[Any]:
         # Preparation (torch resize) runs here too, under the worker's thread setting: request

@@ -1,0 +1,444 @@
+"""Issue 15 hardening of the web app: revocable sessions, expiring tokens, persisted sign-in back-off,
+password change, owner-only files, HSTS, audit of rejected uploads and study views.
+
+Time never passes in these tests: expiry is exercised by moving the stored timestamps back, and
+back-off by a policy whose first wait (10 min) no test could outlast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sqlalchemy")
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from test_web import PASSWORD, FakePredictor, csrf_of, login, png_bytes
+
+from lungcad.cli import main
+from lungcad.web.app import create_app
+from lungcad.web.db import ApiToken, AuditEvent, LoginSession, User, open_database
+from lungcad.web.security import SessionPolicy, add_user, create_token
+from lungcad.web.throttle import DEVICE_COOKIE, BackoffPolicy
+
+NEW_PASSWORD = "another long passphrase"
+# Deterministic back-off: few free failures, and a first wait far longer than any test takes.
+STRICT = BackoffPolicy(address_free=5, account_free=3, base_s=600)
+
+
+@pytest.fixture
+def site(tmp_path: Path):
+    """A data folder with alice (clinician) and root (admin); `make(...)` builds an app on it."""
+    data = tmp_path / "webdata"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        add_user(s, "alice", PASSWORD, "clinician")
+        add_user(s, "root", PASSWORD, "admin")
+        s.commit()
+
+    def make(**kwargs):
+        return create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor(), **kwargs)
+
+    return make, sessions, data
+
+
+def client_at(app, address: str = "testclient", **kwargs) -> TestClient:
+    return TestClient(app, client=(address, 50000), **kwargs)
+
+
+def is_signed_in(client: TestClient) -> bool:
+    r = client.get("/", follow_redirects=False)
+    assert r.status_code in (200, 303)
+    return r.status_code == 200
+
+
+def logout(client: TestClient) -> None:
+    r = client.post("/logout", data={"csrf_token": csrf_of(client.get("/").text)}, follow_redirects=False)
+    assert r.status_code == 303
+
+
+def sessions_of(sessions, username: str) -> list[LoginSession]:
+    with sessions() as s:
+        return list(s.scalars(select(LoginSession).join(User).where(User.username == username)))
+
+
+def actions(sessions) -> list[str]:
+    with sessions() as s:
+        return [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+
+
+# ---------------------------------------------------------------- 1. sessions
+
+
+def test_cookie_copied_before_logout_stops_working_after_it(site):
+    make, sessions, _ = site
+    app = make()
+    client = client_at(app)
+    assert login(client).status_code == 303
+    copied = client.cookies.get("lungcad_session")
+    assert len(sessions_of(sessions, "alice")) == 1
+    logout(client)
+    thief = client_at(app)
+    thief.cookies.set("lungcad_session", copied)
+    assert not is_signed_in(thief)
+    assert thief.get("/api/me").status_code == 401
+    assert sessions_of(sessions, "alice") == []
+
+
+def test_idle_timeout_and_absolute_lifetime(site):
+    make, sessions, _ = site
+    client = client_at(make(session_policy=SessionPolicy(idle_minutes=20, hours=8)))
+
+    def age(**back) -> None:
+        with sessions() as s:
+            row = s.scalar(select(LoginSession))
+            for column, delta in back.items():
+                setattr(row, column, getattr(row, column) - delta)
+            s.commit()
+
+    login(client)
+    age(last_seen_at=dt.timedelta(minutes=19))  # still inside the idle timeout: the request renews it
+    assert is_signed_in(client)
+    age(last_seen_at=dt.timedelta(minutes=19))
+    assert is_signed_in(client)  # 19 + 19 min since sign-in, but never 20 idle
+    age(last_seen_at=dt.timedelta(minutes=21))
+    assert not is_signed_in(client)
+    assert sessions_of(sessions, "alice") == []  # the expired session is gone, not just refused
+
+    login(client)
+    age(created_at=dt.timedelta(hours=8, minutes=1))  # active all along, but past the lifetime
+    assert not is_signed_in(client)
+    assert sessions_of(sessions, "alice") == []
+
+
+def test_session_policy_is_validated():
+    from lungcad.errors import LungcadError
+
+    with pytest.raises(LungcadError, match="idle <= lifetime"):
+        SessionPolicy(idle_minutes=600, hours=2)
+    with pytest.raises(LungcadError):
+        SessionPolicy(idle_minutes=0)
+
+
+def test_password_change_requires_current_password_and_ends_other_sessions(site):
+    make, sessions, _ = site
+    app = make()
+    here, elsewhere = client_at(app), client_at(app)
+    login(here)
+    login(elsewhere)
+    assert len(sessions_of(sessions, "alice")) == 2
+
+    def change(current: str, new: str, confirm: str | None = None):
+        token = csrf_of(here.get("/account").text)
+        return here.post(
+            "/account/password",
+            follow_redirects=False,
+            data={
+                "csrf_token": token,
+                "current_password": current,
+                "new_password": new,
+                "confirm_password": new if confirm is None else confirm,
+            },
+        )
+
+    r = change("wrong password", NEW_PASSWORD)
+    assert r.status_code == 422 and "current password is wrong" in r.text
+    assert change(PASSWORD, NEW_PASSWORD, "typo").status_code == 422
+    r = change(PASSWORD, "short")
+    assert r.status_code == 422 and "too short" in r.text
+    assert is_signed_in(elsewhere)  # nothing changed yet
+    r = here.post(
+        "/account/password",
+        data={"current_password": PASSWORD, "new_password": NEW_PASSWORD, "confirm_password": NEW_PASSWORD},
+    )
+    assert r.status_code == 403  # CSRF
+    r = change(PASSWORD, NEW_PASSWORD)
+    assert r.status_code == 303 and r.headers["location"] == "/account?changed=1"
+    assert is_signed_in(here) and not is_signed_in(elsewhere)
+    assert len(sessions_of(sessions, "alice")) == 1
+    fresh = client_at(app)
+    assert login(fresh).status_code == 401  # the old password no longer works
+    assert login(fresh, password=NEW_PASSWORD).status_code == 303
+    assert actions(sessions).count("password_change_failed") == 3 and "password_change" in actions(sessions)
+
+
+def test_deactivating_a_user_ends_her_sessions(site):
+    make, sessions, _ = site
+    app = make()
+    alice, admin = client_at(app), client_at(app)
+    login(alice)
+    login(admin, "root")
+    with sessions() as s:
+        alice_id = s.scalar(select(User.id).where(User.username == "alice"))
+    page = admin.get("/users").text
+    r = admin.post(
+        f"/users/{alice_id}/active", data={"active": "no", "csrf_token": csrf_of(page)}, follow_redirects=False
+    )
+    assert r.status_code == 303
+    assert sessions_of(sessions, "alice") == []
+    admin.post(f"/users/{alice_id}/active", data={"active": "yes", "csrf_token": csrf_of(page)})
+    assert not is_signed_in(alice)  # reactivation does not bring the old session back
+    assert login(alice).status_code == 303 and is_signed_in(alice)
+
+
+# ---------------------------------------------------------------- 2. API tokens
+
+
+def test_tokens_expire_record_last_use_and_are_listed_without_their_secret(site):
+    make, sessions, _ = site
+    client = client_at(make())
+    login(client)
+    r = client.post(
+        "/account/tokens", data={"name": "pacs", "days": "30", "csrf_token": csrf_of(client.get("/account").text)}
+    )
+    token = r.text.split('<pre id="new-token">')[1].split("</pre>")[0]
+    assert token.startswith("lcd_")
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert client.post("/account/tokens", data={"days": "400", "csrf_token": csrf_of(r.text)}).status_code == 422
+    with sessions() as s:
+        row = s.scalar(select(ApiToken).where(ApiToken.name == "pacs"))
+        assert row.last_used_at is None
+        assert dt.timedelta(days=29) < row.expires_at - row.created_at <= dt.timedelta(days=30)
+    api = client_at(client.app)  # no cookie: the token alone
+    assert api.get("/api/me", headers=bearer).status_code == 200
+    listed = api.get("/api/tokens", headers=bearer).json()
+    assert [t["name"] for t in listed] == ["pacs"] and listed[0]["last_used_at"] is not None
+    assert token not in str(listed) and listed[0]["expired"] is False
+    assert "pacs" in client.get("/account").text
+    with sessions() as s:
+        s.execute(update(ApiToken).values(expires_at=ApiToken.created_at - dt.timedelta(seconds=1)))
+        s.commit()
+    r = api.get("/api/me", headers=bearer)
+    assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_users_revoke_their_tokens_and_admins_anyones(site):
+    make, sessions, _ = site
+    app = make()
+    with sessions() as s:
+        alice = s.scalar(select(User).where(User.username == "alice"))
+        root = s.scalar(select(User).where(User.username == "root"))
+        a1, a2, r1 = create_token(s, alice, "one"), create_token(s, alice, "two"), create_token(s, root, "admin's")
+        s.commit()
+        ids = {t.name: t.id for t in s.scalars(select(ApiToken))}
+    api = client_at(app)
+    h = lambda t: {"Authorization": f"Bearer {t}"}
+
+    # alice cannot see or revoke root's token (404: ids are not probed), nor list everyone's
+    assert api.delete(f"/api/tokens/{ids['admin' + chr(39) + 's']}", headers=h(a1)).status_code == 404
+    assert api.get("/api/tokens?all=true", headers=h(a1)).status_code == 403
+    assert api.get("/api/me", headers=h(r1)).status_code == 200
+    # her own: revoked through the API, refused from then on
+    assert api.delete(f"/api/tokens/{ids['one']}", headers=h(a2)).status_code == 204
+    assert api.get("/api/me", headers=h(a1)).status_code == 401
+    assert {t["name"]: t["revoked"] for t in api.get("/api/tokens", headers=h(a2)).json()} == {
+        "one": True,
+        "two": False,
+    }
+    # an administrator revokes alice's other token from the users page
+    admin = client_at(app)
+    login(admin, "root")
+    assert len(api.get("/api/tokens?all=true", headers=h(r1)).json()) == 3
+    page = admin.get("/users").text
+    assert f'action="/tokens/{ids["two"]}/revoke"' in page and f'action="/tokens/{ids["one"]}/revoke"' not in page
+    r = admin.post(f"/tokens/{ids['two']}/revoke", data={"csrf_token": csrf_of(page)}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/users"
+    assert api.get("/api/me", headers=h(a2)).status_code == 401
+    with sessions() as s:
+        revokes = s.scalars(select(AuditEvent).where(AuditEvent.action == "token_revoke").order_by(AuditEvent.id)).all()
+        assert [(e.username, e.target) for e in revokes] == [("alice", "alice"), ("root", "alice")]
+
+
+def test_cli_token_lifetime(tmp_path, capsys):
+    data = str(tmp_path / "d")
+    assert main(["users", "add", "bob", "--role", "clinician", "--password", PASSWORD, "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["users", "token", "bob", "--days", "7", "--data-dir", data]) == 0
+    assert capsys.readouterr().out.strip().startswith("lcd_")
+    assert main(["users", "token", "bob", "--days", "0", "--data-dir", data]) == 1
+    err = capsys.readouterr().err
+    assert "token lifetime must be 1 to 365 days" in err and "Traceback" not in err
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        row = s.scalar(select(ApiToken))
+        assert dt.timedelta(days=6) < row.expires_at - row.created_at <= dt.timedelta(days=7)
+
+
+def test_migration_gives_existing_tokens_an_expiry(tmp_path):
+    from sqlalchemy import text
+
+    from lungcad.web.db import make_db_engine
+    from lungcad.web.migrate import upgrade_database
+    from lungcad.web.security import token_digest, user_for_token
+
+    engine = make_db_engine(f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    upgrade_database(engine, "0002")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (id, username, password_hash, role, active, created_at) "
+                "VALUES (1, 'old', 'x', 'clinician', 1, '2025-01-01 00:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO api_tokens (user_id, name, token_sha256, created_at, revoked) "
+                "VALUES (1, 'legacy', :d, '2025-01-01 00:00:00', 0)"
+            ),
+            {"d": token_digest("lcd_legacy")},
+        )
+    upgrade_database(engine)
+    _, sessions = open_database(f"sqlite:///{tmp_path / 'old.sqlite3'}", tmp_path)
+    with sessions() as s:
+        row = s.scalar(select(ApiToken))
+        assert row.expires_at is not None
+        assert user_for_token(s, "lcd_legacy").username == "old"  # still valid, for 90 days
+
+
+# ---------------------------------------------------------------- 3. sign-in back-off
+
+
+def attempt(client: TestClient, user: str = "alice", password: str = PASSWORD):
+    return login(client, user, password)
+
+
+def test_account_backoff_does_not_lock_out_the_clinicians_own_browser(site):
+    make, _, _ = site
+    app = make(backoff=STRICT)
+    ward = client_at(app, "10.1.1.20")  # alice's workstation: she has signed in from it before
+    assert attempt(ward).status_code == 303
+    assert ward.cookies.get(DEVICE_COOKIE)
+    logout(ward)
+
+    attacker = client_at(app, "203.0.113.9")
+    for _ in range(STRICT.account_free):
+        assert attempt(attacker, password="guess").status_code == 401
+    r = attempt(attacker)  # even the right password is not checked while the account waits
+    assert r.status_code == 429 and "try again" in r.text
+    assert 590 <= int(r.headers["Retry-After"]) <= 600
+    assert not is_signed_in(attacker)
+
+    # alice, elsewhere, from her usual browser: signed in at once
+    assert attempt(ward).status_code == 303 and is_signed_in(ward)
+    # a browser that never signed in to her account waits like the attacker (slowed, not let in)
+    assert attempt(client_at(app, "10.1.1.21")).status_code == 429
+
+
+def test_backoff_is_persisted_across_restarts(site):
+    make, _, _ = site
+    attacker = client_at(make(backoff=STRICT), "203.0.113.9")
+    for _ in range(STRICT.account_free):
+        attempt(attacker, password="guess")
+    assert attempt(attacker, password="guess").status_code == 429
+    restarted = client_at(make(backoff=STRICT), "203.0.113.9")  # a new process on the same database
+    r = attempt(restarted)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
+def test_failures_spread_over_many_user_names_are_limited_per_address(site):
+    make, _, _ = site
+    app = make(backoff=STRICT)
+    sprayer = client_at(app, "198.51.100.7")
+    for i in range(STRICT.address_free):
+        assert attempt(sprayer, f"user{i}", "Winter2025!").status_code == 401
+    assert attempt(sprayer, "root", "Winter2025!").status_code == 429  # a fresh user name does not help
+    assert attempt(client_at(app, "10.1.1.30"), "root").status_code == 303  # other addresses are unaffected
+
+
+def test_trusted_browser_behind_the_attackers_proxy_still_signs_in(site):
+    make, _, _ = site
+    app = make(backoff=STRICT)
+    ward = client_at(app, "10.0.0.1")  # the hospital's outgoing proxy, shared with the attacker
+    attempt(ward)
+    logout(ward)
+    attacker = client_at(app, "10.0.0.1")
+    for i in range(STRICT.address_free):
+        attempt(attacker, f"user{i}", "guess")
+    assert attempt(attacker, "alice").status_code == 429
+    assert attempt(ward).status_code == 303
+
+
+def test_device_cookie_of_another_account_or_forged_does_not_bypass(site):
+    make, _, _ = site
+    app = make(backoff=STRICT)
+    mallory = client_at(app, "203.0.113.9")
+    attempt(mallory, "root")  # mallory knows root's password, so her browser is trusted for root
+    logout(mallory)
+    cookie = mallory.cookies.get(DEVICE_COOKIE)
+    for _ in range(STRICT.account_free):
+        attempt(client_at(app, "203.0.113.10"), password="guess")
+    for value in (cookie, cookie[:-2] + "xx", "garbage"):
+        other = client_at(app, "203.0.113.11")
+        other.cookies.set(DEVICE_COOKIE, value, path="/login")
+        assert attempt(other).status_code == 429
+
+
+def test_successful_sign_ins_do_not_count_against_the_address(site):
+    make, _, _ = site
+    app = make(backoff=STRICT)
+    for _ in range(STRICT.address_free + 2):  # a ward signing in all day from one proxy
+        c = client_at(app, "10.0.0.1")
+        assert attempt(c).status_code == 303
+
+
+# ---------------------------------------------------------------- 4. files, HSTS, audit
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid"), reason="POSIX permissions")
+def test_data_folder_and_database_are_owner_only(site, tmp_path):
+    make, _, data = site
+    make()
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+    assert mode(data) == 0o700
+    for sub in ("images", "dicom", "explain"):
+        assert mode(data / sub) == 0o700
+    assert mode(data / "lungcad.sqlite3") == 0o600
+    assert mode(data / "secret_key") == 0o600
+    # an existing installation's world-readable database is tightened at the next start
+    (data / "lungcad.sqlite3").chmod(0o644)
+    data.chmod(0o755)
+    make()
+    assert mode(data / "lungcad.sqlite3") == 0o600 and mode(data) == 0o700
+
+
+def test_hsts_only_over_https(site):
+    make, _, _ = site
+    app = make()
+    assert "strict-transport-security" not in client_at(app).get("/login").headers
+    hsts = client_at(app, base_url="https://lungcad.example").get("/login").headers["strict-transport-security"]
+    assert hsts == "max-age=31536000"
+    assert "strict-transport-security" in client_at(make(secure_cookies=True)).get("/health").headers
+
+
+def test_audit_records_rejected_api_uploads_and_study_views(site):
+    make, sessions, _ = site
+    app = make()
+    with sessions() as s:
+        token = create_token(s, s.scalar(select(User).where(User.username == "alice")))
+        s.commit()
+    api = client_at(app)
+    bearer = {"Authorization": f"Bearer {token}"}
+    r = api.post("/api/predict", files={"file": ("x.png", b"not an image", "image/png")}, headers=bearer)
+    assert r.status_code in (415, 422)
+    r = api.post("/api/predict", files={"file": ("x.png", png_bytes(90), "image/png")}, headers=bearer)
+    study_id = r.json()["id"]
+    assert api.get(f"/api/studies/{study_id}", headers=bearer).status_code == 200
+    browser = client_at(app)
+    login(browser, "root")
+    assert browser.get(f"/studies/{study_id}").status_code == 200
+    with sessions() as s:
+        rows = s.scalars(
+            select(AuditEvent).where(AuditEvent.action.in_(["upload_rejected", "study_view"])).order_by(AuditEvent.id)
+        ).all()
+    assert [(e.action, e.username, e.target) for e in rows] == [
+        ("upload_rejected", "alice", ""),
+        ("study_view", "alice", study_id),
+        ("study_view", "root", study_id),
+    ]
+    assert rows[0].detail["via"] == "api" and rows[0].detail["reason"]
