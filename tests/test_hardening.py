@@ -442,3 +442,117 @@ def test_audit_records_rejected_api_uploads_and_study_views(site):
         ("study_view", "root", study_id),
     ]
     assert rows[0].detail["via"] == "api" and rows[0].detail["reason"]
+
+
+# ---------------------------------------------------------------- 8. clean failures on bad DICOM
+
+DS_TAGS = {
+    "RescaleSlope": b"\x28\x00\x53\x10",
+    "RescaleIntercept": b"\x28\x00\x52\x10",
+    "WindowCenter": b"\x28\x00\x50\x10",
+}
+
+
+def ct_with(keyword: str, value: bytes, modality: bytes = b"CT") -> bytes:
+    """pydicom's CT_small.dcm with one DS attribute's raw value replaced (pydicom will not write a bad DS)."""
+    import io
+
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)  # explicit VR little endian
+    raw = buf.getvalue()
+    start = raw.index(DS_TAGS[keyword] + b"DS")
+    length = int.from_bytes(raw[start + 6 : start + 8], "little")
+    value += b" " * (len(value) % 2)
+    element = DS_TAGS[keyword] + b"DS" + len(value).to_bytes(2, "little") + value
+    raw = raw[:start] + element + raw[start + 8 + length :]
+    return raw.replace(b"\x08\x00\x60\x00CS\x02\x00CT", b"\x08\x00\x60\x00CS\x02\x00" + modality)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "modality"),
+    [
+        ("RescaleSlope", b"abc", b"CT"),
+        ("RescaleSlope", b"inf", b"CT"),
+        ("RescaleIntercept", b"1e999", b"CT"),
+        ("WindowCenter", b"abc", b"MR"),
+    ],
+)
+def test_invalid_dicom_attribute_is_a_one_line_error(keyword, value, modality):
+    from lungcad.dicom import read_dicom
+    from lungcad.dicom.reader import DicomReadError
+
+    with pytest.raises(DicomReadError, match=f"bad.dcm: invalid {keyword}"):
+        read_dicom(ct_with(keyword, value, modality), name="bad.dcm")
+
+
+class DicomReadingPredictor(FakePredictor):
+    """The fake, but DICOM goes through the real reader (lungcad.dicom.read_dicom), as in Predictor."""
+
+    def load_pixels(self, data, name=None):
+        from lungcad.dicom import read_dicom
+
+        if data[128:132] == b"DICM":
+            return read_dicom(data, name=name).frames[0], {}
+        return super().load_pixels(data, name)
+
+
+def test_bad_dicom_upload_is_422_on_the_api_and_a_per_file_result_in_the_form(site):
+    make, sessions, data = site
+    app = make()
+    app.state.store.predictor = DicomReadingPredictor()
+    bad = ct_with("RescaleSlope", b"abc")
+    with sessions() as s:
+        token = create_token(s, s.scalar(select(User).where(User.username == "alice")))
+        s.commit()
+    r = client_at(app).post(
+        "/api/predict",
+        files={"file": ("bad.dcm", bad, "application/dicom")},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 422 and "invalid RescaleSlope" in r.json()["detail"]
+    browser = client_at(app)
+    login(browser)
+    files = [("first.png", png_bytes(60)), ("bad.dcm", bad), ("last.png", png_bytes(200))]
+    r = browser.post(
+        "/upload",
+        data={"csrf_token": csrf_of(browser.get("/").text)},
+        files=[("files", (n, raw, "application/octet-stream")) for n, raw in files],
+    )
+    assert r.status_code == 200
+    rows = r.text.split("<tbody>")[1].split("</tbody>")[0].split("<tr>")[1:]
+    assert len(rows) == 3
+    assert "first.png" in rows[0] and "/studies/" in rows[0]
+    assert "bad.dcm" in rows[1] and "invalid RescaleSlope" in rows[1] and "/studies/" not in rows[1]
+    assert "last.png" in rows[2] and "/studies/" in rows[2]
+    assert len(list((data / "images").iterdir())) == 2 and not list((data / "dicom").iterdir())
+
+
+def test_unexpected_failure_of_one_file_does_not_drop_the_others(site):
+    make, _, data = site
+    app = make()
+
+    class FailsOnBright(FakePredictor):
+        def predict_prepared(self, tensors, sources=None, pixels=None):
+            if any(t.mean() > 180 for t in tensors):
+                raise RuntimeError("secret internal detail")
+            return super().predict_prepared(tensors, sources, pixels)
+
+    app.state.store.predictor = FailsOnBright()
+    browser = client_at(app, raise_server_exceptions=False)
+    login(browser)
+    files = [("dark.png", png_bytes(40)), ("bright.png", png_bytes(230)), ("dim.png", png_bytes(80))]
+    r = browser.post(
+        "/upload",
+        data={"csrf_token": csrf_of(browser.get("/").text)},
+        files=[("files", (n, raw, "application/octet-stream")) for n, raw in files],
+    )
+    assert r.status_code == 200 and "secret internal detail" not in r.text
+    rows = r.text.split("<tbody>")[1].split("</tbody>")[0].split("<tr>")[1:]
+    assert "/studies/" in rows[0] and "/studies/" in rows[2]
+    assert "Something went wrong" in rows[1] and "reference" in rows[1]
+    assert len(list((data / "images").iterdir())) == 2

@@ -106,6 +106,29 @@ def _first(value, default=None):
         return value
 
 
+def _number(ds, keyword: str, default: float | None, label) -> float | None:
+    """A numeric (DS/IS) attribute as a finite float, `default` when absent; DicomReadError when unusable.
+
+    Read from the raw element: pydicom would raise its own ValueError (or warn) on a malformed value.
+    """
+    if keyword not in ds:
+        return default
+    try:
+        raw = ds[keyword].value
+    except (ValueError, TypeError, OverflowError) as exc:  # pydicom's own conversion of a malformed DS/IS
+        raise DicomReadError(f"invalid {keyword} ({first_line(exc, 80)})", label) from None
+    value = _first(raw)
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        return default
+    try:
+        number = float(value)
+    except (ValueError, TypeError, OverflowError):
+        raise DicomReadError(f"invalid {keyword} {str(value)[:32]!r} (not a number)", label) from None
+    if not np.isfinite(number):
+        raise DicomReadError(f"invalid {keyword} {str(value)[:32]!r} (not finite)", label)
+    return number
+
+
 def read_dicom(
     data: bytes | Path | str,
     name: str | Path | None = None,
@@ -169,17 +192,17 @@ def read_dicom(
             frames.append(frame if frame.dtype == np.uint8 else _minmax_to_uint8(frame))
         return DicomFrames(frames, metadata, None)
 
-    values = arr.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
-        getattr(ds, "RescaleIntercept", 0) or 0
-    )  # stored values -> Hounsfield units on CT (modality LUT as a linear rescale)
+    slope = _number(ds, "RescaleSlope", 1.0, label) or 1.0
+    intercept = _number(ds, "RescaleIntercept", 0.0, label)
+    values = arr.astype(np.float64) * slope + intercept  # stored values -> HU on CT (linear modality LUT)
     if window is not None:
         used = window
     elif metadata.get("Modality") == "CT":
         used = ct_window
     else:
-        centre, width = _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None))
-        if centre is not None and width is not None and float(width) > 0:
-            used = (float(centre), float(width))
+        centre, width = _number(ds, "WindowCenter", None, label), _number(ds, "WindowWidth", None, label)
+        if centre is not None and width is not None and width > 0:
+            used = (centre, width)
     for frame in values:
         grey = window_to_uint8(frame, *used) if used is not None else _minmax_to_uint8(frame)
         if photometric == "MONOCHROME1":

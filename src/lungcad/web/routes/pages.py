@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES
 
 __all__ = ["owned_token", "router"]
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -50,7 +52,7 @@ async def upload(request: Request, user: CurrentUser, sessions: Sessions, store:
     # Original file names are shown back to the person who uploaded them, never stored.
     for r, up in zip(results, files):
         r["name"] = (up.filename or "")[:120]
-    status = 200 if ok else 422
+    status = 200 if ok else 500 if any(r.get("internal") for r in results) else 422
     with sessions() as session:
         return page(request, "upload_result.html", session.get(User, user.id), code=status, results=results)
 
@@ -67,6 +69,13 @@ def _store_one(sessions: sessionmaker, store: service.Store, user: User, raw: by
             audit(session, "upload_rejected", user, reason=str(exc)[:200])
             session.commit()
             return {"study_id": "", "error": str(exc)}
+        except Exception as exc:
+            # One file's unexpected failure must not drop the files after it (nor hide the ones before):
+            # it gets a per-file result with a reference; the traceback goes to the server log only.
+            session.rollback()
+            ref = secrets.token_hex(4)
+            log.error("unhandled error %s storing %s of an upload", ref, label, exc_info=exc)
+            return {"study_id": "", "error": f"Something went wrong (reference {ref}).", "internal": True}
 
 
 @router.get("/studies/{study_id}", response_class=HTMLResponse, include_in_schema=False)
