@@ -168,6 +168,29 @@ def test_password_change_requires_current_password_and_ends_other_sessions(site)
     assert actions(sessions).count("password_change_failed") == 3 and "password_change" in actions(sessions)
 
 
+def test_wrong_current_passwords_earn_a_backoff(site):
+    make, _, _ = site
+    client = client_at(make(backoff=STRICT))
+    login(client)
+
+    def change(current: str, confirm: str = NEW_PASSWORD):
+        data = {
+            "csrf_token": csrf_of(client.get("/account").text),
+            "current_password": current,
+            "new_password": NEW_PASSWORD,
+            "confirm_password": confirm,
+        }
+        return client.post("/account/password", data=data, follow_redirects=False)
+
+    for _ in range(STRICT.account_free + 2):
+        assert change(PASSWORD, confirm="typo").status_code == 422  # typos in the new one are not guesses
+    for _ in range(STRICT.account_free):
+        assert change("guess").status_code == 422
+    r = change(PASSWORD)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert login(client_at(client.app, "10.9.9.9")).status_code == 303  # signing in is a separate counter
+
+
 def test_deactivating_a_user_ends_her_sessions(site):
     make, sessions, _ = site
     app = make()

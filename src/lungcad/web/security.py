@@ -27,6 +27,7 @@ __all__ = [
     "add_user",
     "authenticate",
     "change_password",
+    "check_new_password",
     "create_token",
     "csrf_ok",
     "end_session",
@@ -106,13 +107,20 @@ def validate_password(password: str) -> None:
         raise LungcadError(f"password too short (at least {MIN_PASSWORD} characters)")
 
 
-def change_password(session: Session, user: User, current: str, new: str, *, keep_session: str | None = None) -> None:
-    """Set a new password (the current one must be given) and end the user's other sessions; audited."""
-    if not verify_password(user.password_hash, current):
-        raise LungcadError("the current password is wrong")
+def check_new_password(current: str, new: str, confirm: str | None = None) -> None:
+    """The checks of a password change that need no stored secret (so they are not counted as guesses)."""
+    if confirm is not None and new != confirm:
+        raise LungcadError("the new password and its confirmation differ")
     validate_password(new)
     if new == current:
         raise LungcadError("the new password is the same as the current one")
+
+
+def change_password(session: Session, user: User, current: str, new: str, *, keep_session: str | None = None) -> None:
+    """Set a new password (the current one must be given) and end the user's other sessions; audited."""
+    check_new_password(current, new)
+    if not verify_password(user.password_hash, current):
+        raise LungcadError("the current password is wrong")
     user.password_hash = hash_password(new)
     ended = end_user_sessions(session, user.id, keep=keep_session)
     audit(session, "password_change", user, target=user.username, sessions_ended=ended)

@@ -16,10 +16,17 @@ from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
 from lungcad.run import RunFolder
-from lungcad.web import service
-from lungcad.web.db import ApiToken, User, audit
+from lungcad.web import service, throttle
+from lungcad.web.db import ApiToken, User, audit, utcnow
 from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study, page
-from lungcad.web.security import DEFAULT_TOKEN_DAYS, MAX_TOKEN_DAYS, change_password, create_token, revoke_token
+from lungcad.web.security import (
+    DEFAULT_TOKEN_DAYS,
+    MAX_TOKEN_DAYS,
+    change_password,
+    check_new_password,
+    create_token,
+    revoke_token,
+)
 from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES
 
 __all__ = ["owned_token", "router"]
@@ -189,17 +196,29 @@ def password_form(request: Request, session: DB, user: CurrentUser,
                   new_password: Annotated[str, Form(max_length=1024)],
                   confirm_password: Annotated[str, Form(max_length=1024)],
                   csrf_token: Annotated[str, Form()] = "") -> Response:
-    """Change one's password (the current one is required); every other session of the account ends."""
+    """Change one's password (the current one is required); every other session of the account ends.
+
+    Wrong current passwords earn the sign-in back-off (web.throttle) under a key of their own, so a
+    borrowed session cannot be used to guess the password at full speed.
+    """
     check_csrf(request, csrf_token)
+    policy = request.app.state.settings.backoff
+    keys = throttle.Keys(((f"password:{user.id}", policy.account_free),), None)
     try:
-        if new_password != confirm_password:
-            raise LungcadError("the new password and its confirmation differ")
+        check_new_password(current_password, new_password, confirm_password)
+        if wait := throttle.retry_after(session, keys, policy, utcnow()):
+            resp = _account(request, session, user, code=429, error=f"Too many wrong passwords: try again in {wait} s.")
+            resp.headers["Retry-After"] = str(wait)
+            return resp
+        throttle.record_attempt(session, keys, policy, utcnow())  # counted first: see routes.auth.login
+        session.commit()
         change_password(session, user, current_password, new_password, keep_session=request.session.get("sid"))
     except LungcadError as exc:
         session.rollback()
         audit(session, "password_change_failed", user, reason=str(exc)[:200])
         session.commit()
         return _account(request, session, user, code=422, error=str(exc))
+    throttle.succeeded(session, keys)
     session.commit()
     return RedirectResponse("/account?changed=1", status_code=303)
 
