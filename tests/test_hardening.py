@@ -579,3 +579,119 @@ def test_unexpected_failure_of_one_file_does_not_drop_the_others(site):
     assert "/studies/" in rows[0] and "/studies/" in rows[2]
     assert "Something went wrong" in rows[1] and "reference" in rows[1]
     assert len(list((data / "images").iterdir())) == 2
+
+
+# ---------------------------------------------------------------- 9. full or read-only storage
+
+
+def _ct_small() -> bytes:
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("CT_small.dcm")).read_bytes()
+
+
+def test_disk_full_between_the_two_files_of_a_dicom_upload_leaves_neither(site, monkeypatch):
+    import errno
+
+    from lungcad.web import service
+
+    make, sessions, data = site
+    app = make()
+    real = service.atomic_path
+
+    def dicom_disk_full(path):
+        if str(path).endswith(".dcm"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(service, "atomic_path", dicom_disk_full)
+    with sessions() as s:
+        token = create_token(s, s.scalar(select(User).where(User.username == "alice")))
+        s.commit()
+    r = client_at(app).post(
+        "/api/predict",
+        files={"file": ("ct.dcm", _ct_small(), "application/dicom")},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert "data folder cannot be written (No space left on device)" in r.json()["detail"]
+    assert not any((data / "images").iterdir()) and not any((data / "dicom").iterdir())
+
+
+def _storage_scenario(data: str) -> dict:
+    """Run inside a private mount namespace (see the test below): the data folder is a 4 MB tmpfs."""
+    import subprocess
+
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", data], check=True)
+    engine, sessions = open_database(None, data)
+    with sessions() as s:
+        token = create_token(s, add_user(s, "alice", PASSWORD, "clinician"))
+        s.commit()
+    engine.dispose()
+    app = create_app(Path(data) / "run", data_dir=data, predictor=FakePredictor())
+    out: dict = {}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        bearer = {"Authorization": f"Bearer {token}"}
+
+        def upload(value: int):
+            r = client.post("/api/predict", files={"file": ("x.png", png_bytes(value), "image/png")}, headers=bearer)
+            return [r.status_code, r.text]
+
+        out["before"] = upload(100)
+        try:  # fill the disk
+            with open(Path(data) / "filler", "wb") as fh:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+        except OSError:
+            pass
+        h = client.get("/health")
+        out["health_full"] = [h.status_code, h.json()]
+        out["upload_full"] = upload(150)
+        out["images_full"] = sorted(p.name for p in (Path(data) / "images").iterdir())
+        (Path(data) / "filler").unlink()
+        app.state.engine.dispose()  # files open for writing would make the remount fail ("busy")
+        subprocess.run(["mount", "-o", "remount,ro", data], check=True)
+        h = client.get("/health")
+        out["health_ro"] = [h.status_code, h.json()]
+        out["upload_ro"] = upload(200)
+        page = client.get("/login").text
+        r = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": csrf_of(page)})
+        out["login_ro"] = [r.status_code, r.text]
+    return out
+
+
+def test_full_and_read_only_data_folder_answer_503_and_health_degrades(tmp_path):
+    """A real tmpfs, filled up and then remounted read-only, in a mount namespace of its own."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("cannot create a mount namespace here (unshare not permitted)")
+    data = tmp_path / "mnt"
+    data.mkdir()
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), *sys.path])}
+    code = f"import json, test_hardening as t; print(json.dumps(t._storage_scenario({str(data)!r})))"
+    proc = subprocess.run(["unshare", "-rm", sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode and "mount" in proc.stderr and "permission denied" in proc.stderr.lower():
+        pytest.skip("mounting a tmpfs is not permitted here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert out["before"][0] == 201
+    status, body = out["health_full"]
+    assert status == 503 and body["status"] == "degraded" and body["data_dir"] != "ok"
+    status, text = out["upload_full"]
+    assert status == 503 and "cannot be written" in text and "Traceback" not in text
+    assert len(out["images_full"]) == 1  # only the upload from before; no half-written file or temp file
+    status, body = out["health_ro"]
+    assert status == 503 and body["status"] == "degraded"
+    assert "Read-only file system" in body["data_dir"] and body["database"] != "ok"
+    assert out["upload_ro"][0] == 503
+    status, text = out["login_ro"]
+    assert status == 503 and "Storage unavailable" in text

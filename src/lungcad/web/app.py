@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
@@ -198,6 +199,8 @@ def create_app(
     app.add_exception_handler(LungcadError, _input_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(SQLAlchemyTimeout, _busy)
+    app.add_exception_handler(OperationalError, _storage_unavailable)
+    app.add_exception_handler(OSError, _storage_unavailable)
     app.add_exception_handler(Exception, _server_error)
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -212,7 +215,7 @@ def create_app(
 
 HTTP_TITLES = {400: "Bad request", 401: "Not signed in", 403: "Forbidden", 404: "Not found",
                405: "Method not allowed", 413: "Too large", 415: "Unsupported file", 422: "Unusable input",
-               429: "Too many attempts"}
+               429: "Too many attempts", 503: "Unavailable"}
 
 
 async def _auth_required(request: Request, exc: AuthRequired) -> Response:
@@ -250,6 +253,21 @@ async def _busy(request: Request, exc: SQLAlchemyTimeout) -> Response:
     else:
         resp = _error_page(request, 503, "Busy", "The server is overloaded: please retry in a moment.")
     resp.headers["Retry-After"] = "5"
+    return resp
+
+
+async def _storage_unavailable(request: Request, exc: Exception) -> Response:
+    """A full or read-only data folder or database: 503 with the reason, not a 500 (other OSErrors are bugs)."""
+    reason = service.storage_problem(exc)
+    if reason is None:
+        return await _server_error(request, exc)
+    log.error("storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+    detail = f"Nothing was saved: {reason}. Tell the administrator; /health shows the state."
+    if is_api(request):
+        resp = problem(503, "Storage unavailable", detail)
+    else:
+        resp = _error_page(request, 503, "Storage unavailable", detail)
+    resp.headers["Retry-After"] = "60"
     return resp
 
 

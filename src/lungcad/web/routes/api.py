@@ -7,6 +7,7 @@ problem documents (see lungcad.web.app).
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
+import os
 import secrets
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import selectinload, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -22,7 +24,7 @@ import lungcad
 from lungcad.errors import LungcadError
 from lungcad.web import service
 from lungcad.web.db import ApiToken, Study, User, as_utc, audit, utcnow
-from lungcad.web.deps import DB, CurrentUser, Sessions, StoreDep, check_csrf, get_study
+from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study
 from lungcad.web.routes.pages import owned_token
 from lungcad.web.security import revoke_token
 from lungcad.web.uploads import MAX_UPLOAD_BYTES
@@ -41,11 +43,24 @@ class FeedbackIn(BaseModel):
     usability: int | None = Field(None, ge=1, le=5, description="rating of the tool, 1 (poor) to 5 (good)")
 
 
-@router.get("/health", tags=["meta"])
-def health(session: DB, store: StoreDep) -> dict:
-    """Liveness and readiness: the database answers and the model is loaded (no authentication)."""
-    session.execute(text("SELECT 1"))
-    return {"status": "ok", "version": lungcad.__version__, "model_sha256": store.model_sha256}
+@router.get("/health", tags=["meta"], responses={503: {"description": "degraded: see `database` and `data_dir`"}})
+def health(session: DB, store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    """Liveness and readiness (no authentication): the database answers and, for SQLite, can be written;
+    the data folder can be written and has room; the model is loaded. 503 with the reasons when degraded."""
+    try:
+        session.execute(text("SELECT 1"))
+        database = "ok"
+        if session.get_bind().dialect.name == "sqlite":
+            path = session.get_bind().url.database or ""
+            if path and not os.access(path, os.W_OK):
+                database = "read-only"
+    except SQLAlchemyError as exc:
+        database = f"unavailable ({type(exc).__name__})"
+    data_dir = service.storage_health(settings.data_dir)
+    ok = database == "ok" and data_dir == "ok"
+    body = {"status": "ok" if ok else "degraded", "version": lungcad.__version__,
+            "model_sha256": store.model_sha256, "database": database, "data_dir": data_dir}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/openapi.json", include_in_schema=False)

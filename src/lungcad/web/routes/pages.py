@@ -59,7 +59,8 @@ async def upload(request: Request, user: CurrentUser, sessions: Sessions, store:
     # Original file names are shown back to the person who uploaded them, never stored.
     for r, up in zip(results, files):
         r["name"] = (up.filename or "")[:120]
-    status = 200 if ok else 500 if any(r.get("internal") for r in results) else 422
+    status = 200 if ok else 503 if any(r.get("storage") for r in results) else (
+        500 if any(r.get("internal") for r in results) else 422)
     with sessions() as session:
         return page(request, "upload_result.html", session.get(User, user.id), code=status, results=results)
 
@@ -80,6 +81,9 @@ def _store_one(sessions: sessionmaker, store: service.Store, user: User, raw: by
             # One file's unexpected failure must not drop the files after it (nor hide the ones before):
             # it gets a per-file result with a reference; the traceback goes to the server log only.
             session.rollback()
+            if reason := service.storage_problem(exc):
+                log.error("storage unavailable storing %s of an upload: %s", label, exc)
+                return {"study_id": "", "error": f"not saved: {reason}", "storage": True}
             ref = secrets.token_hex(4)
             log.error("unhandled error %s storing %s of an upload", ref, label, exc_info=exc)
             return {"study_id": "", "error": f"Something went wrong (reference {ref}).", "internal": True}
