@@ -695,3 +695,65 @@ def test_full_and_read_only_data_folder_answer_503_and_health_degrades(tmp_path)
     assert out["upload_ro"][0] == 503
     status, text = out["login_ro"]
     assert status == 503 and "Storage unavailable" in text
+
+
+# ---------------------------------------------------------------- 11. one-class training, pydicom tracebacks
+
+
+def test_pydicom_decoder_tracebacks_go_to_debug_not_error(caplog):
+    import logging
+
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from lungcad.dicom import read_dicom
+    from lungcad.dicom.reader import DicomReadError
+
+    name = "MR_small_jpeg_ls_lossless.dcm"
+    raw = bytearray(Path(get_testdata_file(name)).read_bytes())
+    start = bytes(raw).index(bytes(pydicom.dcmread(get_testdata_file(name)).PixelData)[:64])
+    raw[start + 16 : start + 20] = b"\xff\xff\xff\x7f"  # the first fragment's JPEG-LS start marker: garbage
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(DicomReadError) as err:
+            read_dicom(bytes(raw), name="broken.dcm")
+    if "not installed" in str(err.value):
+        pytest.skip("no JPEG-LS decoder plugin installed")
+    assert "cannot decode pixel data" in str(err.value) and "marker" in str(err.value)  # the plugin's reason
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info]
+    assert [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]  # kept for --verbose
+
+
+@pytest.mark.parametrize(
+    ("keep", "task"), [(["Normal cases"], "multiclass"), (["Normal cases", "Bengin cases"], "binary")]
+)
+def test_training_on_one_class_refuses_and_writes_nothing(tmp_path, capsys, keep, task):
+    import shutil
+
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    for folder in data.iterdir():
+        if folder.name not in keep:
+            shutil.rmtree(folder)
+    out = tmp_path / "run"
+    args = [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--task",
+        task,
+        "--epochs",
+        "1",
+        "--pretrained",
+        "none",
+        "--image-size",
+        "64",
+        "--no-progress",
+    ]
+    assert main(["train", *args]) == 1
+    err = capsys.readouterr().err
+    assert "training images hold one class only" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["train", *args, "--folds", "3"]) == 1
+    assert "one class only" in capsys.readouterr().err and not out.exists()

@@ -54,6 +54,27 @@ class DicomReadError(ImageReadError):
     """A DICOM file whose pixels cannot be used."""
 
 
+class _TracebacksToDebug(logging.Filter):
+    """pydicom logs every decoder plugin that fails with a full traceback at ERROR (`LOGGER.exception`).
+
+    Our caller gets one DicomReadError line naming the file instead; the tracebacks go to this
+    module's logger at DEBUG (shown with --verbose), not to stderr or the server log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            log.debug("pydicom: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+# A logger's filters see only records logged to it, not its children's: name the ones that log tracebacks.
+for _name in ("pydicom", "pydicom.pixels.decoders.base"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _TracebacksToDebug) for f in _logger.filters):
+        _logger.addFilter(_TracebacksToDebug())
+
+
 @dataclass
 class DicomFrames:
     """The frames of one DICOM file as uint8 pixels, and only non-identifying metadata."""
@@ -177,7 +198,10 @@ def read_dicom(
     try:
         arr = ds.pixel_array  # YBR_* colour is converted to RGB by pydicom here
     except Exception as exc:  # pydicom raises many types for broken pixel data; all mean "unusable"
-        raise DicomReadError(f"cannot decode pixel data ({first_line(exc)})", label) from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        # "Unable to decode as exceptions were raised by all available plugins:" names them on the next line
+        reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+        raise DicomReadError(f"cannot decode pixel data ({reason[:200]})", label) from None
 
     colour = photometric in COLOUR
     if n_frames == 1:
