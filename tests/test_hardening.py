@@ -757,3 +757,35 @@ def test_training_on_one_class_refuses_and_writes_nothing(tmp_path, capsys, keep
     assert not out.exists()
     assert main(["train", *args, "--folds", "3"]) == 1
     assert "one class only" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------- 12. reproducible weights files
+
+
+def test_same_weights_give_the_same_model_sha256(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lungcad.data.transforms import Preprocessing
+    from lungcad.models.contract import ModelContract, save_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    shas, orders = set(), set()
+    for i in range(12):  # the metadata order used to change with the Rust HashMap's random state
+        run = tmp_path / f"r{i}"
+        run.mkdir()
+        contract = ModelContract(
+            arch="resnet50", task="multiclass", classes=["a", "b", "c"], preprocessing=Preprocessing(image_size=32)
+        )
+        save_model(run, model, contract)
+        shas.add(contract.model_sha256)
+        raw = (run / "model.safetensors").read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert n % 8 == 0
+        orders.add(tuple(json.loads(raw[8 : 8 + n])["__metadata__"]))
+        loaded = load_file(str(run / "model.safetensors"))
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert orders == {("arch", "task")} and len(shas) == 1
