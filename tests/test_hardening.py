@@ -789,3 +789,43 @@ def test_same_weights_give_the_same_model_sha256(tmp_path):
         loaded = load_file(str(run / "model.safetensors"))
         assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     assert orders == {("arch", "task")} and len(shas) == 1
+
+
+@pytest.mark.slow
+def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    from conftest import make_dataset
+
+    import lungcad.training.trainer as trainer
+    from lungcad.models.contract import read_contract
+
+    data = make_dataset(tmp_path / "data", size=32)
+    args = [
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        "--pretrained",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--seed",
+        "3",
+    ]
+    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
+
+    real = trainer._fault_injection
+
+    def interrupt_at_second_epoch(ctx, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # Ctrl-C after the first epoch's checkpoint
+        real(ctx, epoch)
+
+    monkeypatch.setattr(trainer, "_fault_injection", interrupt_at_second_epoch)
+    assert main(["train", *args, "--out", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(trainer, "_fault_injection", real)
+    assert main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--no-progress"]) == 0
+    straight, resumed = read_contract(tmp_path / "straight"), read_contract(tmp_path / "resumed")
+    assert straight.model_sha256 == resumed.model_sha256
