@@ -829,3 +829,59 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_one(tmp
     assert main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--no-progress"]) == 0
     straight, resumed = read_contract(tmp_path / "straight"), read_contract(tmp_path / "resumed")
     assert straight.model_sha256 == resumed.model_sha256
+
+
+# ---------------------------------------------------------------- 10. CLI on a disk that refuses writes
+
+
+@pytest.mark.slow
+def test_train_that_fails_writing_leaves_no_folder_and_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from conftest import make_dataset
+
+    import lungcad.training.trainer as trainer
+
+    data = make_dataset(tmp_path / "data", size=32)
+    out = tmp_path / "run"
+
+    def disk_full(state, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(trainer, "save_file", disk_full)  # the first weights file of the first epoch
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--pretrained",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing that would block a rerun (or a --resume that could not work)
+
+
+def test_predict_and_evaluate_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    import os
+
+    from test_predict import _ct_png, make_run
+
+    target = Path("/proc/self")  # a folder nobody, root included, can create files in
+    if not target.is_dir() or os.access("/proc/self/lungcad.csv", os.F_OK):
+        pytest.skip("no /proc")
+    run = make_run(tmp_path / "run", ood=False)
+    image = tmp_path / "x.png"
+    image.write_bytes(_ct_png())
+    assert main(["predict", str(run), str(image), "--out", str(target / "lungcad.csv"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lungcad predict: error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
