@@ -885,3 +885,42 @@ def test_predict_and_evaluate_output_that_cannot_be_written_is_one_line(tmp_path
     assert main(["predict", str(run), str(image), "--out", str(target / "lungcad.csv"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("lungcad predict: error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- 6. special files
+
+
+@pytest.mark.timeout(300)  # a regression would block on the FIFO: fail instead of hanging the suite
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="POSIX FIFOs")
+def test_fifo_and_device_inputs_are_error_rows_not_hangs(tmp_path, capsys):
+    import json
+    import os
+
+    from test_predict import _ct_png, make_run
+
+    run = make_run(tmp_path / "run", ood=False)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_ct_png())
+    os.mkfifo(folder / "b.jpg")  # named like an image: reported
+    os.mkfifo(folder / "c")  # not named like one: skipped quietly (sniffing would open it)
+    (folder / "d.png").symlink_to("/dev/zero")  # would be read until memory runs out
+    out = tmp_path / "res.json"
+    assert main(["predict", str(run), str(folder), "--out", str(out), "--no-progress"]) == 1
+    rows = {Path(r["source"]).name: r for r in json.loads(out.read_text())}
+    assert sorted(rows) == ["a.png", "b.jpg", "d.png"]
+    assert rows["a.png"]["error"] == "" and rows["a.png"]["label"]
+    for name in ("b.jpg", "d.png"):
+        assert "not a regular file" in rows[name]["error"] and not rows[name]["label"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_oversized_file_is_refused_before_it_is_read(tmp_path):
+    from lungcad.data.images import ImageReadError, read_regular_file
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(3 << 20)  # sparse: 3 MiB that take no disk space
+    with pytest.raises(ImageReadError, match=r"big.png: file too large \(3 MiB, limit 2 MiB\)"):
+        read_regular_file(big, limit=2 << 20)
+    assert len(read_regular_file(big, limit=4 << 20)) == 3 << 20

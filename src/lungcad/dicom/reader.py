@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungcad.data.images import MAX_PIXELS, ImageReadError, check_size
+from lungcad.data.images import MAX_PIXELS, ImageReadError, check_size, read_regular_file
 from lungcad.dicom.deid import safe_metadata
 from lungcad.errors import LungcadError, first_line
 from lungcad.inference.inputs import HEAD_BYTES, is_dicom  # the one file-type sniffer
@@ -165,10 +165,7 @@ def read_dicom(
     from pydicom.errors import InvalidDicomError
 
     label = name if name is not None else (data if isinstance(data, (str, Path)) else "<bytes>")
-    try:
-        raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
-    except OSError as exc:
-        raise DicomReadError(f"cannot read file ({exc.strerror or exc})", label) from None
+    raw = read_regular_file(data, label, error=DicomReadError) if isinstance(data, (str, Path)) else data
     if not is_dicom(raw[:HEAD_BYTES]):
         raise DicomReadError("not a DICOM file (no DICM magic at byte 128)", label)
     try:
