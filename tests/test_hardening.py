@@ -18,6 +18,7 @@ pytest.importorskip("sqlalchemy")
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
+from test_web_e2e import postgres_server  # noqa: F401 (fixture: a throw-away PostgreSQL cluster)
 
 from test_web import PASSWORD, FakePredictor, csrf_of, login, png_bytes
 
@@ -924,3 +925,56 @@ def test_oversized_file_is_refused_before_it_is_read(tmp_path):
     with pytest.raises(ImageReadError, match=r"big.png: file too large \(3 MiB, limit 2 MiB\)"):
         read_regular_file(big, limit=2 << 20)
     assert len(read_regular_file(big, limit=4 << 20)) == 3 << 20
+
+
+# ---------------------------------------------------------------- the same on PostgreSQL
+
+
+def test_sessions_tokens_and_backoff_on_postgresql(postgres_server, tmp_path):  # noqa: F811
+    """Migration 0002 -> head with an existing token, sessions, back-off and token use on a real PostgreSQL."""
+    from sqlalchemy import text
+
+    from lungcad.web.db import make_db_engine
+    from lungcad.web.migrate import upgrade_database
+    from lungcad.web.security import token_digest
+
+    db = postgres_server()
+    engine = make_db_engine(db.replace("postgresql://", "postgresql+psycopg://"))
+    upgrade_database(engine, "0002")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (id, username, password_hash, role, active, created_at) "
+                "VALUES (100, 'old', 'x', 'clinician', true, now())"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO api_tokens (user_id, name, token_sha256, created_at, revoked) "
+                "VALUES (100, 'legacy', :d, now(), false)"
+            ),
+            {"d": token_digest("lcd_legacy")},
+        )
+    engine.dispose()
+    _, sessions = open_database(db, tmp_path)  # upgrades to head
+    with sessions() as s:
+        add_user(s, "alice", PASSWORD, "clinician")
+        s.commit()
+    app = create_app(tmp_path / "run", data_dir=tmp_path, db=db, predictor=FakePredictor(), backoff=STRICT)
+    api = client_at(app)
+    r = api.get("/api/tokens", headers={"Authorization": "Bearer lcd_legacy"})
+    assert r.status_code == 200 and r.json()[0]["last_used_at"] is not None and r.json()[0]["expired"] is False
+
+    browser = client_at(app, "10.1.1.20")
+    assert login(browser).status_code == 303
+    copied = browser.cookies.get("lungcad_session")
+    logout(browser)
+    thief = client_at(app)
+    thief.cookies.set("lungcad_session", copied)
+    assert not is_signed_in(thief)
+
+    attacker = client_at(app, "203.0.113.9")
+    for _ in range(STRICT.account_free):
+        assert attempt(attacker, password="guess").status_code == 401
+    assert attempt(attacker).status_code == 429
+    assert attempt(browser).status_code == 303  # the trusted browser
