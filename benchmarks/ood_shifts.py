@@ -10,7 +10,9 @@ hospital. Each shift below is applied to the decoded pixels *before* the shared 
   a 4x lower resolution, an inverted grey scale (MONOCHROME1 read as MONOCHROME2);
 - the lung window: the soft-tissue JPEG mapped back to HU (its declared window, black = -900 HU)
   and rendered at level -600 / width 1500, as a DICOM from a PACS would be by a lung-window viewer;
-- another modality: LC25000 histopathology tiles (RGB), and blank frames.
+- the slice inside a screenshot (grey frame, burnt-in text), or shrunk to 24 px;
+- other images: LC25000 histopathology tiles (RGB), natural images bundled with scikit-image,
+  pydicom's MR test slice, blank frames (each scored by every member).
 
 Thresholds are cross-fitted: within each member's held-out fold the patient-proxy groups are split
 in two halves; the feature detector's scales and 99th-percentile threshold are fitted on one half
@@ -94,6 +96,25 @@ def _lung_window(p, rng):
     return _u8((hu - lo) / LUNG_WINDOW[1] * 255.0)
 
 
+def _screenshot(p, rng):
+    """The slice inside a viewer-like screenshot: a grey frame with text around it."""
+    from PIL import Image, ImageDraw
+
+    h, w = p.shape[:2]
+    canvas = Image.new("L", (int(w * 1.5), int(h * 1.3)), 40)
+    canvas.paste(Image.fromarray(p), (int(w * 0.25), int(h * 0.15)))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(("PATIENT NAME  ID 0000000", "CT CHEST  W:480 L:195", "Im: 42/120  5.0 mm")):
+        draw.text((10, 10 + 14 * i), text, fill=230)
+    return np.asarray(canvas)
+
+
+def _tiny(p, rng):
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(p).resize((24, 24), Image.BILINEAR))
+
+
 SHIFTS = {  # name -> (pixel transform, expected: "control" | "shift")
     "hflip": (lambda p, rng: np.ascontiguousarray(p[:, ::-1]), "control"),
     "contrast x0.85": (_contrast(0.85), "control"),
@@ -105,7 +126,31 @@ SHIFTS = {  # name -> (pixel transform, expected: "control" | "shift")
     "4x lower resolution": (_lowres(4), "shift"),
     "inverted grey scale": (lambda p, rng: 255 - p, "shift"),
     "lung window (simulated)": (_lung_window, "shift"),
+    "screenshot with text": (_screenshot, "shift"),
+    "tiny (24 px)": (_tiny, "shift"),
 }
+
+
+def _external_sets(pp) -> dict[str, list[np.ndarray]]:
+    """Images from elsewhere, scored by every member: natural images and an MR slice."""
+    import skimage.data
+    from pydicom.data import get_testdata_file
+
+    from lungcad.dicom.reader import read_dicom
+
+    natural = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "page", "text", "coins", "horse",
+                 "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel", "clock", "colorwheel",
+                 "logo", "shepp_logan_phantom"):
+        im = np.asarray(getattr(skimage.data, name)())
+        if im.dtype != np.uint8:  # bool or float images: stretch to 0-255
+            im = im.astype(np.float64)
+            im = _u8(255.0 * (im - im.min()) / max(float(im.max() - im.min()), 1e-6))
+        if im.ndim == 3:
+            im = im[..., :3] if pp.colour == "rgb" or im.shape[2] == 4 else im
+        natural.append(im)
+    mr = read_dicom(get_testdata_file("MR_small.dcm"), ct_window=pp.window).frames
+    return {"natural images (scikit-image)": natural, "MR slice (pydicom MR_small)": mr}
 
 
 def _halves(groups: list[str]) -> np.ndarray:
@@ -138,6 +183,11 @@ def _ratio(detectors: list[OODDetector], feats: np.ndarray, halves: np.ndarray) 
     return out
 
 
+def _combined(ratio: np.ndarray, appearance_flag: np.ndarray) -> np.ndarray:
+    """One OOD score for the combined decision: an appearance flag outranks any feature score."""
+    return np.where(appearance_flag, 1e6 + ratio, ratio)
+
+
 def _malignant_score(logits: np.ndarray, task: str, classes: list[str]) -> np.ndarray:
     if task == "binary":
         return logits[:, 0]
@@ -154,7 +204,8 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
     members = {m.path.name: m for m in run.members()}
     rng = np.random.default_rng(0)
     chosen = {n: SHIFTS[n] for n in (shifts or SHIFTS)}
-    names = ["clean", *chosen, "blank frames"] + (["histopathology (LC25000)"] if histo else [])
+    names = ["clean", *chosen, "blank frames", "natural images (scikit-image)", "MR slice (pydicom MR_small)"]
+    names += ["histopathology (LC25000)"] if histo else []
     rows: dict[str, dict] = {n: {"ratio": [], "feat": [], "app": [], "mal": [], "y": []} for n in names}
     histo_files = []
     if histo:
@@ -200,6 +251,10 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
         cache, app = _prepare_all(blank_raw, pp, profile)
         logits, feats = _forward(engine, cache, pp)
         add("blank frames", logits, feats, app, np.array([0, 1, 0, 1]), np.zeros(4, bool))
+        for name, ext in _external_sets(pp).items():
+            cache, app = _prepare_all(ext, pp, profile)
+            logits, feats = _forward(engine, cache, pp)
+            add(name, logits, feats, app, np.arange(len(ext)) % 2, np.zeros(len(ext), bool))
         if histo_files:
             part = histo_files[fold - 1 :: len(members)]  # each tile scored once, by one member
             h_raw = [decode_image(p, "rgb") for p in part]
@@ -210,6 +265,7 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
             print(f"fold {fold}: {len(idx)} images, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
     clean_ratio = np.concatenate(rows["clean"]["ratio"])
+    clean_combined = _combined(clean_ratio, np.concatenate(rows["clean"]["app"]))
     clean_mal = np.concatenate(rows["clean"]["mal"])
     clean_y = np.concatenate(rows["clean"]["y"])
     out = {"run": str(run_dir), "cpu": detect().cpu, "quantile": base_quantile(run), "shifts": []}
@@ -225,6 +281,7 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
         if name != "clean":
             labels = np.r_[np.zeros(len(clean_ratio)), np.ones(n)]
             entry["feature_auc"] = float(roc_auc_score(labels, np.r_[clean_ratio, r["ratio"]]))
+            entry["combined_auc"] = float(roc_auc_score(labels, np.r_[clean_combined, _combined(r["ratio"], r["app"])]))
         if r["y"].any() and not r["y"].all():
             entry["malignant_auc"] = float(roc_auc_score(r["y"], r["mal"]))
         out["shifts"].append(entry)
@@ -242,12 +299,14 @@ def markdown(result: dict) -> str:
     lines = [f"Run `{result['run']}`; CPU: {result['cpu']}. Threshold: the {result['quantile']:.2f} quantile, "
              "cross-fitted (see the script's docstring).", "",
              "| input | kind | n | flagged (feature) | flagged (appearance) | flagged (either) | "
-             "feature ROC-AUC vs clean | malignant ROC-AUC |", "|---|---|---|---|---|---|---|---|"]
+             "feature ROC-AUC vs clean | combined ROC-AUC vs clean | malignant ROC-AUC |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in result["shifts"]:
         auc = f"{s['feature_auc']:.3f}" if "feature_auc" in s else ""
+        comb = f"{s['combined_auc']:.3f}" if "combined_auc" in s else ""
         mal = f"{s['malignant_auc']:.3f}" if "malignant_auc" in s else ""
         lines.append(f"| {s['shift']} | {s['kind']} | {s['n']} | {s['feature_flagged']:.1%} | "
-                     f"{s['appearance_flagged']:.1%} | {s['flagged']:.1%} | {auc} | {mal} |")
+                     f"{s['appearance_flagged']:.1%} | {s['flagged']:.1%} | {auc} | {comb} | {mal} |")
     return "\n".join(lines)
 
 
