@@ -140,7 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="significance level of the OOD-score shift test against the reference images (default 0.01)")
     _add_common(p)
 
-    from lungcad.web.commands import add_web_commands  # argparse only: the web extra loads when run
+    from lungcad.web.commands import _db_args, add_web_commands  # argparse only: the web extra loads when run
+
+    p = sub.add_parser("dicom-node", help="a DICOM node: receive CT series over the network (C-STORE), score each "
+                       "series, file it on the web app's worklist and send SR + Secondary Captures to a PACS")
+    p.add_argument("run", metavar="RUNDIR")
+    p.add_argument("--ae-title", default="LUNGCAD", help="this node's AE title (default LUNGCAD)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default loopback only; 0.0.0.0 for the hospital network)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
+    p.add_argument("--forward", metavar="AE@HOST:PORT",
+                   help="C-STORE each series' SR and key-slice Secondary Captures to this PACS (queued in the database, "
+                        "retried with back-off)")
+    p.add_argument("--allow-ae", nargs="+", default=[], metavar="TITLE",
+                   help="calling AE titles allowed to associate (default: any, with a warning)")
+    p.add_argument("--quiet-seconds", type=float, default=10.0,
+                   help="a series is complete when no instance of it arrived for this long (default 10)")
+    p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
+    _db_args(p)
+    _add_common(p)
 
     COMMANDS.update(add_web_commands(sub, _add_common))
     return parser
@@ -273,6 +291,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report["verdict"] == "matches" else EXIT_MISMATCH
 
 
+def cmd_dicom_node(args: argparse.Namespace) -> int:
+    from lungcad.web.commands import _need_web
+
+    try:
+        import pynetdicom  # noqa: F401
+    except ImportError:
+        raise LungcadError("dicom-node needs pynetdicom: pip install 'lungcad[dicom]'") from None
+    _need_web()  # the worklist is the web app's database
+    from lungcad.dicom.node import DicomNode, NodeOptions
+    from lungcad.dicom.queue import parse_destination
+
+    if args.forward:
+        parse_destination(args.forward)  # refuse a malformed address before loading the model
+    opts = NodeOptions(run=args.run, ae_title=args.ae_title, host=args.host, port=args.port, forward=args.forward,
+                       data_dir=args.data_dir, db=args.db, allow_ae=args.allow_ae, quiet_seconds=args.quiet_seconds,
+                       engine=args.engine)
+    DicomNode(opts).serve_forever()
+    return 0
+
+
 def _writable_file(path: str) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
@@ -283,6 +321,7 @@ COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate}
 COMMANDS["export"] = cmd_export
 COMMANDS["predict"] = cmd_predict
 COMMANDS["check"] = cmd_check
+COMMANDS["dicom-node"] = cmd_dicom_node
 
 
 def main(argv: list[str] | None = None) -> int:

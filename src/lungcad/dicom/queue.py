@@ -1,0 +1,201 @@
+"""The persistent outbound queue: DICOM results waiting to be C-STOREd to a PACS (pynetdicom SCU).
+
+Each result file is a row of `dicom_outbox` (the web app's database, so it survives a restart and
+an admin can see what is waiting). `Outbox.send_due` sends every row whose time has come, one
+association per destination; a file the PACS accepted (success or warning status) is deleted (it
+carries the patient's identity) and its row marked `sent`; on a failure the row stays `pending` and
+is retried with exponential back-off (BACKOFF_FIRST doubling up to BACKOFF_MAX), the last error kept
+in one line. Nothing is ever dropped: a PACS that is down for a day receives the results when it
+comes back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from lungcad.errors import LungcadError, first_line
+
+__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "Destination", "Outbox", "backoff_seconds", "parse_destination",
+           "valid_ae_title"]
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 2.0  # seconds before the first retry; doubles with each failure
+BACKOFF_MAX = 300.0  # never wait more than five minutes between attempts
+_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 printable characters, no backslash
+_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # C-STORE success and warnings (the PACS kept the object)
+
+
+def valid_ae_title(title: str) -> bool:
+    return bool(_AE.match(title)) and bool(title.strip())
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_destination(text: str) -> Destination:
+    """`AE@HOST:PORT` (e.g. ORTHANC@10.0.0.5:4242, PACS@[::1]:104); LungcadError on anything else."""
+    usage = f"--forward must be AE@HOST:PORT (e.g. PACS@10.0.0.5:104), not {text!r}"
+    ae, at, address = text.partition("@")
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (at and colon and host and port.isdigit()) or not valid_ae_title(ae):
+        raise LungcadError(usage)
+    if not 0 < int(port) < 65536:
+        raise LungcadError(f"--forward port must be 1-65535, not {port}")
+    return Destination(ae.strip(), host, int(port))
+
+
+def backoff_seconds(attempts: int) -> float:
+    """Wait after the `attempts`-th failed attempt."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, attempts - 1))
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)  # SQLite returns naive datetimes
+
+
+class Outbox:
+    """Queue result files for a destination and send them (`send_due`, or a background thread: `start`)."""
+
+    def __init__(self, sessions, data_dir: str | Path, calling_ae: str, timeout: float = 30.0):
+        self.sessions = sessions
+        self.root = Path(data_dir)
+        self.calling_ae = calling_ae
+        self.timeout = timeout
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def enqueue(self, session, destination: Destination, files: list[Path], study_id: str | None = None) -> None:
+        """Add result files (under the data folder) to the session; committed with the caller's change."""
+        import pydicom
+
+        from lungcad.web.db import DicomOutbox
+
+        for path in files:
+            sop_class = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+            session.add(DicomOutbox(destination=str(destination), file=str(Path(path).relative_to(self.root)),
+                                    sop_class_uid=sop_class, study_id=study_id, status="pending", attempts=0,
+                                    next_attempt_at=_utcnow(), last_error=""))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def pending(self) -> int:
+        from sqlalchemy import func, select
+
+        from lungcad.web.db import DicomOutbox
+
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).where(DicomOutbox.status == "pending")) or 0
+
+    def send_due(self) -> int:
+        """Send every pending row whose time has come; returns how many were delivered."""
+        from sqlalchemy import select
+
+        from lungcad.web.db import DicomOutbox
+
+        now = _utcnow()
+        with self.sessions() as session:
+            rows = [r for r in session.scalars(select(DicomOutbox).where(DicomOutbox.status == "pending")
+                                               .order_by(DicomOutbox.id)) if _aware(r.next_attempt_at) <= now]
+            by_destination: dict[str, list] = defaultdict(list)
+            for row in rows:
+                by_destination[row.destination].append(row)
+            delivered = 0
+            for destination, batch in by_destination.items():
+                delivered += self._send(parse_destination(destination), batch)
+                session.commit()  # each destination's outcome is kept even if a later one fails
+        return delivered
+
+    def _send(self, dest: Destination, rows: list) -> int:
+        from pydicom import dcmread
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = min(self.timeout, 10.0)
+        for sop_class in sorted({r.sop_class_uid for r in rows}):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        delivered = 0
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if not assoc.is_established:
+            # pynetdicom reports a refused TCP connection as an aborted association
+            why = "association rejected" if assoc.is_rejected else "cannot connect or association aborted"
+            for row in rows:
+                self._failed(row, f"{dest}: {why}")
+            log.warning("outbox: %d result(s) for %s not sent (%s); next attempt in %.0f s", len(rows), dest, why,
+                        backoff_seconds(rows[0].attempts))
+            return 0
+        try:
+            for row in rows:
+                path = self.root / row.file
+                try:
+                    status = assoc.send_c_store(dcmread(path))
+                except FileNotFoundError:
+                    row.status, row.last_error = "failed", "result file missing"
+                    log.error("outbox: result %d has no file any more (%s); given up", row.id, row.file)
+                    continue
+                except Exception as exc:  # an aborted association, a codec refusing the file, ...
+                    self._failed(row, f"{dest}: {first_line(exc, 200)}")
+                    continue
+                code = int(getattr(status, "Status", -1)) if status else -1
+                if code in _OK:
+                    row.status, row.sent_at, row.last_error = "sent", _utcnow(), ""
+                    row.attempts += 1
+                    path.unlink(missing_ok=True)  # it holds the patient's identity; the PACS has it now
+                    delivered += 1
+                else:
+                    self._failed(row, f"{dest}: C-STORE status 0x{code & 0xFFFF:04X}" if code >= 0
+                                 else f"{dest}: no C-STORE response")
+        finally:
+            assoc.release()
+        if delivered:
+            log.info("outbox: %d result(s) sent to %s", delivered, dest)
+        return delivered
+
+    def _failed(self, row, error: str) -> None:
+        row.attempts += 1
+        row.last_error = error[:500]
+        row.next_attempt_at = _utcnow() + dt.timedelta(seconds=backoff_seconds(row.attempts))
+
+    # ------------------------------------------------------------------------- background thread
+
+    def start(self, interval: float = 1.0) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.send_due()
+                except Exception as exc:  # the database or the network failing must not end the sender
+                    log.error("outbox: sending failed (%s); retrying", first_line(exc, 200))
+                    log.debug("outbox failure", exc_info=True)
+                self._wake.wait(interval)
+                self._wake.clear()
+
+        self._thread = threading.Thread(target=loop, name="dicom-outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout + 5)
