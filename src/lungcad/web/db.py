@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -136,6 +137,7 @@ class DicomOutbox(Base):
     """A DICOM result file waiting to be C-STOREd to a PACS (`lungcad.dicom.queue`); survives restarts."""
 
     __tablename__ = "dicom_outbox"
+    __table_args__ = (Index("ix_dicom_outbox_status_next", "status", "next_attempt_at"),)  # the sender's query
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     destination: Mapped[str] = mapped_column(String(160))  # AE@HOST:PORT
