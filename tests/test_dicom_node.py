@@ -244,3 +244,33 @@ def test_results_queue_survives_a_restart_and_is_sent_when_the_pacs_is_up(node_f
     classes = sorted(str(ds.SOPClassUID) for ds in pacs.received)
     assert classes == ["1.2.840.10008.5.1.4.1.1.7"] * 3 + ["1.2.840.10008.5.1.4.1.1.88.34"]
     assert not list((Path(node.opts.data_dir) / "dicom-node" / "results").rglob("*.dcm"))  # sent: deleted
+
+
+def test_admin_page_shows_what_waits_for_the_pacs(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from test_web import PASSWORD, FakePredictor, login
+
+    from lungcad.web.app import create_app
+    from lungcad.web.db import DicomOutbox, open_database
+    from lungcad.web.security import add_user
+
+    data = tmp_path / "webdata"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        add_user(s, "alice", PASSWORD, "clinician")
+        add_user(s, "root", PASSWORD, "admin")
+        s.add(DicomOutbox(destination="ORTHANC@127.0.0.1:4242", file="dicom-node/results/x/sr.dcm",
+                          sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", status="pending", attempts=3,
+                          last_error="ORTHANC@127.0.0.1:4242: cannot connect or association aborted"))
+        s.commit()
+    with TestClient(create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor())) as client:
+        login(client)
+        assert client.get("/dicom-outbox").status_code == 403  # clinicians do not see it
+        client.cookies.clear()
+        login(client, "root")
+        page = client.get("/dicom-outbox").text
+        assert "pending: 1" in page and "cannot connect" in page and "ORTHANC@127.0.0.1:4242" in page
+        assert "SR" in page and "Nothing queued" not in client.get("/dicom-outbox?status=pending").text
+        assert "Nothing queued" in client.get("/dicom-outbox?status=sent").text
+        assert 'href="/dicom-outbox"' in client.get("/dashboard").text
