@@ -274,3 +274,25 @@ def test_admin_page_shows_what_waits_for_the_pacs(tmp_path):
         assert "SR" in page and "Nothing queued" not in client.get("/dicom-outbox?status=pending").text
         assert "Nothing queued" in client.get("/dicom-outbox?status=sent").text
         assert 'href="/dicom-outbox"' in client.get("/dashboard").text
+
+
+def test_predict_send_stores_the_results_on_a_pacs(run_dir, tmp_path, capsys):
+    series = ct_series(tmp_path / "ct", n=2)
+    port = free_port()
+    assert main(["predict", str(run_dir), str(series[0].parent), "--send", "PACS@localhost", "--no-progress"]) == 1
+    assert "--send must be AE@HOST:PORT" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), str(series[0].parent), "--send", f"PACS@127.0.0.1:{port}",
+                 "--no-progress"]) == 1  # nobody listens: the predictions stand, the failed send fails the run
+    err = capsys.readouterr().err
+    assert "3 of 3 DICOM result(s) not sent" in err and "cannot connect" in err and "Traceback" not in err
+    pacs = StoreSCP(port)
+    try:
+        out = tmp_path / "results"
+        assert main(["predict", str(run_dir), str(series[0].parent), "--send", f"PACS@127.0.0.1:{port}",
+                     "--dicom-out", str(out), "--no-progress"]) == 0
+    finally:
+        pacs.stop()
+    assert "3 DICOM result(s) sent to PACS@127.0.0.1:" in capsys.readouterr().err
+    assert sorted(str(ds.SOPClassUID) for ds in pacs.received) == ["1.2.840.10008.5.1.4.1.1.7"] * 2 + [
+        "1.2.840.10008.5.1.4.1.1.88.34"]
+    assert len(list(out.glob("*.dcm"))) == 3  # --dicom-out keeps them

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from lungcad import __version__
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-out", metavar="DIR",
                    help="write each DICOM slice's Grad-CAM overlay and result into DIR as a DICOM Secondary "
                         "Capture a PACS can store (marked as decision support; needs highdicom)")
+    p.add_argument("--send", metavar="AE@HOST:PORT",
+                   help="C-STORE the DICOM results (Secondary Captures, series SR) to this PACS afterwards (into a "
+                        "temporary folder when no --dicom-out is given)")
     p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
     p.add_argument("--window", metavar="L,W", help="DICOM window level,width in HU, e.g. --window=-600,1500 (default: the "
                    "model's; another window departs from training and is warned about)")
@@ -253,7 +258,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from lungcad.dicom.reader import parse_window
-    from lungcad.inference.predictor import Predictor, write_predictions
 
     window = parse_window(args.window) if args.window else None
     if args.out:
@@ -264,6 +268,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise LungcadError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.dicom_out and Path(args.dicom_out).exists() and not Path(args.dicom_out).is_dir():
         raise LungcadError("--dicom-out must be a folder", args.dicom_out)
+    destination = None
+    if args.send:
+        from lungcad.dicom.queue import parse_destination
+
+        destination = parse_destination(args.send, "--send")
+    with contextlib.ExitStack() as stack:
+        if destination is not None and not args.dicom_out:
+            args.dicom_out = stack.enter_context(tempfile.TemporaryDirectory(prefix="lungcad-send-"))
+        return _predict(args, window, destination)
+
+
+def _predict(args: argparse.Namespace, window, destination) -> int:
+    from lungcad.inference.predictor import Predictor, write_predictions
+
     predictor = Predictor(args.run, engine=args.engine, window=window)
     if args.out:  # resumable part files, sharded across ranks under torchrun, merged at the end
         from lungcad.inference.batch import predict_archive
@@ -277,9 +295,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                     cam_dir=args.cam, workers=args.workers, dicom_out=args.dicom_out),
             args.out, predictor.columns)
     not_written = predictor.dicom_out_failures
+    not_sent = 0
+    if destination is not None:
+        from lungcad.dicom.queue import c_store
+
+        errors = c_store(destination, predictor.dicom_written)
+        not_sent = sum(bool(e) for e in errors)
+        if not_sent:
+            print(f"lungcad predict: {not_sent} of {len(errors)} DICOM result(s) not sent ({next(e for e in errors if e)})",
+                  file=sys.stderr)
     print(f"lungcad predict: {rows} result(s), {failed} failed" + (f"; written to {args.out}" if args.out else "")
-          + (f"; {not_written} DICOM result(s) could not be written" if not_written else ""), file=sys.stderr)
-    return 1 if failed or not_written else 0  # any failure fails the run, after reporting every file
+          + (f"; {not_written} DICOM result(s) could not be written" if not_written else "")
+          + (f"; {len(predictor.dicom_written) - not_sent} DICOM result(s) sent to {destination}" if destination else ""),
+          file=sys.stderr)
+    return 1 if failed or not_written or not_sent else 0  # any failure fails the run, after reporting every file
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lungcad.errors import LungcadError, first_line
 
-__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "Destination", "Outbox", "backoff_seconds", "parse_destination",
+__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "Destination", "Outbox", "backoff_seconds", "c_store", "parse_destination",
            "valid_ae_title"]
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,16 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-def parse_destination(text: str) -> Destination:
+def parse_destination(text: str, option: str = "--forward") -> Destination:
     """`AE@HOST:PORT` (e.g. ORTHANC@10.0.0.5:4242, PACS@[::1]:104); LungcadError on anything else."""
-    usage = f"--forward must be AE@HOST:PORT (e.g. PACS@10.0.0.5:104), not {text!r}"
+    usage = f"{option} must be AE@HOST:PORT (e.g. PACS@10.0.0.5:104), not {text!r}"
     ae, at, address = text.partition("@")
     host, colon, port = address.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not (at and colon and host and port.isdigit()) or not valid_ae_title(ae):
         raise LungcadError(usage)
     if not 0 < int(port) < 65536:
-        raise LungcadError(f"--forward port must be 1-65535, not {port}")
+        raise LungcadError(f"{option} port must be 1-65535, not {port}")
     return Destination(ae.strip(), host, int(port))
 
 
@@ -70,6 +70,55 @@ def _utcnow() -> dt.datetime:
 
 def _aware(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)  # SQLite returns naive datetimes
+
+
+MISSING = "result file missing"
+
+
+def c_store(dest: Destination, paths: list[Path], calling_ae: str = "LUNGCAD", timeout: float = 30.0,
+            sop_classes: list[str] | None = None) -> list[str]:
+    """C-STORE files to `dest` over one association; one error line per file ("" = stored)."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    if not paths:
+        return []
+    if sop_classes is None:
+        sop_classes = []
+        for path in paths:
+            try:
+                sop_classes.append(str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID))
+            except Exception:
+                sop_classes.append("")
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = min(timeout, 10.0)
+    for sop_class in sorted({c for c in sop_classes if c}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        # pynetdicom reports a refused TCP connection as an aborted association
+        why = "association rejected" if assoc.is_rejected else "cannot connect or association aborted"
+        return [f"{dest}: {why}"] * len(paths)
+    errors = []
+    try:
+        for path in paths:
+            try:
+                status = assoc.send_c_store(dcmread(path))
+            except FileNotFoundError:
+                errors.append(MISSING)
+                continue
+            except Exception as exc:  # an aborted association, a context the PACS refused, a broken file
+                errors.append(f"{dest}: {first_line(exc, 200)}")
+                continue
+            code = int(getattr(status, "Status", -1)) if status else -1
+            errors.append("" if code in _OK else f"{dest}: C-STORE status 0x{code & 0xFFFF:04X}" if code >= 0
+                          else f"{dest}: no C-STORE response")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return errors
 
 
 class Outbox:
@@ -127,50 +176,25 @@ class Outbox:
         return delivered
 
     def _send(self, dest: Destination, rows: list) -> int:
-        from pydicom import dcmread
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-        from pynetdicom import AE
-
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        ae.connection_timeout = min(self.timeout, 10.0)
-        for sop_class in sorted({r.sop_class_uid for r in rows}):
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        errors = c_store(dest, [self.root / r.file for r in rows], self.calling_ae, self.timeout,
+                         sop_classes=[r.sop_class_uid for r in rows])
         delivered = 0
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if not assoc.is_established:
-            # pynetdicom reports a refused TCP connection as an aborted association
-            why = "association rejected" if assoc.is_rejected else "cannot connect or association aborted"
-            for row in rows:
-                self._failed(row, f"{dest}: {why}")
-            log.warning("outbox: %d result(s) for %s not sent (%s); next attempt in %.0f s", len(rows), dest, why,
-                        backoff_seconds(rows[0].attempts))
-            return 0
-        try:
-            for row in rows:
-                path = self.root / row.file
-                try:
-                    status = assoc.send_c_store(dcmread(path))
-                except FileNotFoundError:
-                    row.status, row.last_error = "failed", "result file missing"
-                    log.error("outbox: result %d has no file any more (%s); given up", row.id, row.file)
-                    continue
-                except Exception as exc:  # an aborted association, a codec refusing the file, ...
-                    self._failed(row, f"{dest}: {first_line(exc, 200)}")
-                    continue
-                code = int(getattr(status, "Status", -1)) if status else -1
-                if code in _OK:
-                    row.status, row.sent_at, row.last_error = "sent", _utcnow(), ""
-                    row.attempts += 1
-                    path.unlink(missing_ok=True)  # it holds the patient's identity; the PACS has it now
-                    delivered += 1
-                else:
-                    self._failed(row, f"{dest}: C-STORE status 0x{code & 0xFFFF:04X}" if code >= 0
-                                 else f"{dest}: no C-STORE response")
-        finally:
-            assoc.release()
+        for row, error in zip(rows, errors):
+            if not error:
+                row.status, row.sent_at, row.last_error = "sent", _utcnow(), ""
+                row.attempts += 1
+                (self.root / row.file).unlink(missing_ok=True)  # it holds the patient's identity; the PACS has it
+                delivered += 1
+            elif error == MISSING:
+                row.status, row.last_error = "failed", error
+                log.error("outbox: result %d has no file any more; given up", row.id)
+            else:
+                self._failed(row, error)
         if delivered:
             log.info("outbox: %d result(s) sent to %s", delivered, dest)
+        if delivered < len(rows):
+            log.warning("outbox: %d result(s) for %s not sent (%s); next attempt in %.0f s", len(rows) - delivered,
+                        dest, next(e for e in errors if e), backoff_seconds(max(r.attempts for r in rows)))
         return delivered
 
     def _failed(self, row, error: str) -> None:

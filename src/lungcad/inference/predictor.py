@@ -101,6 +101,7 @@ class Predictor:
         if self.ood_detector is None:
             log.warning("%s: no out-of-distribution detector in model.json; nothing will be flagged OOD", run_dir)
         self.dicom_out_failures = 0  # DICOM results that could not be written (see predict_paths)
+        self.dicom_written: list[Path] = []  # DICOM results written (`predict --send` sends them)
         self.load_seconds = time.perf_counter() - t0
         log.debug("model loaded in %.2f s (engine %s)", self.load_seconds, engine)
 
@@ -402,8 +403,8 @@ class Predictor:
         path, frame = item.source.split("#")[0], item.dicom.get("frame")
         try:
             pixels, _ = self.load_pixels(Path(path), frame=frame)  # the slice at its own rows and columns
-            write_secondary_capture(path, pixels, self.source_heatmap(exp, pixels), pred, out_dir, frame=frame,
-                                    threshold=self.threshold)
+            self.dicom_written.append(write_secondary_capture(path, pixels, self.source_heatmap(exp, pixels), pred,
+                                                              out_dir, frame=frame, threshold=self.threshold))
         except Exception as exc:  # the prediction stands; the missing DICOM result is reported
             self.dicom_out_failures += 1
             log.error("--dicom-out: %s", first_line(exc, 250))
@@ -412,7 +413,8 @@ class Predictor:
         from lungcad.dicom.sr import write_series_report
 
         try:
-            write_series_report(series_pred, slices, self.key_slices(slices), out_dir, self.report_info())
+            self.dicom_written.append(write_series_report(series_pred, slices, self.key_slices(slices), out_dir,
+                                                          self.report_info()))
         except Exception as exc:  # highdicom validates and raises ValueError on what it refuses
             self.dicom_out_failures += 1
             log.error("--dicom-out: series report: %s", first_line(exc, 250))
