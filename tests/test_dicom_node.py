@@ -140,6 +140,9 @@ def test_destination_syntax():
     for bad in ("ORTHANC", "ORTHANC@host", "@host:104", "A@host:port", "TOO_LONG_AE_TITLE_X@h:1", "A@h:0", "A@h:70000"):
         with pytest.raises(LungcadError, match="--forward"):
             parse_destination(bad)
+    assert str(parse_destination("https://pacs.example/dicom-web/")) == "https://pacs.example/dicom-web"
+    with pytest.raises(LungcadError, match="no credentials in the URL"):
+        parse_destination("https://user:pw@pacs.example/dicom-web")
     assert [backoff_seconds(n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0] and backoff_seconds(50) == 300.0
 
 

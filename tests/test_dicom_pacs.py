@@ -29,6 +29,7 @@ from lungcad.dicom.sr import read_series_probability  # noqa: E402
 
 ORTHANC = shutil.which("Orthanc")
 STORESCU = shutil.which("storescu")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 pytestmark = [
@@ -40,7 +41,7 @@ pytestmark = [
 class Orthanc:
     """Orthanc with a generated configuration: loopback only, temporary storage, random ports."""
 
-    def __init__(self, root: Path, node_port: int):
+    def __init__(self, root: Path, node_port: int, dicomweb: bool = False):
         self.http, self.dicom = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "orthanc.json"
@@ -49,7 +50,8 @@ class Orthanc:
             "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
             "DicomModalities": {"lungcad": ["LUNGCAD", "127.0.0.1", node_port]}, "DicomCheckCalledAet": True,
-            "Plugins": [], "ConcurrentJobs": 1,
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [], "ConcurrentJobs": 1,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }))
         self.log = open(root / "orthanc.log", "wb")
         self.proc: subprocess.Popen | None = None
@@ -185,3 +187,40 @@ def test_round_trip_through_orthanc_with_the_pacs_down_and_the_node_killed(tmp_p
         pacs.stop()
         if "node" in locals():
             node.stop(signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path(DICOMWEB_PLUGIN).is_file(), reason="Orthanc's DICOMweb plugin (orthanc-dicomweb) is missing")
+def test_round_trip_through_orthanc_dicomweb_stow_rs(tmp_path):
+    pytest.importorskip("dicomweb_client")
+    from sqlalchemy import select
+
+    from lungcad.dicom.node import DicomNode, NodeOptions
+    from lungcad.inference.predictor import Predictor
+    from lungcad.web.db import DicomOutbox, Study
+
+    run = make_run(tmp_path / "run")
+    node_port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc", node_port, dicomweb=True)
+    pacs.start()
+    node = DicomNode(NodeOptions(run=str(run), port=node_port, data_dir=str(tmp_path / "data"), quiet_seconds=1.0,
+                                 forward=f"http://127.0.0.1:{pacs.http}/dicom-web"), predictor=Predictor(run))
+    node.start()
+    try:
+        series = ct_series(tmp_path / "ct", n=2)
+        storescu(series, node_port)
+
+        def rows() -> list:
+            with node.sessions() as session:
+                return list(session.scalars(select(DicomOutbox)))
+
+        wait_for(lambda: rows() and all(r.status == "sent" for r in rows()), timeout=180, what="STOW-RS to Orthanc")
+        found = pacs.instances_by_class()
+        srs, scs = found.get("1.2.840.10008.5.1.4.1.1.88.34", []), found.get("1.2.840.10008.5.1.4.1.1.7", [])
+        assert len(srs) == 1 and len(scs) == 2 and all(r.destination.startswith("http://") for r in rows())
+        (tmp_path / "sr.dcm").write_bytes(pacs.get(f"/instances/{srs[0]}/file"))
+        with node.sessions() as session:
+            (study,) = session.scalars(select(Study))
+        assert read_series_probability(tmp_path / "sr.dcm") == pytest.approx(study.malignant_probability, abs=1e-6)
+    finally:
+        node.stop()
+        pacs.stop()

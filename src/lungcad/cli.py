@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-out", metavar="DIR",
                    help="write each DICOM slice's Grad-CAM overlay and result into DIR as a DICOM Secondary "
                         "Capture a PACS can store (marked as decision support; needs highdicom)")
-    p.add_argument("--send", metavar="AE@HOST:PORT",
-                   help="C-STORE the DICOM results (Secondary Captures, series SR) to this PACS afterwards (into a "
-                        "temporary folder when no --dicom-out is given)")
+    p.add_argument("--send", metavar="AE@HOST:PORT|URL",
+                   help="send the DICOM results (Secondary Captures, series SR) to this PACS afterwards: C-STORE, or "
+                        "STOW-RS for a DICOMweb URL (bearer token from $LUNGCAD_DICOMWEB_TOKEN); a temporary folder "
+                        "holds them when no --dicom-out is given")
     p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
     p.add_argument("--window", metavar="L,W", help="DICOM window level,width in HU, e.g. --window=-600,1500 (default: the "
                    "model's; another window departs from training and is warned about)")
@@ -154,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default loopback only; 0.0.0.0 for the hospital network)")
     p.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
-    p.add_argument("--forward", metavar="AE@HOST:PORT",
-                   help="C-STORE each series' SR and key-slice Secondary Captures to this PACS (queued in the database, "
-                        "retried with back-off)")
+    p.add_argument("--forward", metavar="AE@HOST:PORT|URL",
+                   help="send each series' SR and key-slice Secondary Captures to this PACS: C-STORE, or STOW-RS for a "
+                        "DICOMweb URL (bearer token from $LUNGCAD_DICOMWEB_TOKEN); queued in the database, retried "
+                        "with back-off")
     p.add_argument("--allow-ae", nargs="+", default=[], metavar="TITLE",
                    help="calling AE titles allowed to associate (default: any, with a warning)")
     p.add_argument("--quiet-seconds", type=float, default=10.0,
@@ -297,9 +299,9 @@ def _predict(args: argparse.Namespace, window, destination) -> int:
     not_written = predictor.dicom_out_failures
     not_sent = 0
     if destination is not None:
-        from lungcad.dicom.queue import c_store
+        from lungcad.dicom.queue import send_files
 
-        errors = c_store(destination, predictor.dicom_written)
+        errors = send_files(destination, predictor.dicom_written)
         not_sent = sum(bool(e) for e in errors)
         if not_sent:
             print(f"lungcad predict: {not_sent} of {len(errors)} DICOM result(s) not sent ({next(e for e in errors if e)})",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungcad.dicom.queue import Destination, Outbox, parse_destination, valid_ae_title
+from lungcad.dicom.queue import Destination, Outbox, WebDestination, parse_destination, valid_ae_title
 from lungcad.errors import LungcadError, first_line
 from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 
@@ -113,7 +113,8 @@ class DicomNode:
             raise LungcadError(f"--port must be 1-65535, not {opts.port}")
         if not opts.quiet_seconds > 0:
             raise LungcadError(f"--quiet-seconds must be positive, not {opts.quiet_seconds}")
-        self.destination: Destination | None = parse_destination(opts.forward) if opts.forward else None
+        self.destination: Destination | WebDestination | None = (parse_destination(opts.forward) if opts.forward
+                                                                   else None)
         from lungcad.web.db import open_database
         from lungcad.web.security import load_secret
 

@@ -1,4 +1,5 @@
-"""The persistent outbound queue: DICOM results waiting to be C-STOREd to a PACS (pynetdicom SCU).
+"""The persistent outbound queue: DICOM results waiting to be sent to a PACS, by C-STORE (pynetdicom) or
+DICOMweb STOW-RS (dicomweb-client), as the destination says (`AE@HOST:PORT` or `http(s)://...`).
 
 Each result file is a row of `dicom_outbox` (the web app's database, so it survives a restart and
 an admin can see what is waiting). `Outbox.send_due` sends every row whose time has come, one
@@ -18,11 +19,14 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lungcad.errors import LungcadError, first_line
 
-__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "Destination", "Outbox", "backoff_seconds", "c_store", "parse_destination",
-           "valid_ae_title"]
+__all__ = [
+    "BACKOFF_FIRST", "BACKOFF_MAX", "DICOMWEB_TOKEN_ENV", "Destination", "Outbox", "WebDestination", "backoff_seconds",
+    "c_store", "parse_destination", "send_files", "stow_rs", "valid_ae_title",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,30 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-def parse_destination(text: str, option: str = "--forward") -> Destination:
-    """`AE@HOST:PORT` (e.g. ORTHANC@10.0.0.5:4242, PACS@[::1]:104); LungcadError on anything else."""
-    usage = f"{option} must be AE@HOST:PORT (e.g. PACS@10.0.0.5:104), not {text!r}"
+@dataclass(frozen=True)
+class WebDestination:
+    """A DICOMweb server's base URL (STOW-RS posts to URL/studies); a bearer token comes from the environment."""
+
+    url: str
+
+    def __str__(self) -> str:
+        return self.url
+
+
+DICOMWEB_TOKEN_ENV = "LUNGCAD_DICOMWEB_TOKEN"  # bearer token for --forward/--send https://... (never stored)
+
+
+def parse_destination(text: str, option: str = "--forward") -> Destination | WebDestination:
+    """`AE@HOST:PORT` (DIMSE C-STORE, e.g. PACS@[::1]:104) or `http(s)://HOST/PATH` (DICOMweb STOW-RS);
+    LungcadError on anything else."""
+    if text.startswith(("http://", "https://")):
+        url = urlsplit(text)
+        if not url.hostname:
+            raise LungcadError(f"{option}: not a DICOMweb URL: {text!r}")
+        if url.username or url.password:  # the URL is stored in the queue and shown on the admin page
+            raise LungcadError(f"{option}: no credentials in the URL; put a bearer token in ${DICOMWEB_TOKEN_ENV}")
+        return WebDestination(text.rstrip("/"))
+    usage = f"{option} must be AE@HOST:PORT (e.g. PACS@10.0.0.5:104) or a DICOMweb URL, not {text!r}"
     ae, at, address = text.partition("@")
     host, colon, port = address.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -121,6 +146,53 @@ def c_store(dest: Destination, paths: list[Path], calling_ae: str = "LUNGCAD", t
     return errors
 
 
+def stow_rs(dest: WebDestination, paths: list[Path], timeout: float = 30.0) -> list[str]:
+    """STOW-RS files to a DICOMweb server in one request (dicomweb-client); one error line per file."""
+    import os
+
+    from pydicom import dcmread
+
+    try:
+        from dicomweb_client.api import DICOMwebClient
+        from requests.exceptions import RequestException
+    except ImportError:
+        return [f"{dest}: DICOMweb needs dicomweb-client: pip install 'lungcad[dicom]'"] * len(paths)
+    if not paths:
+        return []
+    errors: list[str] = []
+    datasets, index = [], {}
+    for path in paths:
+        try:
+            ds = dcmread(path)
+        except FileNotFoundError:
+            errors.append(MISSING)
+            continue
+        index[str(ds.SOPInstanceUID)] = len(errors)
+        errors.append("")
+        datasets.append(ds)
+    token = os.environ.get(DICOMWEB_TOKEN_ENV)
+    client = DICOMwebClient(dest.url, headers={"Authorization": f"Bearer {token}"} if token else None, timeout=timeout)
+    try:
+        response = client.store_instances(datasets)
+    except RequestException as exc:  # HTTPError included: the server refused the whole request
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        why = f"HTTP {status}" if status else first_line(exc, 200)
+        return [e or f"{dest}: {why}" for e in errors]
+    for item in (response.get("FailedSOPSequence") or []) if response is not None else []:
+        i = index.get(str(item.get("ReferencedSOPInstanceUID", "")))
+        if i is not None:
+            errors[i] = f"{dest}: STOW-RS failure reason {int(item.get('FailureReason', 0)):#06x}"
+    return errors
+
+
+def send_files(dest: Destination | WebDestination, paths: list[Path], calling_ae: str = "LUNGCAD",
+               timeout: float = 30.0, sop_classes: list[str] | None = None) -> list[str]:
+    """C-STORE or STOW-RS, as the destination says; one error line per file ("" = stored)."""
+    if isinstance(dest, WebDestination):
+        return stow_rs(dest, paths, timeout)
+    return c_store(dest, paths, calling_ae, timeout, sop_classes)
+
+
 class Outbox:
     """Queue result files for a destination and send them (`send_due`, or a background thread: `start`)."""
 
@@ -133,7 +205,7 @@ class Outbox:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def enqueue(self, session, destination: Destination, files: list[Path], study_id: str | None = None) -> None:
+    def enqueue(self, session, destination: Destination | WebDestination, files: list[Path], study_id: str | None = None) -> None:
         """Add result files (under the data folder) to the session; committed with the caller's change."""
         import pydicom
 
@@ -175,9 +247,9 @@ class Outbox:
                 session.commit()  # each destination's outcome is kept even if a later one fails
         return delivered
 
-    def _send(self, dest: Destination, rows: list) -> int:
-        errors = c_store(dest, [self.root / r.file for r in rows], self.calling_ae, self.timeout,
-                         sop_classes=[r.sop_class_uid for r in rows])
+    def _send(self, dest: Destination | WebDestination, rows: list) -> int:
+        errors = send_files(dest, [self.root / r.file for r in rows], self.calling_ae, self.timeout,
+                            sop_classes=[r.sop_class_uid for r in rows])
         delivered = 0
         for row, error in zip(rows, errors):
             if not error:
