@@ -3,6 +3,7 @@ the persistent outbound queue, AE title restrictions and clean errors on bad opt
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import time
@@ -299,3 +300,37 @@ def test_predict_send_stores_the_results_on_a_pacs(run_dir, tmp_path, capsys):
     assert sorted(str(ds.SOPClassUID) for ds in pacs.received) == ["1.2.840.10008.5.1.4.1.1.7"] * 2 + [
         "1.2.840.10008.5.1.4.1.1.88.34"]
     assert len(list(out.glob("*.dcm"))) == 3  # --dicom-out keeps them
+
+
+def test_web_app_receives_studies_by_stow_rs(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from test_web import PASSWORD, FakePredictor
+
+    from lungcad.web.app import create_app
+    from lungcad.web.db import open_database
+    from lungcad.web.security import add_user, create_token
+
+    data = tmp_path / "webdata"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        token = create_token(s, add_user(s, "pacs", PASSWORD, "clinician"), "stow")
+        s.commit()
+    instances = [p.read_bytes() for p in ct_series(tmp_path / "ct", n=2)]
+    boundary = "lungcad-test-boundary"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + raw + b"\r\n"
+                    for raw in [*instances, b"not a DICOM file"]) + b"--" + boundary.encode() + b"--\r\n"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    with TestClient(create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor())) as client:
+        assert client.post("/api/dicomweb/studies", content=body, headers=headers).status_code == 401  # no token
+        r = client.post("/api/dicomweb/studies", content=body, headers={**headers, "Authorization": f"Bearer {token}"})
+        assert r.status_code == 202 and r.headers["content-type"].startswith("application/dicom+json")  # 2 of 3
+        answer = pydicom.Dataset.from_json(r.json())
+        assert [str(x.ReferencedSOPInstanceUID) for x in answer.ReferencedSOPSequence] == [
+            str(pydicom.dcmread(io.BytesIO(raw)).SOPInstanceUID) for raw in instances]
+        assert len(answer.FailedSOPSequence) == 1 and answer.FailedSOPSequence[0].FailureReason == 0xC000
+        studies = client.get("/api/studies", headers={"Authorization": f"Bearer {token}"}).json()
+        assert len(studies) == 2 and all(s["kind"] == "dicom" for s in studies)  # on the worklist, de-identified
+        r = client.post("/api/dicomweb/studies", content=b"x", headers={"Authorization": f"Bearer {token}",
+                                                                         "Content-Type": "application/dicom"})
+        assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json")
