@@ -182,3 +182,26 @@ def test_web_upload_copy_has_no_timezone_contrast_or_ae_title():
     stored = pydicom.dcmread(io.BytesIO(data))
     assert "TimezoneOffsetFromUTC" not in stored and stored.ContrastBolusAgent == ""
     assert "SourceApplicationEntityTitle" not in stored.file_meta and b"ST_MARYS" not in data
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian package dicom3tools) is not installed")
+def test_frames_of_a_single_frame_class_file_are_referenced_as_the_file(run_dir, tmp_path):
+    """A multi-frame file in CT Image Storage (a single-frame IOD) may not be referenced by frame number."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    arr = ds.pixel_array.astype(np.int16)
+    ds.NumberOfFrames = 3
+    ds.PixelData = np.stack([arr, arr + 30, arr + 60]).tobytes()
+    ds.save_as(tmp_path / "frames.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    assert main(["predict", str(run_dir), str(tmp_path / "frames.dcm"), "--dicom-out", str(out), "--no-progress"]) == 0
+    files = sorted(out.glob("*.dcm"))
+    assert len(files) == 4  # one overlay per frame, one report
+    for path in files:
+        assert dciodvfy_errors(path) == [], path.name
+    sc = pydicom.dcmread(files[0])
+    assert "ReferencedFrameNumber" not in sc.SourceImageSequence[0]
+    import highdicom as hd
+
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out.glob("*_sr.dcm").__next__())).content \
+        .get_image_measurement_groups()
+    assert len(group.source_images) == 1  # the file, once

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import lungcad
 from lungcad.dicom.deid import hashed_uid
+from lungcad.dicom.writer import multiframe_class
 from lungcad.errors import LungcadError, first_line
 from lungcad.inference.results import Prediction
 from lungcad.utils import atomic_path
@@ -113,8 +114,13 @@ def build_series_report(series_pred: Prediction, key_images: list[tuple], info: 
         hd.sr.QualitativeEvaluation(name=c["decision"], value=c[series_pred.decision]),
         hd.sr.QualitativeEvaluation(name=c["ood"], value=c["yes" if series_pred.ood else "no"]),
     ]
-    sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(
-        ds, referenced_frame_numbers=None if frame is None else [int(frame) + 1]) for ds, frame in key_images]
+    sources, seen = [], set()
+    for ds, frame in key_images:
+        frames = [int(frame) + 1] if frame is not None and multiframe_class(ds) else None
+        if (str(ds.SOPInstanceUID), None if frames is None else frames[0]) in seen:
+            continue  # key frames of one single-frame-class file: one reference to the whole file
+        seen.add((str(ds.SOPInstanceUID), None if frames is None else frames[0]))
+        sources.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(ds, referenced_frame_numbers=frames))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hashed_uid(sha or "lungcad", f"track:{series_uid}"),
                                                      identifier="lungcad series result"),

@@ -27,7 +27,7 @@ from lungcad.inference.results import Prediction
 from lungcad.utils import atomic_path
 
 __all__ = [
-    "DISCLAIMER", "SERIES_NUMBER", "build_secondary_capture", "caption_lines", "overlay_on_source",
+    "DISCLAIMER", "SERIES_NUMBER", "build_secondary_capture", "caption_lines", "multiframe_class", "overlay_on_source",
     "patient_orientation", "write_secondary_capture",
 ]
 
@@ -57,6 +57,18 @@ def patient_orientation(iop) -> tuple[str, str]:
         order = np.argsort(-np.abs(vec))
         letters.append("".join(_AXES[i][0 if vec[i] > 0 else 1] for i in order if abs(vec[i]) > 0.25)[:3] or "L")
     return letters[0], letters[1]
+
+
+def multiframe_class(ds) -> bool:
+    """Whether the dataset's SOP class (IOD) allows frames, so that a reference may name one (PS3.3 C.7.6.1.1.3).
+
+    A legacy multi-frame file in CT Image Storage (a single-frame IOD) is referenced as a whole.
+    """
+    try:
+        from highdicom._standard_utils import is_multiframe_image  # highdicom's own table of IODs
+    except ImportError:  # a future highdicom that moved it: be conservative, name no frame
+        return False
+    return bool(is_multiframe_image(ds))
 
 
 def caption_lines(prediction: Prediction, threshold: float | None = None) -> list[str]:
@@ -144,7 +156,7 @@ def build_secondary_capture(ref, pixels: np.ndarray, heatmap: np.ndarray, predic
     source = Dataset()
     source.ReferencedSOPClassUID = ref.SOPClassUID
     source.ReferencedSOPInstanceUID = ref.SOPInstanceUID
-    if frame is not None:
+    if frame is not None and multiframe_class(ref):
         source.ReferencedFrameNumber = int(frame) + 1  # DICOM frame numbers start at 1
     sc.SourceImageSequence = [source]
     probs = ", ".join(f"{k} {v:.3f}" for k, v in prediction.probabilities.items())
