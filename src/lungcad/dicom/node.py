@@ -18,10 +18,12 @@ not scored, and the reason is logged.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue as queue_mod
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -92,6 +94,24 @@ def storage_contexts() -> list[tuple[str, list[str]]]:
     return [(str(c), usable) for c in (CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage)]
 
 
+def _port_error(host: str, port: int, exc: OSError) -> LungcadError:
+    reason = "is in use" if exc.errno in (errno.EADDRINUSE, 10048) else f"cannot be opened ({exc.strerror or exc})"
+    return LungcadError(f"port {port} on {host} {reason}")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind and release the port (as the server will, with SO_REUSEADDR); LungcadError if that fails."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(info[0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(info[4])
+    except socket.gaierror:
+        raise LungcadError(f"--host: unknown interface {host!r}") from None
+    except OSError as exc:
+        raise _port_error(host, port, exc) from None
+
+
 def _decodable(get_decoder, ts) -> bool:
     try:
         return get_decoder(ts).is_available
@@ -128,6 +148,8 @@ class DicomNode:
         if predictor is None:
             from lungcad.inference.predictor import Predictor
 
+            _check_port(opts.host, opts.port)  # before the model loads: a port in use is known at once
+
             predictor = Predictor(opts.run, engine=opts.engine)
         self.predictor = predictor
         self.outbox = Outbox(self.sessions, self.data_dir, opts.ae_title) if self.destination else None
@@ -160,8 +182,7 @@ class DicomNode:
         try:
             self._server = ae.start_server((self.opts.host, self.opts.port), block=False, evt_handlers=handlers)
         except OSError as exc:
-            reason = "is in use" if getattr(exc, "errno", None) in (98, 48, 10048) else f"cannot be opened ({exc.strerror or exc})"
-            raise LungcadError(f"port {self.opts.port} on {self.opts.host} {reason}") from None
+            raise _port_error(self.opts.host, self.opts.port, exc) from None
         leftover = [d.name for d in self.spool.iterdir() if d.is_dir() and any(d.glob("*.dcm"))]
         with self._lock:
             for name in leftover:  # series received before a restart: their quiet period starts now
@@ -203,6 +224,7 @@ class DicomNode:
             log.info("interrupted: stopping (received series stay in the spool for the next start)")
         finally:
             self.stop()
+        log.info("DICOM node %s stopped", self.opts.ae_title)
 
     # ----------------------------------------------------------------------------- receiving
 
