@@ -4,10 +4,13 @@
 #   postgresql  the web app's PostgreSQL test (the test starts its own server on loopback)
 #   libjemalloc2  a faster allocator for PyTorch on CPU (+25-33 % training throughput measured here);
 #                 lungcad preloads it when present (lungcad/allocator.py)
+#   orthanc, orthanc-dicomweb  a real PACS (and its DICOMweb plugin) for the dicom-node round-trip test
+#   dcmtk         storescu / echoscu / findscu, a second DICOM implementation the tests talk to
+#   dicom3tools   dciodvfy, the independent validator the DICOM result tests run
 # Skips quietly when not root or without apt-get; the tests that need a package then skip with a reason.
 set -euo pipefail
 
-PACKAGES=(chromium postgresql libjemalloc2)
+PACKAGES=(chromium postgresql libjemalloc2 orthanc orthanc-dicomweb dcmtk dicom3tools)
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     exit 0

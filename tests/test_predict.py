@@ -357,7 +357,7 @@ def test_cli_dicom_out_writes_secondary_captures_for_dicom_inputs(run_dir, tmp_p
     assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID  # files beside the scan
     assert sc.SeriesInstanceUID != source.SeriesInstanceUID and sc.SOPInstanceUID != source.SOPInstanceUID
     assert "decision support, not a diagnosis" in sc.ImageComments and "decision support" in sc.SeriesDescription
-    assert sc.pixel_array.shape == (512, 512, 3) and sc.PhotometricInterpretation == "RGB"
+    assert sc.pixel_array.shape == (source.Rows, source.Columns, 3) and sc.PhotometricInterpretation == "RGB"
     first_uid = sc.SOPInstanceUID
     assert main(["predict", str(run_dir), src_path, "--dicom-out", str(out), "--no-progress"]) == 0
     assert pydicom.dcmread(written[0]).SOPInstanceUID == first_uid  # same result, same object

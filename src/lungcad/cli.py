@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from lungcad import __version__
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-out", metavar="DIR",
                    help="write each DICOM slice's Grad-CAM overlay and result into DIR as a DICOM Secondary "
                         "Capture a PACS can store (marked as decision support; needs highdicom)")
+    p.add_argument("--send", metavar="AE@HOST:PORT|URL",
+                   help="send the DICOM results (Secondary Captures, series SR) to this PACS afterwards: C-STORE, or "
+                        "STOW-RS for a DICOMweb URL (bearer token from $LUNGCAD_DICOMWEB_TOKEN); a temporary folder "
+                        "holds them when no --dicom-out is given")
     p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
     p.add_argument("--window", metavar="L,W", help="DICOM window level,width in HU, e.g. --window=-600,1500 (default: the "
                    "model's; another window departs from training and is warned about)")
@@ -140,7 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="significance level of the OOD-score shift test against the reference images (default 0.01)")
     _add_common(p)
 
-    from lungcad.web.commands import add_web_commands  # argparse only: the web extra loads when run
+    from lungcad.web.commands import _db_args, add_web_commands  # argparse only: the web extra loads when run
+
+    p = sub.add_parser("dicom-node", help="a DICOM node: receive CT series over the network (C-STORE), score each "
+                       "series, file it on the web app's worklist and send SR + Secondary Captures to a PACS")
+    p.add_argument("run", metavar="RUNDIR")
+    p.add_argument("--ae-title", default="LUNGCAD", help="this node's AE title (default LUNGCAD)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default loopback only; 0.0.0.0 for the hospital network)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
+    p.add_argument("--forward", metavar="AE@HOST:PORT|URL",
+                   help="send each series' SR and key-slice Secondary Captures to this PACS: C-STORE, or STOW-RS for a "
+                        "DICOMweb URL (bearer token from $LUNGCAD_DICOMWEB_TOKEN); queued in the database, retried "
+                        "with back-off")
+    p.add_argument("--allow-ae", nargs="+", default=[], metavar="TITLE",
+                   help="calling AE titles allowed to associate (default: any, with a warning)")
+    p.add_argument("--quiet-seconds", type=float, default=10.0,
+                   help="a series is complete when no instance of it arrived for this long (default 10)")
+    p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
+    _db_args(p)
+    _add_common(p)
 
     COMMANDS.update(add_web_commands(sub, _add_common))
     return parser
@@ -235,7 +260,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from lungcad.dicom.reader import parse_window
-    from lungcad.inference.predictor import Predictor, write_predictions
 
     window = parse_window(args.window) if args.window else None
     if args.out:
@@ -246,6 +270,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise LungcadError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.dicom_out and Path(args.dicom_out).exists() and not Path(args.dicom_out).is_dir():
         raise LungcadError("--dicom-out must be a folder", args.dicom_out)
+    destination = None
+    if args.send:
+        from lungcad.dicom.queue import parse_destination
+
+        destination = parse_destination(args.send, "--send")
+    with contextlib.ExitStack() as stack:
+        if destination is not None and not args.dicom_out:
+            args.dicom_out = stack.enter_context(tempfile.TemporaryDirectory(prefix="lungcad-send-"))
+        return _predict(args, window, destination)
+
+
+def _predict(args: argparse.Namespace, window, destination) -> int:
+    from lungcad.inference.predictor import Predictor, write_predictions
+
     predictor = Predictor(args.run, engine=args.engine, window=window)
     if args.out:  # resumable part files, sharded across ranks under torchrun, merged at the end
         from lungcad.inference.batch import predict_archive
@@ -259,9 +297,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                     cam_dir=args.cam, workers=args.workers, dicom_out=args.dicom_out),
             args.out, predictor.columns)
     not_written = predictor.dicom_out_failures
+    not_sent = 0
+    if destination is not None:
+        from lungcad.dicom.queue import send_files
+
+        errors = send_files(destination, predictor.dicom_written)
+        not_sent = sum(bool(e) for e in errors)
+        if not_sent:
+            print(f"lungcad predict: {not_sent} of {len(errors)} DICOM result(s) not sent ({next(e for e in errors if e)})",
+                  file=sys.stderr)
     print(f"lungcad predict: {rows} result(s), {failed} failed" + (f"; written to {args.out}" if args.out else "")
-          + (f"; {not_written} DICOM result(s) could not be written" if not_written else ""), file=sys.stderr)
-    return 1 if failed or not_written else 0  # any failure fails the run, after reporting every file
+          + (f"; {not_written} DICOM result(s) could not be written" if not_written else "")
+          + (f"; {len(predictor.dicom_written) - not_sent} DICOM result(s) sent to {destination}" if destination else ""),
+          file=sys.stderr)
+    return 1 if failed or not_written or not_sent else 0  # any failure fails the run, after reporting every file
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -271,6 +320,26 @@ def cmd_check(args: argparse.Namespace) -> int:
                        progress=args.progress)
     print(format_check(report))
     return 0 if report["verdict"] == "matches" else EXIT_MISMATCH
+
+
+def cmd_dicom_node(args: argparse.Namespace) -> int:
+    from lungcad.web.commands import _need_web
+
+    try:
+        import pynetdicom  # noqa: F401
+    except ImportError:
+        raise LungcadError("dicom-node needs pynetdicom: pip install 'lungcad[dicom]'") from None
+    _need_web()  # the worklist is the web app's database
+    from lungcad.dicom.node import DicomNode, NodeOptions
+    from lungcad.dicom.queue import parse_destination
+
+    if args.forward:
+        parse_destination(args.forward)  # refuse a malformed address before loading the model
+    opts = NodeOptions(run=args.run, ae_title=args.ae_title, host=args.host, port=args.port, forward=args.forward,
+                       data_dir=args.data_dir, db=args.db, allow_ae=args.allow_ae, quiet_seconds=args.quiet_seconds,
+                       engine=args.engine)
+    DicomNode(opts).serve_forever()
+    return 0
 
 
 def _writable_file(path: str) -> None:
@@ -283,6 +352,7 @@ COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate}
 COMMANDS["export"] = cmd_export
 COMMANDS["predict"] = cmd_predict
 COMMANDS["check"] = cmd_check
+COMMANDS["dicom-node"] = cmd_dicom_node
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 __all__ = [
     "AUGMENT_POLICIES", "IMAGENET_MEAN", "IMAGENET_STD", "PAD_LIMIT", "Preprocessing", "RandomIntensity",
-    "foreground_box", "normalise", "prepare", "preprocess", "train_augmentation",
+    "foreground_box", "normalise", "prepare", "preprocess", "to_source_geometry", "train_augmentation",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,6 +136,28 @@ def prepare(pixels: np.ndarray, pp: Preprocessing) -> torch.Tensor:
     square[y : y + h, x : x + w] = pixels
     tensor = torch.from_numpy(square).permute(2, 0, 1).contiguous()
     return F.resize(tensor, [pp.image_size, pp.image_size], antialias=True)
+
+
+def to_source_geometry(values: np.ndarray, pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
+    """A map over the prepared image (S, S) -> the same map over `pixels`' rows and columns.
+
+    The inverse of `prepare`'s geometry (crop to the foreground, pad to a square, resize): the
+    square is resized back to the crop's long side, the padding cut off, and the crop placed at its
+    box in the source frame; outside the box (background the model never saw) the map is 0.
+    """
+    rows, cols = pixels.shape[:2]
+    top, left, bottom, right = 0, 0, rows, cols
+    if pp.geometry == "foreground-square":
+        grey = pixels.mean(axis=2) if pixels.ndim == 3 else pixels
+        top, left, bottom, right = foreground_box(grey, pp.foreground_threshold)
+    h, w = bottom - top, right - left
+    side = max(h, w)
+    square = F.resize(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None], [side, side],
+                      antialias=True)[0].numpy()
+    y, x = (side - h) // 2, (side - w) // 2
+    out = np.zeros((rows, cols), dtype=np.float32)
+    out[top:bottom, left:right] = square[y : y + h, x : x + w]
+    return out
 
 
 def normalise(x: torch.Tensor, pp: Preprocessing) -> torch.Tensor:

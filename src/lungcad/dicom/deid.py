@@ -6,7 +6,8 @@ Instance UIDs a PACS needs to file a result, the modality and instance/frame num
 `deidentify` is the one de-identifier (the web app stores uploads through it): the DICOM PS3.15
 Annex E basic application-level profile. Attributes that identify the patient, the staff, the
 institution or the device are removed or emptied, dates kept out, private tags, overlays and
-curves removed. UIDs are either kept (results stay linkable to the PACS study) or, given a site
+curves removed, and the file meta's application entity titles and addresses (which name the
+sending and receiving devices) dropped. UIDs are either kept (results stay linkable to the PACS study) or, given a site
 secret, replaced by keyed hashes (`2.25.<int>`), so slices of one study still share one (new)
 study UID. Pixel data is kept: text burned into the pixels cannot be removed here
 (`BurnedInAnnotation` is reported by the web app). A careful implementation of the profile, not a
@@ -21,7 +22,7 @@ import hmac
 
 from lungcad.utils import keyed_hash
 
-__all__ = ["SAFE_UID_KEYS", "deidentify", "hashed_uid", "safe_metadata"]
+__all__ = ["REMOVE", "REMOVE_META", "REPLACE", "SAFE_UID_KEYS", "deidentify", "hashed_uid", "safe_metadata"]
 
 SAFE_UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _SAFE_OTHER = ("Modality", "InstanceNumber")
@@ -39,6 +40,7 @@ REPLACE = {
     "StudyID": "",
     "ContentDate": "",
     "ContentTime": "",
+    "ContrastBolusAgent": "",  # free text that may name the patient's study (action D/Z; Type 2, so emptied)
 }
 # Removed outright (action X and the X/Z/D choices of the basic profile).
 REMOVE = (
@@ -66,6 +68,13 @@ REMOVE = (
     "ReferencedPatientSequence", "ReferencedStudySequence", "ReferencedPerformedProcedureStepSequence",
     "DataSetTrailingPadding", "DigitalSignaturesSequence", "OriginalAttributesSequence",
     "ContributingEquipmentSequence", "ModifiedAttributesSequence", "SourceImageSequence",
+    "TimezoneOffsetFromUTC",  # narrows down where and when the study was done (action X)
+)
+# File meta information: which devices sent and received the file (PS3.10 7.1), and private data.
+REMOVE_META = (
+    "SourceApplicationEntityTitle", "SendingApplicationEntityTitle", "ReceivingApplicationEntityTitle",
+    "SourcePresentationAddress", "SendingPresentationAddress", "ReceivingPresentationAddress",
+    "PrivateInformationCreatorUID", "PrivateInformation",
 )
 
 
@@ -123,6 +132,9 @@ def deidentify(ds, secret: str | None = None):
     clean.PatientIdentityRemoved = "YES"
     clean.DeidentificationMethod = "lungcad: PS3.15 basic profile" + ("" if secret is None else ", UIDs hashed")
     meta = getattr(clean, "file_meta", None)
+    for keyword in REMOVE_META if meta is not None else ():
+        if keyword in meta:
+            delattr(meta, keyword)
     if meta is not None and "MediaStorageSOPInstanceUID" in meta and secret is not None:
         meta.MediaStorageSOPInstanceUID = clean.get("SOPInstanceUID",
                                                     hashed_uid(secret, str(meta.MediaStorageSOPInstanceUID)))

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lungcad.data.images import check_min_side, decode_image, read_regular_file
-from lungcad.data.transforms import normalise, prepare
+from lungcad.data.transforms import normalise, prepare, to_source_geometry
 from lungcad.dicom.reader import read_dicom
 from lungcad.dicom.writer import write_secondary_capture
 from lungcad.errors import LungcadError, first_line
@@ -101,6 +101,7 @@ class Predictor:
         if self.ood_detector is None:
             log.warning("%s: no out-of-distribution detector in model.json; nothing will be flagged OOD", run_dir)
         self.dicom_out_failures = 0  # DICOM results that could not be written (see predict_paths)
+        self.dicom_written: list[Path] = []  # DICOM results written (`predict --send` sends them)
         self.load_seconds = time.perf_counter() - t0
         log.debug("model loaded in %.2f s (engine %s)", self.load_seconds, engine)
 
@@ -285,7 +286,11 @@ class Predictor:
         finally:
             bar.close()
         if series_rows:
-            yield from self.series_predictions(series.values())
+            for group in series.values():
+                for row in self.series_predictions([group]):
+                    if dicom_out is not None:  # the series result as a Structured Report beside the overlays
+                        self._save_series_report(row, list(group.values()), Path(dicom_out))
+                    yield row
 
     def series_predictions(self, series: Iterable[Iterable[Prediction] | dict]) -> Iterator[Prediction]:
         """One series-level row per group of two or more slice predictions."""
@@ -332,14 +337,22 @@ class Predictor:
             add_to_series(series, pred)
             yield pred
 
+    def _top(self, preds: list[Prediction]) -> np.ndarray:
+        """Indices of the SERIES_TOP_K slices the series result is the mean of (module docstring)."""
+        flags = np.array([p.ood for p in preds])
+        use = np.flatnonzero(~flags) if (~flags).any() else np.arange(len(preds))
+        p_mal = np.array([p.malignant_probability for p in preds])
+        return use[np.argsort(-p_mal[use], kind="stable")[:SERIES_TOP_K]]
+
+    def key_slices(self, preds: list[Prediction]) -> list[Prediction]:
+        """The slices a series result rests on (its key images), most malignant first."""
+        return [preds[i] for i in self._top(preds)]
+
     def _aggregate(self, source: str, preds: list[Prediction]) -> Prediction:
         """One series-level Prediction from its slices (rule in the module docstring)."""
         probs = np.array([[p.probabilities[c] for c in self.classes] for p in preds])
         flags = np.array([p.ood for p in preds])
-        use = np.flatnonzero(~flags) if (~flags).any() else np.arange(len(preds))
-        m = self.classes.index("malignant")
-        top = use[np.argsort(-probs[use, m], kind="stable")[:SERIES_TOP_K]]
-        agg = probs[top].mean(axis=0)
+        agg = probs[self._top(preds)].mean(axis=0)
         scores = [p.ood_score for p in preds if p.ood_score is not None]
         label, p_mal, decision = self._decide(agg)
         dicom = {k: preds[0].dicom[k] for k in ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
@@ -379,12 +392,34 @@ class Predictor:
         path = cam_dir / f"{self._cam_count:06d}_{stem}{frame}_cam.png"
         return exp.save_overlay(path)
 
+    def source_heatmap(self, exp: Explanation, pixels: np.ndarray) -> np.ndarray:
+        """The explanation's heatmap mapped back onto the decoded slice's rows and columns."""
+        return to_source_geometry(exp.heatmap, pixels, self.pp)
+
     def _save_dicom(self, item: _Item, exp: Explanation, pred: Prediction, out_dir: Path) -> None:
+        path, frame = item.source.split("#")[0], item.dicom.get("frame")
         try:
-            write_secondary_capture(item.source.split("#")[0], exp.overlay, pred, out_dir, frame=item.dicom.get("frame"))
-        except LungcadError as exc:  # the prediction stands; the missing DICOM result is reported
+            pixels, _ = self.load_pixels(Path(path), frame=frame)  # the slice at its own rows and columns
+            self.dicom_written.append(write_secondary_capture(path, pixels, self.source_heatmap(exp, pixels), pred,
+                                                              out_dir, frame=frame, threshold=self.threshold))
+        except Exception as exc:  # the prediction stands; the missing DICOM result is reported
             self.dicom_out_failures += 1
-            log.error("--dicom-out: %s", exc)
+            log.error("--dicom-out: %s", first_line(exc, 250))
+
+    def _save_series_report(self, series_pred: Prediction, slices: list[Prediction], out_dir: Path) -> None:
+        from lungcad.dicom.sr import write_series_report
+
+        try:
+            self.dicom_written.append(write_series_report(series_pred, slices, self.key_slices(slices), out_dir,
+                                                          self.report_info()))
+        except Exception as exc:  # highdicom validates and raises ValueError on what it refuses
+            self.dicom_out_failures += 1
+            log.error("--dicom-out: series report: %s", first_line(exc, 250))
+
+    def report_info(self) -> dict:
+        """What a Structured Report says about the algorithm and its operating point."""
+        return {"model_sha256": self.model_sha256, "threshold": self.threshold, "classes": self.classes,
+                "engine": getattr(self.engine, "name", "")}
 
 
 # --------------------------------------------------------------------------------- helpers

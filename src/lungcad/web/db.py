@@ -19,6 +19,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -36,6 +37,7 @@ __all__ = [
     "ApiToken",
     "AuditEvent",
     "Base",
+    "DicomOutbox",
     "Feedback",
     "LoginSession",
     "LoginThrottle",
@@ -165,6 +167,24 @@ class Feedback(Base):
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
     study: Mapped[Study] = relationship(back_populates="feedback")
     user: Mapped[User] = relationship()
+
+
+class DicomOutbox(Base):
+    """A DICOM result file waiting to be C-STOREd to a PACS (`lungcad.dicom.queue`); survives restarts."""
+
+    __tablename__ = "dicom_outbox"
+    __table_args__ = (Index("ix_dicom_outbox_status_next", "status", "next_attempt_at"),)  # the sender's query
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    destination: Mapped[str] = mapped_column(String(160))  # AE@HOST:PORT
+    file: Mapped[str] = mapped_column(String(255))  # relative to the data folder
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    study_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the worklist study it belongs to
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending / sent / failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class AuditEvent(Base):

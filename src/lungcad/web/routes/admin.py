@@ -1,4 +1,4 @@
-"""Administrators' pages: pilot dashboard with feedback CSV, audit log, user management (accounts, API tokens)."""
+"""Administrators' pages: pilot dashboard with feedback CSV, audit log, user management (accounts, API tokens), DICOM outbound queue."""
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
 from lungcad.web import service
-from lungcad.web.db import ROLES, ApiToken, AuditEvent, User, audit, utcnow
+from lungcad.web.db import ROLES, ApiToken, AuditEvent, DicomOutbox, User, audit, utcnow
 from lungcad.web.deps import DB, AdminUser, StoreDep, check_csrf, page
 from lungcad.web.security import add_user, end_user_sessions
 
@@ -51,6 +51,16 @@ def _users_page(request: Request, session: DB, user: User, error: str = "", code
     )
     return page(request, "users.html", user, users=list(session.scalars(select(User).order_by(User.username))),
                 roles=ROLES, error=error, tokens=list(tokens), code=code)
+
+
+@router.get("/dicom-outbox", response_class=HTMLResponse, include_in_schema=False)
+def dicom_outbox_page(request: Request, session: DB, user: AdminUser, status: str = "", limit: int = 200) -> HTMLResponse:
+    """What `lungcad dicom-node` still has to send to the PACS (and what it sent), newest first."""
+    q = select(DicomOutbox).order_by(DicomOutbox.id.desc()).limit(max(1, min(limit, 2000)))
+    if status:
+        q = q.where(DicomOutbox.status == status)
+    counts = dict(session.execute(select(DicomOutbox.status, func.count()).group_by(DicomOutbox.status)).all())
+    return page(request, "dicom_outbox.html", user, rows=list(session.scalars(q)), counts=counts, status=status)
 
 
 @router.get("/users", response_class=HTMLResponse, include_in_schema=False)

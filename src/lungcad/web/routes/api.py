@@ -1,4 +1,5 @@
-"""Machine-facing endpoints: health probe (no authentication), OpenAPI schema and the REST API.
+"""Machine-facing endpoints: health probe (no authentication), OpenAPI schema, the REST API and a
+DICOMweb STOW-RS endpoint (`POST /api/dicomweb/studies`) for PACS that push studies over HTTP.
 
 API clients authenticate with `Authorization: Bearer lcd_...`; cookie-authenticated calls (the
 pages' own scripts) must send the session's CSRF token in `X-CSRF-Token`. Errors are RFC 9457
@@ -7,8 +8,11 @@ problem documents (see lungcad.web.app).
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
+import io
 import os
 import secrets
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
@@ -151,3 +155,71 @@ def api_revoke_token(request: Request, session: DB, user: CurrentUser, token_id:
 @router.get("/api/me", tags=["api"])
 def api_me(user: CurrentUser) -> dict:
     return {"username": user.username, "role": user.role}
+
+
+# ------------------------------------------------------------------------------------ DICOMweb STOW-RS
+
+_STOW_FAILED = 0xC000  # PS3.18 Table I.2-3 / PS3.4 C-STORE: "cannot understand" (unusable instance)
+
+
+@router.post("/api/dicomweb/studies", tags=["dicomweb"])
+async def stow_rs(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep) -> Response:
+    """DICOMweb STOW-RS (PS3.18 10.5): a `multipart/related; type="application/dicom"` body of instances.
+
+    Each instance is stored and scored as an upload is (de-identified first); the response is the
+    Store Instances Response Module in DICOM JSON: referenced instances, and failed ones with a reason.
+    Series-level results come from `lungcad dicom-node`; this endpoint scores instance by instance.
+    """
+    check_csrf(request, None)
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/related"):
+        raise HTTPException(415, 'STOW-RS needs Content-Type: multipart/related; type="application/dicom"')
+    body = await request.body()
+    parts = await run_in_threadpool(_dicom_parts, content_type, body)
+    if parts is None:
+        raise HTTPException(400, "not a multipart/related body (missing or wrong boundary)")
+    return await run_in_threadpool(_stow_store, sessions, store, user, parts)
+
+
+def _dicom_parts(content_type: str, body: bytes) -> list[bytes] | None:
+    """The application/dicom parts of a multipart/related body (the standard library's MIME parser)."""
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+                                                  + body)
+    if not message.is_multipart():
+        return None
+    return [part.get_payload(decode=True) or b"" for part in message.iter_parts()
+            if part.get_content_type() in ("application/dicom", "application/octet-stream")]
+
+
+def _stow_store(sessions: sessionmaker, store: service.Store, user: User, parts: list[bytes]) -> Response:
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    stored, failed = [], []
+    batch = secrets.token_hex(8)
+    for i, raw in enumerate(parts):
+        ref = Dataset()
+        try:
+            head = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+            ref.ReferencedSOPClassUID = str(head.SOPClassUID)
+            ref.ReferencedSOPInstanceUID = str(head.SOPInstanceUID)
+        except Exception:
+            ref.FailureReason = _STOW_FAILED
+            failed.append(ref)
+            continue
+        with sessions() as session:
+            try:
+                service.record_upload(session, store, user, raw, batch, f"instance {i + 1}")
+            except LungcadError:
+                session.rollback()
+                ref.FailureReason = _STOW_FAILED
+                failed.append(ref)
+                continue
+        stored.append(ref)
+    response = Dataset()
+    if stored:
+        response.ReferencedSOPSequence = stored
+    if failed:
+        response.FailedSOPSequence = failed
+    status = 200 if not failed else 202 if stored else 409  # PS3.18 10.5.3: all, some, none stored
+    return JSONResponse(response.to_json_dict(), status_code=status, media_type="application/dicom+json")

@@ -1,0 +1,336 @@
+"""`lungcad dicom-node`: C-ECHO, C-STORE into the spool, series scoring onto the web app's worklist,
+the persistent outbound queue, AE title restrictions and clean errors on bad options."""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+pynetdicom = pytest.importorskip("pynetdicom")
+pytest.importorskip("highdicom")
+pytest.importorskip("sqlalchemy")
+from pydicom.data import get_testdata_file  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # noqa: E402
+
+from test_dicom_results import ct_series  # noqa: E402
+from test_predict import make_run  # noqa: E402
+
+from lungcad.cli import main  # noqa: E402
+from lungcad.dicom.node import NODE_USER, DicomNode, NodeOptions  # noqa: E402
+from lungcad.dicom.queue import Outbox, backoff_seconds, parse_destination  # noqa: E402
+from lungcad.errors import LungcadError  # noqa: E402
+from lungcad.inference.predictor import Predictor  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send(paths: list[Path], port: int, calling: str = "MODALITY", called: str = "LUNGCAD") -> list[int]:
+    """C-STORE files as a modality would; returns the status of each (empty if the association failed)."""
+    ae = AE(ae_title=calling)
+    for ctx in (CTImageStorage, MRImageStorage):
+        ae.add_requested_context(ctx)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return []
+    try:
+        return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in paths]
+    finally:
+        assoc.release()
+
+
+def echo(port: int, calling: str = "MODALITY") -> int | None:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGCAD")
+    if not assoc.is_established:
+        return None
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class StoreSCP:
+    """A minimal PACS stand-in (pynetdicom) that keeps what it receives, for the queue tests."""
+
+    def __init__(self, port: int, ae_title: str = "PACS"):
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+        self.received: list = []
+        ae = AE(ae_title=ae_title)
+        for ctx in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage):
+            ae.add_supported_context(ctx, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+
+        def on_store(event):
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("node") / "run")
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir) -> Predictor:
+    return Predictor(run_dir)
+
+
+@pytest.fixture
+def node_factory(run_dir, predictor, tmp_path):
+    nodes = []
+
+    def make(**kw) -> DicomNode:
+        opts = NodeOptions(run=str(run_dir), port=kw.pop("port", free_port()), data_dir=str(tmp_path / "data"),
+                           quiet_seconds=kw.pop("quiet_seconds", 1.0), **kw)
+        node = DicomNode(opts, predictor=predictor)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+def _studies(node: DicomNode) -> list:
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from lungcad.web.db import Study
+
+    with node.sessions() as session:
+        return list(session.scalars(select(Study).options(selectinload(Study.user))))
+
+
+# ------------------------------------------------------------------------------- options
+
+
+def test_destination_syntax():
+    assert str(parse_destination("ORTHANC@127.0.0.1:4242")) == "ORTHANC@127.0.0.1:4242"
+    assert parse_destination("PACS@[::1]:104").host == "::1"
+    for bad in ("ORTHANC", "ORTHANC@host", "@host:104", "A@host:port", "TOO_LONG_AE_TITLE_X@h:1", "A@h:0", "A@h:70000"):
+        with pytest.raises(LungcadError, match="--forward"):
+            parse_destination(bad)
+    assert str(parse_destination("https://pacs.example/dicom-web/")) == "https://pacs.example/dicom-web"
+    with pytest.raises(LungcadError, match="no credentials in the URL"):
+        parse_destination("https://user:pw@pacs.example/dicom-web")
+    assert [backoff_seconds(n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0] and backoff_seconds(50) == 300.0
+
+
+def test_cli_bad_forward_and_port_in_use_are_one_line_errors(run_dir, tmp_path, capsys):
+    assert main(["dicom-node", str(run_dir), "--forward", "PACS-at-host", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--forward must be AE@HOST:PORT" in err and len(err.strip().splitlines()) == 1
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["dicom-node", str(run_dir), "--port", str(port), "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port}" in err and "in use" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------- receiving and scoring
+
+
+def test_node_scores_a_series_onto_the_worklist_without_phi_in_the_logs(node_factory, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    node = node_factory()
+    assert "any calling AE title may store" in caplog.text  # no --allow-ae: said at start
+    assert echo(node.opts.port) == 0x0000
+    paths = ct_series(tmp_path / "ct", n=4)
+    assert send(paths, node.opts.port) == [0x0000] * 4
+    assert len(list((node.spool).rglob("*.dcm"))) == 4  # acknowledged = on disk
+    wait_for(lambda: node.processed >= 1, what="the series to be processed")
+    (study,) = _studies(node)
+    assert study.user.username == NODE_USER and not study.user.active  # files studies, never signs in
+    assert study.kind == "dicom" and study.dicom_meta["slices"] == 4 and study.dicom_meta["calling_ae"] == "MODALITY"
+    assert study.decision in ("malignant", "not malignant") and 0.0 <= study.malignant_probability <= 1.0
+    data = Path(node.opts.data_dir)
+    stored = pydicom.dcmread(data / study.dicom_file)
+    source = pydicom.dcmread(paths[0])
+    assert stored.PatientName == "ANONYMOUS" and stored.StudyInstanceUID != source.StudyInstanceUID  # de-identified
+    assert (data / study.image_file).is_file() and not list(node.spool.rglob("*.dcm"))  # spool emptied
+    for phi in (str(source.PatientName), str(source.PatientID), source.StudyInstanceUID, source.SeriesInstanceUID):
+        assert phi not in caplog.text
+
+
+def test_non_allowed_calling_ae_is_rejected_and_non_ct_is_not_scored(node_factory, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    node = node_factory(allow_ae=["CT_SCANNER"])
+    assert "any calling AE title" not in caplog.text
+    paths = ct_series(tmp_path / "ct", n=2)
+    assert send(paths, node.opts.port, calling="INTRUDER") == []  # association rejected
+    assert echo(node.opts.port, calling="INTRUDER") is None
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    mr_path = tmp_path / "mr.dcm"
+    mr.save_as(mr_path, enforce_file_format=True)
+    assert send([mr_path], node.opts.port, calling="CT_SCANNER") == [0x0000]
+    wait_for(lambda: node.processed >= 1, what="the MR series")
+    assert "modality MR received and not scored" in caplog.text and _studies(node) == []
+
+
+def test_spooled_series_survive_a_restart(node_factory, run_dir, predictor, tmp_path):
+    node = node_factory(quiet_seconds=3600)  # never completes in this life
+    paths = ct_series(tmp_path / "ct", n=3)
+    assert send(paths, node.opts.port) == [0x0000] * 3
+    node.stop()  # as good as killed: nothing was processed
+    assert _studies(node) == [] and len(list(node.spool.rglob("*.dcm"))) == 3
+    again = node_factory(quiet_seconds=0.5)  # same data folder
+    wait_for(lambda: again.processed >= 1, what="the spooled series after the restart")
+    assert len(_studies(again)) == 1 and _studies(again)[0].dicom_meta["slices"] == 3
+
+
+# ------------------------------------------------------------------------------- the outbound queue
+
+
+def test_results_queue_survives_a_restart_and_is_sent_when_the_pacs_is_up(node_factory, tmp_path):
+    from sqlalchemy import select, update
+
+    from lungcad.web.db import DicomOutbox
+
+    pacs_port = free_port()
+    node = node_factory(forward=f"PACS@127.0.0.1:{pacs_port}")  # nothing listens there yet
+    assert send(ct_series(tmp_path / "ct", n=3), node.opts.port) == [0x0000] * 3
+    wait_for(lambda: node.processed >= 1, what="the series")
+
+    def rows():
+        with node.sessions() as session:
+            return list(session.scalars(select(DicomOutbox).order_by(DicomOutbox.id)))
+
+    wait_for(lambda: all(r.attempts >= 1 for r in rows()), what="a failed first attempt")
+    queued = rows()
+    assert len(queued) == 4  # SR + 3 key-slice Secondary Captures
+    assert all(r.status == "pending" and "cannot connect" in r.last_error for r in queued)
+    assert all(r.study_id == _studies(node)[0].id for r in queued)
+    node.stop()
+
+    pacs = StoreSCP(pacs_port)
+    try:
+        outbox = Outbox(node.sessions, node.opts.data_dir, "LUNGCAD")  # a fresh process: only the database
+        with node.sessions() as session:  # skip the back-off wait
+            session.execute(update(DicomOutbox).values(next_attempt_at=DicomOutbox.created_at))
+            session.commit()
+        assert outbox.send_due() == 4
+    finally:
+        pacs.stop()
+    assert all(r.status == "sent" and r.sent_at is not None for r in rows())
+    classes = sorted(str(ds.SOPClassUID) for ds in pacs.received)
+    assert classes == ["1.2.840.10008.5.1.4.1.1.7"] * 3 + ["1.2.840.10008.5.1.4.1.1.88.34"]
+    assert not list((Path(node.opts.data_dir) / "dicom-node" / "results").rglob("*.dcm"))  # sent: deleted
+
+
+def test_admin_page_shows_what_waits_for_the_pacs(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from test_web import PASSWORD, FakePredictor, login
+
+    from lungcad.web.app import create_app
+    from lungcad.web.db import DicomOutbox, open_database
+    from lungcad.web.security import add_user
+
+    data = tmp_path / "webdata"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        add_user(s, "alice", PASSWORD, "clinician")
+        add_user(s, "root", PASSWORD, "admin")
+        s.add(DicomOutbox(destination="ORTHANC@127.0.0.1:4242", file="dicom-node/results/x/sr.dcm",
+                          sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", status="pending", attempts=3,
+                          last_error="ORTHANC@127.0.0.1:4242: cannot connect or association aborted"))
+        s.commit()
+    with TestClient(create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor())) as client:
+        login(client)
+        assert client.get("/dicom-outbox").status_code == 403  # clinicians do not see it
+        client.cookies.clear()
+        login(client, "root")
+        page = client.get("/dicom-outbox").text
+        assert "pending: 1" in page and "cannot connect" in page and "ORTHANC@127.0.0.1:4242" in page
+        assert "SR" in page and "Nothing queued" not in client.get("/dicom-outbox?status=pending").text
+        assert "Nothing queued" in client.get("/dicom-outbox?status=sent").text
+        assert 'href="/dicom-outbox"' in client.get("/dashboard").text
+
+
+def test_predict_send_stores_the_results_on_a_pacs(run_dir, tmp_path, capsys):
+    series = ct_series(tmp_path / "ct", n=2)
+    port = free_port()
+    assert main(["predict", str(run_dir), str(series[0].parent), "--send", "PACS@localhost", "--no-progress"]) == 1
+    assert "--send must be AE@HOST:PORT" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), str(series[0].parent), "--send", f"PACS@127.0.0.1:{port}",
+                 "--no-progress"]) == 1  # nobody listens: the predictions stand, the failed send fails the run
+    err = capsys.readouterr().err
+    assert "3 of 3 DICOM result(s) not sent" in err and "cannot connect" in err and "Traceback" not in err
+    pacs = StoreSCP(port)
+    try:
+        out = tmp_path / "results"
+        assert main(["predict", str(run_dir), str(series[0].parent), "--send", f"PACS@127.0.0.1:{port}",
+                     "--dicom-out", str(out), "--no-progress"]) == 0
+    finally:
+        pacs.stop()
+    assert "3 DICOM result(s) sent to PACS@127.0.0.1:" in capsys.readouterr().err
+    assert sorted(str(ds.SOPClassUID) for ds in pacs.received) == ["1.2.840.10008.5.1.4.1.1.7"] * 2 + [
+        "1.2.840.10008.5.1.4.1.1.88.34"]
+    assert len(list(out.glob("*.dcm"))) == 3  # --dicom-out keeps them
+
+
+def test_web_app_receives_studies_by_stow_rs(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from test_web import PASSWORD, FakePredictor
+
+    from lungcad.web.app import create_app
+    from lungcad.web.db import open_database
+    from lungcad.web.security import add_user, create_token
+
+    data = tmp_path / "webdata"
+    _, sessions = open_database(None, data)
+    with sessions() as s:
+        token = create_token(s, add_user(s, "pacs", PASSWORD, "clinician"), "stow")
+        s.commit()
+    instances = [p.read_bytes() for p in ct_series(tmp_path / "ct", n=2)]
+    boundary = "lungcad-test-boundary"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + raw + b"\r\n"
+                    for raw in [*instances, b"not a DICOM file"]) + b"--" + boundary.encode() + b"--\r\n"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    with TestClient(create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor())) as client:
+        assert client.post("/api/dicomweb/studies", content=body, headers=headers).status_code == 401  # no token
+        r = client.post("/api/dicomweb/studies", content=body, headers={**headers, "Authorization": f"Bearer {token}"})
+        assert r.status_code == 202 and r.headers["content-type"].startswith("application/dicom+json")  # 2 of 3
+        answer = pydicom.Dataset.from_json(r.json())
+        assert [str(x.ReferencedSOPInstanceUID) for x in answer.ReferencedSOPSequence] == [
+            str(pydicom.dcmread(io.BytesIO(raw)).SOPInstanceUID) for raw in instances]
+        assert len(answer.FailedSOPSequence) == 1 and answer.FailedSOPSequence[0].FailureReason == 0xC000
+        studies = client.get("/api/studies", headers={"Authorization": f"Bearer {token}"}).json()
+        assert len(studies) == 2 and all(s["kind"] == "dicom" for s in studies)  # on the worklist, de-identified
+        r = client.post("/api/dicomweb/studies", content=b"x", headers={"Authorization": f"Bearer {token}",
+                                                                         "Content-Type": "application/dicom"})
+        assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json")
