@@ -8,28 +8,18 @@ import json
 import pytest
 import torch
 
+from conftest import TRAIN_FAST as FAST
+from conftest import copy_run
+
 from lungcad.cli import main
 from lungcad.models import load_model
-
-FAST = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--no-progress"]
 
 
 def _files(run):
     return sorted(p.name for p in run.iterdir())
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from conftest import make_dataset
-
-    root = tmp_path_factory.mktemp("cli")
-    data = make_dataset(root / "data")
-    run = root / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *FAST]) == 0
-    return data, run
-
-
-def test_train_writes_a_self_describing_run_folder(trained_run):
+def test_train_writes_a_self_describing_run_folder(trained_run):  # conftest: one epoch on make_dataset's default
     data, run = trained_run
     assert _files(run) == sorted([
         "config.json", "data.json", "history.csv", "init.json", "metrics.json", "model.json",
@@ -65,6 +55,7 @@ def test_train_writes_a_self_describing_run_folder(trained_run):
 
 def test_evaluate_reproduces_training_metrics(trained_run, capsys, tmp_path):
     data, run = trained_run
+    run = copy_run(run, tmp_path / "run")  # evaluate --data writes into the run folder
     assert main(["evaluate", str(run), "--out", str(tmp_path), "--no-progress"]) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
     saved = json.loads((run / "metrics.json").read_text())
