@@ -80,6 +80,7 @@ def soft_predictor(soft_run) -> Predictor:
 # --- the window is part of the contract ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_window_is_declared_in_the_contract_with_the_appearance_profile(tmp_path, caplog):
     data = make_dataset(tmp_path / "data")
     run = tmp_path / "run"
@@ -102,6 +103,7 @@ def test_train_window_is_declared_in_the_contract_with_the_appearance_profile(tm
     assert not (tmp_path / "r2").exists()
 
 
+@pytest.mark.slow  # three Predictor loads
 def test_window_round_trip(soft_predictor, soft_run, caplog):
     """A DICOM rendered at the contract's window looks like the training images; the same slice at
     the lung window (an override, warned about) is flagged as a different window."""
@@ -142,6 +144,7 @@ def test_cli_predict_window_override_warns(soft_run, tmp_path, caplog):
     assert row["ood"] == "True" and "rendered at a different window" in row["ood_reasons"]
 
 
+@pytest.mark.slow  # two Predictor loads
 def test_old_contract_without_window_or_appearance_loads(soft_run, tmp_path):
     old = tmp_path / "old"
     old.mkdir()

@@ -19,6 +19,7 @@ def _files(run):
     return sorted(p.name for p in run.iterdir())
 
 
+@pytest.mark.slow
 def test_train_writes_a_self_describing_run_folder(trained_run):  # conftest: one epoch on make_dataset's default
     data, run = trained_run
     assert _files(run) == sorted([
@@ -53,6 +54,7 @@ def test_train_writes_a_self_describing_run_folder(trained_run):  # conftest: on
     assert len(history) == 1 and float(history[0]["train_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_training_metrics(trained_run, capsys, tmp_path):
     data, run = trained_run
     run = copy_run(run, tmp_path / "run")  # evaluate --data writes into the run folder
@@ -65,6 +67,7 @@ def test_evaluate_reproduces_training_metrics(trained_run, capsys, tmp_path):
     assert main(["evaluate", str(run), "--data", str(data), "--no-progress"]) == 0
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     from conftest import make_dataset
 
@@ -90,6 +93,7 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 1  # finished: nothing to resume
 
 
+@pytest.mark.slow
 def test_binary_task(tmp_path):
     from conftest import make_dataset
 
@@ -146,6 +150,7 @@ def test_existing_out_is_refused(tmp_path, capsys):
     assert (tmp_path / "exists" / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_listed(tmp_path):
     from conftest import make_dataset
 
@@ -169,6 +174,7 @@ def test_audit_command(tmp_path, capsys):
     assert "malignant" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_extra_data_goes_to_training_only_and_is_recorded(tmp_path):
     import numpy as np
     from PIL import Image
@@ -197,6 +203,7 @@ def test_extra_data_goes_to_training_only_and_is_recorded(tmp_path):
 
 
 @pytest.mark.smoke
+@pytest.mark.slow
 def test_smoke_train_and_evaluate_on_a_slice_of_iqothnccd(tmp_path):
     """The real CLI on real CT slices: every 12th image of each class (some non-square, all JPEG)."""
     from conftest import IQOTH

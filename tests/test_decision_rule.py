@@ -31,6 +31,7 @@ def _set_contract(run: Path, thresholds: dict, operating_point: bool) -> None:
     path.write_text(json.dumps(c))
 
 
+@pytest.mark.slow  # predict and a CLI evaluate (1000 bootstrap resamples) per contract shape
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_predict_and_evaluate_agree(shape, tmp_path):
     task, thresholds, op = SHAPES[shape]

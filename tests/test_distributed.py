@@ -15,7 +15,7 @@ from torchvision.models import resnet50
 
 from lungcad.cli import main
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # torchrun: trains and predicts in 2 processes
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ def _batch(rng, n):
     return x, torch.from_numpy(labels), np.stack(images), np.stack(masks)
 
 
+@pytest.mark.slow
 def test_grad_cam_points_at_the_blob():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

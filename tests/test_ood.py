@@ -52,6 +52,7 @@ def predictor(tmp_path_factory) -> Predictor:
     return Predictor(make_run(tmp_path_factory.mktemp("ood") / "run", ood=(48, 24)))
 
 
+@pytest.mark.slow  # a detector fitted on 72 slices, then ~30 predictions
 def test_natural_images_blank_frames_and_mr_are_flagged(predictor):
     from pydicom.data import get_testdata_file
 
@@ -73,6 +74,7 @@ def test_natural_images_blank_frames_and_mr_are_flagged(predictor):
     assert min(p.ood_score for p in preds.values()) > np.median([p.ood_score for p in held_out])
 
 
+@pytest.mark.slow
 def test_training_stores_ood_in_contract_and_predict_reports_it(trained_run, tmp_path):
     run = trained_run.run
     contract = json.loads((run / "model.json").read_text())

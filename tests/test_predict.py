@@ -170,6 +170,7 @@ def test_unknown_engine_and_missing_model(run_dir, tmp_path):
         Predictor(empty)
 
 
+@pytest.mark.slow
 def test_cli_predict_csv_json_cam_and_exit_codes(run_dir, tmp_path, capsys):
     good = tmp_path / "good"
     good.mkdir()
@@ -315,6 +316,7 @@ def test_web_batcher_failure_reaches_every_caller():
         short.submit(1)
 
 
+@pytest.mark.slow
 def test_cli_dicom_out_writes_secondary_captures_for_dicom_inputs(run_dir, tmp_path, capsys):
     pydicom = pytest.importorskip("pydicom")
     pytest.importorskip("highdicom")

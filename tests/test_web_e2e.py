@@ -214,6 +214,7 @@ def _add_users(data_dir: Path, db: str | None) -> None:
 
 
 @pytest.mark.smoke
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_browser_flow(backend, trained_run, tmp_path, request):
     _needs_chromium()
@@ -237,6 +238,7 @@ def test_browser_flow(backend, trained_run, tmp_path, request):
         stop(proc)
 
 
+@pytest.mark.slow
 def test_postgres_api_flow_and_append_only_audit(postgres_server, tmp_path):
     """The httpx-level flow on PostgreSQL (fake predictor): migrations, feedback, triggers."""
     from fastapi.testclient import TestClient
