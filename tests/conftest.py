@@ -15,7 +15,17 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Tiny models on tiny images: one intra-op thread is about as fast as two on an idle machine and many
+# times faster on a busy one (OpenMP threads spin at every barrier for a sibling that the scheduler
+# gave to another process: a 64 px ResNet-50 forward pass took 4 s instead of 0.1 s on this project's
+# 2-core machines while a training job ran). LUNGCAD_TEST_THREADS=N overrides; the CLI subprocesses
+# the tests start inherit it through OMP_NUM_THREADS.
+TEST_THREADS = int(os.environ.get("LUNGCAD_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 SHARED_DATA = Path(os.environ.get("LUNGCAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 IQOTH = SHARED_DATA / "iqothnccd"
@@ -79,7 +89,6 @@ def make_run(run: Path, task: str = "multiclass", size: int = 64, *, pp=None, oo
     images for the appearance profile; `contract`: other ModelContract fields (temperature,
     thresholds). Seeded: the same arguments give the same model.
     """
-    import torch
 
     from lungcad.data.transforms import Preprocessing, prepare
     from lungcad.inference.appearance import fit_profile
