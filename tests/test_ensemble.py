@@ -21,7 +21,7 @@ from conftest import make_dataset
 from lungcad.cli import main
 from lungcad.data.dataset import load_cache
 from lungcad.evaluation.calibration import fit_operating_point
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import EnsembleOODDetector, load_ood_detector
 from lungcad.inference.predictor import Predictor
 from lungcad.models.contract import load_model

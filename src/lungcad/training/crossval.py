@@ -46,7 +46,7 @@ from lungcad.errors import LungcadError
 from lungcad.evaluation.bootstrap import attach_intervals, bootstrap_ci, weighted_metrics
 from lungcad.evaluation.calibration import fit_operating_point
 from lungcad.evaluation.metrics import classification_metrics, predict_labels
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import ensemble_ood_entry
 from lungcad.models.contract import CONTRACT_FILE, ModelContract, ensemble_sha256, load_model, read_contract
 from lungcad.models.factory import logits_to_probs, target_index

@@ -46,7 +46,7 @@ from lungcad.errors import LungcadError
 from lungcad.evaluation.calibration import fit_operating_point
 from lungcad.evaluation.metrics import classification_metrics, format_metrics
 from lungcad.inference.appearance import fit_profile
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import fit_ood
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.factory import (
