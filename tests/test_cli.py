@@ -139,6 +139,27 @@ def test_bad_inputs_give_one_line_errors_and_no_run_folder(tmp_path, capsys, mon
     assert not list((tmp_path / "torch").rglob("*.pth"))  # no partial download left behind
 
 
+@pytest.mark.parametrize("config, folds, message", [
+    (None, [], "cannot resume: run folder not found"),
+    ("{not json", [], "cannot resume: .*config.json: unreadable config.json"),
+    ({"out": "x"}, [], "cannot resume: .*config.json: unreadable config.json .*'data'"),
+    ({"data": "d", "out": "x"}, [], "cannot resume: no checkpoint.pt"),
+    ({"data": "d", "out": "x"}, ["--folds", "2"], "cannot resume cross-validation: config.json has no 'folds'"),
+    ({"data": "d", "out": "x", "folds": "two"}, ["--folds", "2"], "cannot resume cross-validation: .*'folds' is not"),
+])
+def test_resume_errors_are_one_line(tmp_path, capsys, config, folds, message):
+    """--resume reads the run folder through RunFolder: a missing, corrupt or incomplete one is a one-line error."""
+    import re
+
+    run = tmp_path / "run"
+    if config is not None:
+        run.mkdir()
+        (run / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    assert main(["train", "--resume", "--out", str(run), *folds, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
 def test_existing_out_is_refused(tmp_path, capsys):
     from conftest import make_dataset
 
