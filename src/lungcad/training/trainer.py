@@ -51,6 +51,7 @@ from lungcad.evaluation.metrics import classification_metrics, format_metrics
 from lungcad.inference.appearance import fit_profile
 from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import fit_ood
+from lungcad.models.bn_folding import FrozenTrunkView
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.factory import (
     configure_finetuning,
@@ -59,7 +60,6 @@ from lungcad.models.factory import (
     num_outputs,
     set_train_mode,
 )
-from lungcad.models.fusion import FrozenTrunkView
 from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import DataPlan, PreparedData, load_data, output_classes, plan_data
