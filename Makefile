@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine (see README):
 #   make main   install, then train + evaluate on the shared IQ-OTH/NCCD data
 #   make test   install, then run the test suite (all of it: what CI runs)
-#   make test-fast  the fast tier while developing (pytest -m "not slow", about 1-2 minutes)
+#   make test-fast  the fast tier while developing (pytest -m "not slow", about 70 s of CPU)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
