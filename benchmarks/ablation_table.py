@@ -6,7 +6,10 @@ malignant threshold cross-fitted (fitted on the other folds' out-of-fold predict
 intervals, and the paired difference in balanced accuracy against the first run given (the
 reference) and against the texture baseline on the same folds.
 
-    python benchmarks/ablation_table.py RUN_A RUN_B ... [--markdown] [--texture]
+With `--tta`, each run gets a second row with test-time flip averaging: the out-of-fold logits
+are recomputed by each member on its held-out fold, averaged over the image and its mirror.
+
+    python benchmarks/ablation_table.py RUN_A RUN_B ... [--texture] [--tta] [--json FILE]
 """
 
 from __future__ import annotations
@@ -20,15 +23,38 @@ import numpy as np
 import torch
 
 from lungcad.data.dataset import load_cache
+from lungcad.data.transforms import normalise
 from lungcad.evaluation.baselines import out_of_fold_baseline, texture_features
 from lungcad.evaluation.bootstrap import metrics_with_intervals, paired_difference
 from lungcad.evaluation.calibration import calibration_summary
+from lungcad.inference.engines import TorchEngine
+from lungcad.models.contract import load_model
 from lungcad.models.factory import target_index
 from lungcad.run import RunFolder
 from lungcad.training.crossval import cross_fitted
 
 
-def score(run_dir: Path) -> dict:
+def flip_tta_logits(run: RunFolder) -> np.ndarray:
+    """Out-of-fold logits with test-time flip averaging: each image's logits from the member that
+    never saw it, averaged over the image and its horizontal mirror (oof.csv's order)."""
+    oof = run.out_of_fold()
+    out = np.zeros_like(oof.logits, dtype=np.float64)
+    for fold in sorted(set(int(f) for f in oof.folds)):
+        model, contract = load_model(run.path / f"fold-{fold}")
+        engine, pp = TorchEngine(model), contract.preprocessing
+        idx = np.flatnonzero(oof.folds == fold)
+        cache, bad = load_cache([oof.paths[i] for i in idx], pp, progress=False)
+        if bad:
+            raise SystemExit(f"{bad[0][0]}: {bad[0][1]}")
+        for s in range(0, len(idx), 64):
+            x = normalise(cache[s : s + 64], pp)
+            plain, _ = engine.run(x)
+            flipped, _ = engine.run(torch.flip(x, dims=[-1]))
+            out[idx[s : s + 64]] = (plain + flipped) / 2
+    return out
+
+
+def score(run_dir: Path, tta: bool = False) -> dict:
     run = RunFolder(run_dir)
     contract = run.contract()
     oof = run.out_of_fold()
@@ -36,12 +62,13 @@ def score(run_dir: Path) -> dict:
     y = np.array([target_index(lab, classes, task) for lab in oof.labels])
     groups = np.array([f"{f}:{g}" for f, g in zip(oof.folds, oof.groups)])
     target = contract.training["operating_point"]["validation"]["target_sensitivity"]
-    probs, pred, _ = cross_fitted(torch.as_tensor(oof.logits, dtype=torch.float32), y, oof.folds, task, classes,
+    logits = flip_tta_logits(run) if tta else oof.logits
+    probs, pred, _ = cross_fitted(torch.as_tensor(logits, dtype=torch.float32), y, oof.folds, task, classes,
                                   target)
     m = metrics_with_intervals(y, probs, None, groups, classes, task, pred=pred)
     recipe = contract.training.get("recipe", {})
     seconds = [float(r["seconds"]) for member in run.members() for r in member.history()]
-    return {"run": run_dir.name, "recipe": recipe, "y": y, "probs": probs, "pred": pred, "groups": groups,
+    return {"run": run_dir.name + (" + flip TTA" if tta else ""), "recipe": recipe, "y": y, "probs": probs, "pred": pred, "groups": groups,
             "folds": oof.folds, "paths": oof.paths, "classes": classes, "task": task, "target": target,
             "metrics": m, "ece": calibration_summary(probs, y, task)["ece"],
             "train_minutes": sum(seconds) / 60.0, "pp": contract.preprocessing}
@@ -60,9 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--texture", action="store_true", help="add the texture baseline on the first run's folds")
+    ap.add_argument("--tta", action="store_true",
+                    help="add a row per run with test-time flip averaging (recomputes its out-of-fold logits)")
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
     args = ap.parse_args(argv)
-    rows = [score(r) for r in args.runs]
+    rows = []
+    for r in args.runs:
+        rows.append(score(r))
+        if args.tta:
+            rows.append(score(r, tta=True))
     ref = rows[0]
     header = ("| run | balanced accuracy | macro-F1 | malignant ROC-AUC | sensitivity / specificity | ECE | "
               "Δ bal. acc. vs first [95 % CI] | training min |")

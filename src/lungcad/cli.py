@@ -294,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     except LungcadError as exc:
         print(f"lungcad {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full or read-only disk under --out, a vanished file: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lungcad {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = {"train": f"; resume with: lungcad train --resume --out {getattr(args, 'out', '')}",
                 "predict": "; run the same command with --resume to continue" if getattr(args, "out", None) else ""

@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage, sparse
 
 from lungcad.data.discovery import Sample
-from lungcad.data.images import ImageReadError, decode_image
+from lungcad.data.images import ImageReadError, decode_image, read_regular_file
 from lungcad.errors import first_line
 from lungcad.utils import sha256_bytes
 
@@ -106,9 +106,9 @@ def scan_images(
             unreadable.append((path, earlier))
             continue
         try:
-            raw = path.read_bytes()  # one read serves the hash, the header and the pixels
-        except OSError as exc:
-            unreadable.append((path, f"cannot read file ({exc.strerror or exc})"))
+            raw = read_regular_file(path)  # one read serves the hash, the header and the pixels
+        except ImageReadError as exc:  # unreadable, a FIFO or device, or oversized
+            unreadable.append((path, _reason(exc)))
             continue
         try:
             pixels = decode_image(raw, colour="grey", name=path)

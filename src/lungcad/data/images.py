@@ -7,6 +7,8 @@ see exactly the same decoded values.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -16,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from lungcad.errors import LungcadError
 
 __all__ = [
-    "IMAGE_SUFFIXES", "MAX_ASPECT", "MAX_PIXELS", "MIN_SIDE", "ImageReadError", "check_min_side", "check_size",
-    "decode_image",
+    "IMAGE_SUFFIXES", "MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS", "MIN_SIDE", "ImageReadError", "check_min_side",
+    "check_size", "decode_image", "read_regular_file",
 ]
 
 # Size rules, one set for training, `lungcad predict` and the web app (the first two are checked
@@ -30,6 +32,9 @@ __all__ = [
 #   (`check_min_side`: a per-file error in predict, a rejected upload in the web app); training and
 #   the audit only skip what cannot be decoded at all.
 MAX_PIXELS = 40_000_000
+# - MAX_FILE_BYTES: what one input file may hold at all (a multi-frame DICOM series file can reach a
+#   few hundred MB); read_regular_file refuses more before reading it, and anything but a regular file.
+MAX_FILE_BYTES = 1 << 30
 MAX_ASPECT = 8
 MIN_SIDE = 32
 # Pillow's own guard is the backstop, above ours: every open in lungcad is followed by check_size,
@@ -43,6 +48,34 @@ class ImageReadError(LungcadError):
     """A file that cannot be decoded as an image."""
 
 
+def read_regular_file(path: str | Path, label: str | Path | None = None, limit: int = MAX_FILE_BYTES,
+                      error: type[ImageReadError] | None = None) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; `error` (ImageReadError) for anything else.
+
+    A FIFO named `.jpg` would block the reader forever and `/dev/zero` would fill the memory: the
+    file is opened without blocking (O_NONBLOCK) and its type and size checked on the open handle.
+    """
+    label = path if label is None else label
+    error = error or ImageReadError
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise error(f"cannot read file ({exc.strerror or exc})", label) from None
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise error("not a regular file (a FIFO, device or socket cannot be an image)", label)
+            if st.st_size > limit:
+                raise error(f"file too large ({st.st_size >> 20} MiB, limit {limit >> 20} MiB)", label)
+            raw = fh.read(limit + 1)  # + 1: a file that grew while being read is caught too
+        except OSError as exc:
+            raise error(f"cannot read file ({exc.strerror or exc})", label) from None
+    if len(raw) > limit:
+        raise error(f"file too large (over {limit >> 20} MiB)", label)
+    return raw
+
+
 def decode_image(data: bytes | Path | str, colour: str = "grey", name: str | Path | None = None) -> np.ndarray:
     """Decode an image file (or its bytes) to uint8 pixels: HxW for `grey`, HxWx3 for `rgb`; `auto`
     keeps what the file holds (HxW for greyscale modes, HxWx3 otherwise: prediction uses it to see
@@ -54,10 +87,7 @@ def decode_image(data: bytes | Path | str, colour: str = "grey", name: str | Pat
     if colour not in ("grey", "rgb", "auto"):
         raise ValueError(f"colour must be 'grey', 'rgb' or 'auto', not {colour!r}")
     label = name if name is not None else (data if isinstance(data, (str, Path)) else "<bytes>")
-    try:
-        raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
-    except OSError as exc:
-        raise ImageReadError(f"cannot read file ({exc.strerror or exc})", label) from None
+    raw = read_regular_file(data, label) if isinstance(data, (str, Path)) else data
     if not raw:
         raise ImageReadError("empty file (0 bytes)", label)
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungcad.data.images import MAX_PIXELS, ImageReadError, check_size
+from lungcad.data.images import MAX_PIXELS, ImageReadError, check_size, read_regular_file
 from lungcad.dicom.deid import safe_metadata
 from lungcad.errors import LungcadError, first_line
 from lungcad.inference.inputs import HEAD_BYTES, is_dicom  # the one file-type sniffer
@@ -52,6 +52,27 @@ _PLUGIN_FOR = {
 
 class DicomReadError(ImageReadError):
     """A DICOM file whose pixels cannot be used."""
+
+
+class _TracebacksToDebug(logging.Filter):
+    """pydicom logs every decoder plugin that fails with a full traceback at ERROR (`LOGGER.exception`).
+
+    Our caller gets one DicomReadError line naming the file instead; the tracebacks go to this
+    module's logger at DEBUG (shown with --verbose), not to stderr or the server log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            log.debug("pydicom: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+# A logger's filters see only records logged to it, not its children's: name the ones that log tracebacks.
+for _name in ("pydicom", "pydicom.pixels.decoders.base"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _TracebacksToDebug) for f in _logger.filters):
+        _logger.addFilter(_TracebacksToDebug())
 
 
 @dataclass
@@ -106,6 +127,29 @@ def _first(value, default=None):
         return value
 
 
+def _number(ds, keyword: str, default: float | None, label) -> float | None:
+    """A numeric (DS/IS) attribute as a finite float, `default` when absent; DicomReadError when unusable.
+
+    Read from the raw element: pydicom would raise its own ValueError (or warn) on a malformed value.
+    """
+    if keyword not in ds:
+        return default
+    try:
+        raw = ds[keyword].value
+    except (ValueError, TypeError, OverflowError) as exc:  # pydicom's own conversion of a malformed DS/IS
+        raise DicomReadError(f"invalid {keyword} ({first_line(exc, 80)})", label) from None
+    value = _first(raw)
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        return default
+    try:
+        number = float(value)
+    except (ValueError, TypeError, OverflowError):
+        raise DicomReadError(f"invalid {keyword} {str(value)[:32]!r} (not a number)", label) from None
+    if not np.isfinite(number):
+        raise DicomReadError(f"invalid {keyword} {str(value)[:32]!r} (not finite)", label)
+    return number
+
+
 def read_dicom(
     data: bytes | Path | str,
     name: str | Path | None = None,
@@ -121,10 +165,7 @@ def read_dicom(
     from pydicom.errors import InvalidDicomError
 
     label = name if name is not None else (data if isinstance(data, (str, Path)) else "<bytes>")
-    try:
-        raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
-    except OSError as exc:
-        raise DicomReadError(f"cannot read file ({exc.strerror or exc})", label) from None
+    raw = read_regular_file(data, label, error=DicomReadError) if isinstance(data, (str, Path)) else data
     if not is_dicom(raw[:HEAD_BYTES]):
         raise DicomReadError("not a DICOM file (no DICM magic at byte 128)", label)
     try:
@@ -154,7 +195,10 @@ def read_dicom(
     try:
         arr = ds.pixel_array  # YBR_* colour is converted to RGB by pydicom here
     except Exception as exc:  # pydicom raises many types for broken pixel data; all mean "unusable"
-        raise DicomReadError(f"cannot decode pixel data ({first_line(exc)})", label) from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        # "Unable to decode as exceptions were raised by all available plugins:" names them on the next line
+        reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+        raise DicomReadError(f"cannot decode pixel data ({reason[:200]})", label) from None
 
     colour = photometric in COLOUR
     if n_frames == 1:
@@ -169,17 +213,17 @@ def read_dicom(
             frames.append(frame if frame.dtype == np.uint8 else _minmax_to_uint8(frame))
         return DicomFrames(frames, metadata, None)
 
-    values = arr.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
-        getattr(ds, "RescaleIntercept", 0) or 0
-    )  # stored values -> Hounsfield units on CT (modality LUT as a linear rescale)
+    slope = _number(ds, "RescaleSlope", 1.0, label) or 1.0
+    intercept = _number(ds, "RescaleIntercept", 0.0, label)
+    values = arr.astype(np.float64) * slope + intercept  # stored values -> HU on CT (linear modality LUT)
     if window is not None:
         used = window
     elif metadata.get("Modality") == "CT":
         used = ct_window
     else:
-        centre, width = _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None))
-        if centre is not None and width is not None and float(width) > 0:
-            used = (float(centre), float(width))
+        centre, width = _number(ds, "WindowCenter", None, label), _number(ds, "WindowWidth", None, label)
+        if centre is not None and width is not None and width > 0:
+            used = (centre, width)
     for frame in values:
         grey = window_to_uint8(frame, *used) if used is not None else _minmax_to_uint8(frame)
         if photometric == "MONOCHROME1":

@@ -76,10 +76,9 @@ def predict_archive(
             rows = predictor.predict_paths(mine, batch_size=batch_size, progress=progress and ctx.is_main,
                                            cam_dir=cam_dir, workers=workers, series_rows=False, total=len(mine),
                                            dicom_out=dicom_out)
-            for k, pred in enumerate(rows):
+            for pred in rows:
                 fh.write(json.dumps(pred.to_row()) + "\n")
-                if k % batch_size == batch_size - 1:
-                    fh.flush()
+                fh.flush()  # every row as it is produced: a crash or a kill loses none of them
         barrier(ctx)
         if not ctx.is_main:
             return 0, 0

@@ -60,7 +60,9 @@ def _wanted_in_folder(path: Path) -> bool:
     if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
         return False
     if path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES:
-        return True
+        return True  # a FIFO or device named like an image is reported by the reader, not opened here
+    if path.exists() and not path.is_file():
+        return False  # an unnamed FIFO, device or socket: opening it to sniff could block forever
     try:
         with open(path, "rb") as fh:
             return sniff(fh.read(HEAD_BYTES)) is not None

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lungcad.data.images import check_min_side, decode_image
+from lungcad.data.images import check_min_side, decode_image, read_regular_file
 from lungcad.data.transforms import normalise, prepare
 from lungcad.dicom.reader import read_dicom
 from lungcad.dicom.writer import write_secondary_capture
@@ -122,10 +122,7 @@ class Predictor:
             path = Path(data)
             if path.is_dir():
                 raise LungcadError("is a folder (use predict_paths for folders)", label)
-            try:
-                raw = path.read_bytes()
-            except OSError as exc:
-                raise LungcadError(f"cannot read file ({exc.strerror or exc})", label) from None
+            raw = read_regular_file(path, label)  # no FIFO, device or oversized file
         else:
             raw = bytes(data)
         if not raw:

@@ -11,7 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lungcad.data.transforms import Preprocessing
@@ -20,7 +21,8 @@ from lungcad.models.factory import create_model, num_outputs
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
 __all__ = [
-    "CONTRACT_FILE", "CONTRACT_VERSION", "MODEL_FILE", "ModelContract", "ensemble_members", "ensemble_sha256", "load_model",
+    "CONTRACT_FILE", "CONTRACT_VERSION", "MODEL_FILE", "ModelContract", "canonical_safetensors", "ensemble_members",
+    "ensemble_sha256", "load_model",
     "parse_contract_file", "read_contract", "save_model",
 ]
 
@@ -81,12 +83,34 @@ class ModelContract:
         return cls(**known)
 
 
+def canonical_safetensors(blob: bytes) -> tuple[bytes, memoryview]:
+    """(header, tensor data) of the same safetensors file, its header metadata in sorted key order.
+
+    safetensors serialises `metadata` from a Rust HashMap, whose order changes from one process to
+    the next: the same weights would get a different sha256 (`model_sha256`) on every save.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if meta is not None:
+        header = {"__metadata__": dict(sorted(meta.items())), **header}  # tensors keep their (sorted) order
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment with spaces
+    return len(text).to_bytes(8, "little") + text, memoryview(blob)[8 + n :]
+
+
 def save_model(run_dir: str | Path, model: nn.Module, contract: ModelContract) -> None:
-    """Write model.safetensors then model.json (with the weights' sha256), each atomically."""
+    """Write model.safetensors then model.json (with the weights' sha256), each atomically.
+
+    The same weights always give the same bytes, hence the same sha256 (see canonical_safetensors).
+    """
     run_dir = Path(run_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(run_dir / MODEL_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"arch": contract.arch, "task": contract.task})
+    blob = safetensors_bytes(state, metadata={"arch": contract.arch, "task": contract.task})
+    header, data = canonical_safetensors(blob)
+    with atomic_path(run_dir / MODEL_FILE) as tmp, open(tmp, "wb") as fh:
+        fh.write(header)
+        fh.write(data)
     contract.model_sha256 = sha256_file(run_dir / MODEL_FILE)
     atomic_write_json(run_dir / CONTRACT_FILE, contract.to_dict())
 

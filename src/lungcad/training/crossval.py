@@ -58,7 +58,7 @@ from lungcad.models.contract import (
 from lungcad.models.factory import logits_to_probs, target_index
 from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
-from lungcad.training.data import output_classes
+from lungcad.training.data import check_two_classes, output_classes
 from lungcad.training.trainer import check_out_dir, train
 from lungcad.utils import atomic_write_json, atomic_write_text
 
@@ -122,6 +122,7 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False) -> dict:
     keep = sorted(i.index for i in infos)  # unreadable files are left out (train would skip them too)
     samples = [samples[i] for i in keep]
     labels = np.array([s.label for s in samples])
+    check_two_classes(list(labels), cfg.task, data)  # before the run folder appears
     groups = np.array([groups_all[i] for i in keep])
     splits = fold_splits(labels, groups, folds, cfg.val_fraction, cfg.seed)
     fold_of = np.zeros(len(samples), dtype=int)

@@ -24,7 +24,9 @@ from lungcad.errors import LungcadError
 from lungcad.models.factory import target_index
 from lungcad.training.config import TrainConfig
 
-__all__ = ["BINARY_CLASSES", "DataPlan", "PreparedData", "load_data", "output_classes", "plan_data"]
+__all__ = [
+    "BINARY_CLASSES", "DataPlan", "PreparedData", "check_two_classes", "load_data", "output_classes", "plan_data",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,16 @@ class PreparedData:
 
 def output_classes(task: str) -> list[str]:
     return list(BINARY_CLASSES) if task == "binary" else list(CLASSES)
+
+
+def check_two_classes(labels: list[str], task: str, where: str | Path) -> None:
+    """Refuse training data that holds one class of the task only: such a model could only ever answer that class."""
+    present = sorted({"malignant" if label == "malignant" else "not_malignant" for label in labels}
+                     if task == "binary" else set(labels))
+    if len(present) < 2:
+        raise LungcadError(
+            f"the training images hold one class only ({', '.join(present) or 'none'}); a {task} model needs "
+            f"at least two of {', '.join(output_classes(task))}", where)
 
 
 def plan_data(cfg: TrainConfig, split_file: Path | None, known: Mapping[Path, ImageInfo | str] | None = None) -> DataPlan:
@@ -103,6 +115,7 @@ def plan_data(cfg: TrainConfig, split_file: Path | None, known: Mapping[Path, Im
     for subset in ("train", "test"):
         if not any(r.subset == subset for r in rows):
             raise LungcadError(f"the {subset} subset is empty", split_file or data)
+    check_two_classes([r.label for r in rows if r.subset == "train"], cfg.task, split_file or data)
     if not any(r.subset == "val" for r in rows):  # cross-validation folds: the recipe fixes the epochs
         log.info("no validation subset: fixed %d epochs, no early stopping, no calibration in this run", cfg.epochs)
     fingerprint = hashlib.sha256()

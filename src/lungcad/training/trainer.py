@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import signal
 import tempfile
 import time
@@ -52,7 +53,7 @@ from lungcad.inference.appearance import fit_profile
 from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import fit_ood
 from lungcad.models.bn_folding import FrozenTrunkView
-from lungcad.models.contract import ModelContract, save_model
+from lungcad.models.contract import CONTRACT_FILE, ModelContract, save_model
 from lungcad.models.factory import (
     configure_finetuning,
     create_model,
@@ -204,8 +205,17 @@ def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = No
     `known`: a scan of the data already made (`grouping.scan_results`; cross-validation's folds).
     """
     ctx = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    started_here = not resume and not out.exists()
     try:
         return _train(ctx, cfg, resume, resume_epochs, known)
+    except BaseException:
+        # A run that failed (disk full, Ctrl-C, a crash) before its first checkpoint could neither be
+        # resumed nor rerun with the same --out: leave nothing behind. With a checkpoint, keep it for --resume.
+        if started_here and ctx.is_main and out.is_dir() and not (out / "checkpoint.pt").exists() \
+                and not (out / CONTRACT_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutdown(ctx)
 

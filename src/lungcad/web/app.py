@@ -1,8 +1,9 @@
 """FastAPI application: server-rendered pages for clinicians plus a JSON REST API for PACS-side scripts.
 
 `create_app(run_dir, data_dir=..., db=...)` builds the app; `lungcad serve` runs it under uvicorn.
-Everything except /login, /health and /static requires a signed-in user (session cookie, HttpOnly,
-SameSite=Lax, CSRF token on every form) or an API token (`Authorization: Bearer lcd_...`).
+Everything except /login, /health and /static requires a signed-in user (a server-side session
+with idle timeout and absolute lifetime, its id in an HttpOnly SameSite=Lax cookie, CSRF token on
+every form) or an unexpired, unrevoked API token (`Authorization: Bearer lcd_...`).
 
 Layout (FastAPI's "bigger applications"): `create_app` builds the app state, error handlers and
 middleware and includes the routers of `lungcad.web.routes` (auth, pages, admin, api); the
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
@@ -31,16 +32,17 @@ from starlette.middleware.sessions import SessionMiddleware
 import lungcad
 from lungcad.errors import LungcadError
 from lungcad.web import service
-from lungcad.web.db import open_database
+from lungcad.web.db import open_database, private_dir
 from lungcad.web.deps import AuthRequired, Settings
 from lungcad.web.routes import admin, api, auth, pages
-from lungcad.web.security import load_secret
+from lungcad.web.security import SessionPolicy, load_secret
+from lungcad.web.throttle import BackoffPolicy
 
 __all__ = [
     "DISCLAIMER",
+    "HSTS",
     "MAX_REQUEST_BYTES",
     "SECURITY_HEADERS",
-    "SESSION_HOURS",
     "LimitBody",
     "SecurityHeaders",
     "create_app",
@@ -50,7 +52,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
-SESSION_HOURS = 12  # a clinical shift; then sign in again
+# Sent on responses over HTTPS (directly, or from a proxy uvicorn trusts to say so in X-Forwarded-Proto)
+# and whenever --secure-cookies says the site is served over HTTPS. No includeSubDomains: other hosts
+# of a hospital's domain are not ours to decide for.
+HSTS = ("strict-transport-security", "max-age=31536000")
 MAX_REQUEST_BYTES = 256 * 1024 * 1024  # whole request body (several files in one upload form)
 DISCLAIMER = (
     "Decision support only, not a diagnosis: the result must be reviewed by a qualified clinician "
@@ -110,18 +115,20 @@ class SecurityHeaders:
     extra task and queue, a measurable cost per request under load.
     """
 
-    def __init__(self, app: Any):
-        self.app = app
+    def __init__(self, app: Any, always_https: bool = False):
+        self.app, self.always_https = app, always_https
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
+        self.https_headers = [*self.headers, (HSTS[0].encode("latin-1"), HSTS[1].encode("latin-1"))]
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = self.https_headers if self.always_https or scope.get("scheme") == "https" else self.headers
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                missing = [(k, v) for k, v in self.headers if k not in present]
+                missing = [(k, v) for k, v in headers if k not in present]
                 message["headers"] = [*message.get("headers", []), *missing]
             await send(message)
 
@@ -145,13 +152,17 @@ def create_app(
     db: str | None = None,
     predictor: service.PredictorLike | None = None,
     secure_cookies: bool = False,
+    session_policy: SessionPolicy | None = None,
+    backoff: BackoffPolicy | None = None,
 ) -> FastAPI:
     """The web application for one model (run folder), with its database and data folder.
 
     `predictor` defaults to lungcad.inference.predictor.Predictor(run_dir); tests inject a fake.
+    `session_policy` (idle timeout, lifetime) and `backoff` (failed sign-ins) default to their dataclasses' defaults.
     """
-    settings = Settings(Path(run_dir), Path(data_dir), db, secure_cookies)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(Path(run_dir), Path(data_dir), db, secure_cookies,
+                        session_policy or SessionPolicy(), backoff or BackoffPolicy())
+    private_dir(settings.data_dir)
     if predictor is None:
         from lungcad.inference.predictor import Predictor
 
@@ -172,14 +183,15 @@ def create_app(
     templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__)
     app.state.settings, app.state.engine, app.state.sessions, app.state.store = settings, engine, session_factory, store
     app.state.templates = templates
-    app.state.login_failures = defaultdict(deque)  # (user name, client) -> failure times: see routes.auth
 
-    app.add_middleware(SecurityHeaders)
-    # Added last = outermost: the size cap applies before anything parses the body.
+    app.add_middleware(SecurityHeaders, always_https=secure_cookies)
+    # The signed cookie only carries the session id and the CSRF token; the login_sessions row decides
+    # whether the session is alive (web.security.user_for_session), so its max_age is just an upper bound.
     app.add_middleware(
-        SessionMiddleware, secret_key=secret, session_cookie="lungcad_session", max_age=SESSION_HOURS * 3600,
-        same_site="lax", https_only=secure_cookies,
+        SessionMiddleware, secret_key=secret, session_cookie="lungcad_session",
+        max_age=settings.session_policy.hours * 3600, same_site="lax", https_only=secure_cookies,
     )
+    # Added last = outermost: the size cap applies before anything parses the body.
     app.add_middleware(LimitBody, limit=MAX_REQUEST_BYTES)
 
     app.add_exception_handler(AuthRequired, _auth_required)
@@ -187,6 +199,8 @@ def create_app(
     app.add_exception_handler(LungcadError, _input_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(SQLAlchemyTimeout, _busy)
+    app.add_exception_handler(OperationalError, _storage_unavailable)
+    app.add_exception_handler(OSError, _storage_unavailable)
     app.add_exception_handler(Exception, _server_error)
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -201,7 +215,7 @@ def create_app(
 
 HTTP_TITLES = {400: "Bad request", 401: "Not signed in", 403: "Forbidden", 404: "Not found",
                405: "Method not allowed", 413: "Too large", 415: "Unsupported file", 422: "Unusable input",
-               429: "Too many attempts"}
+               429: "Too many attempts", 503: "Unavailable"}
 
 
 async def _auth_required(request: Request, exc: AuthRequired) -> Response:
@@ -239,6 +253,21 @@ async def _busy(request: Request, exc: SQLAlchemyTimeout) -> Response:
     else:
         resp = _error_page(request, 503, "Busy", "The server is overloaded: please retry in a moment.")
     resp.headers["Retry-After"] = "5"
+    return resp
+
+
+async def _storage_unavailable(request: Request, exc: Exception) -> Response:
+    """A full or read-only data folder or database: 503 with the reason, not a 500 (other OSErrors are bugs)."""
+    reason = service.storage_problem(exc)
+    if reason is None:
+        return await _server_error(request, exc)
+    log.error("storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+    detail = f"Nothing was saved: {reason}. Tell the administrator; /health shows the state."
+    if is_api(request):
+        resp = problem(503, "Storage unavailable", detail)
+    else:
+        resp = _error_page(request, 503, "Storage unavailable", detail)
+    resp.headers["Retry-After"] = "60"
     return resp
 
 

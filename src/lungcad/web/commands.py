@@ -32,7 +32,13 @@ def add_web_commands(sub: argparse._SubParsersAction, add_common: Callable[[argp
     p.add_argument("run", metavar="RUNDIR", help="trained run folder (model.json + model.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--secure-cookies", action="store_true", help="mark the session cookie Secure (behind HTTPS)")
+    p.add_argument("--secure-cookies", action="store_true",
+                   help="served over HTTPS: mark the cookies Secure and send Strict-Transport-Security")
+    # Defaults: lungcad.web.security.SessionPolicy (30 min idle, 12 h lifetime).
+    p.add_argument("--session-idle-minutes", type=int, default=30, metavar="MIN",
+                   help="end a sign-in after this many minutes without a request (default 30)")
+    p.add_argument("--session-hours", type=int, default=12, metavar="H",
+                   help="end a sign-in this many hours after it started, active or not (default 12: a shift)")
     _db_args(p)
     add_common(p)
 
@@ -47,6 +53,7 @@ def add_web_commands(sub: argparse._SubParsersAction, add_common: Callable[[argp
     q = users.add_parser("token", help="create an API token for a user (printed once)")
     q.add_argument("name")
     q.add_argument("--label", default="script", help="what the token is for")
+    q.add_argument("--days", type=int, default=90, help="days until the token expires (1-365, default 90)")
     _db_args(q)
     add_common(q)
 
@@ -72,8 +79,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lungcad.web.app import create_app
+    from lungcad.web.security import SessionPolicy
 
-    app = create_app(args.run, data_dir=args.data_dir, db=args.db, secure_cookies=args.secure_cookies)
+    policy = SessionPolicy(idle_minutes=args.session_idle_minutes, hours=args.session_hours)
+    app = create_app(args.run, data_dir=args.data_dir, db=args.db, secure_cookies=args.secure_cookies,
+                     session_policy=policy)
     log.info("serving on http://%s:%d (data folder %s)", args.host, args.port, Path(args.data_dir).resolve())
     # One process: the model is loaded once and inference is serialised anyway (2-core CPU machines).
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False, server_header=False)
@@ -112,7 +122,7 @@ def cmd_users(args: argparse.Namespace) -> int:
             user = session.scalar(select(User).where(User.username == args.name))
             if user is None:
                 raise LungcadError(f"no user {args.name!r}")
-            token = create_token(session, user, args.label)
+            token = create_token(session, user, args.label, days=args.days)
             session.commit()
             print(token)
     return 0

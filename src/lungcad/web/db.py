@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,17 @@ __all__ = [
     "AuditEvent",
     "Base",
     "Feedback",
+    "LoginSession",
+    "LoginThrottle",
     "Study",
     "User",
+    "as_utc",
     "audit",
     "database_url",
     "make_db_engine",
     "new_id",
     "open_database",
+    "private_dir",
     "utcnow",
 ]
 
@@ -53,6 +58,11 @@ ROLES = ("clinician", "admin")
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A stored timestamp as an aware UTC datetime (SQLite hands them back naive; all are written in UTC)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
 def new_id() -> str:
@@ -82,7 +92,33 @@ class ApiToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # never the token itself
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))  # refused from then on
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # ~1 min
     user: Mapped[User] = relationship()
+
+
+class LoginSession(Base):
+    """A signed-in browser. The session cookie carries a random id; only its sha256 is stored here.
+
+    Deleting the row ends the session at once (sign-out, password change, account deactivated),
+    whatever copies of the cookie exist.
+    """
+
+    __tablename__ = "login_sessions"
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)  # absolute lifetime
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)  # idle timeout
+    user: Mapped[User] = relationship()
+
+
+class LoginThrottle(Base):
+    """Recent failed sign-ins of one key (a client address, an account or a trusted device); see web.throttle."""
+
+    __tablename__ = "login_throttle"
+    key: Mapped[str] = mapped_column(String(160), primary_key=True)  # "ip:<address>", "user:<name>", "device:<id>"
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class Study(Base):
@@ -206,11 +242,49 @@ def make_db_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def private_dir(path: str | Path) -> Path:
+    """Create `path` (and parents) readable by the owner only (0700); an existing folder of ours is tightened.
+
+    The data folder holds patient images, the database and the session secret.
+    """
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _owner_only(path, 0o700)
+    return path
+
+
+def _owner_only(path: Path, mode: int) -> None:
+    try:
+        st = path.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.chmod(path, mode)
+    except (OSError, AttributeError):  # not ours to change, or no POSIX permissions (Windows): leave it
+        pass
+
+
+def _private_sqlite_file(url: str) -> None:
+    """The SQLite file (and its WAL/SHM files, which SQLite creates with the database's mode) at 0600."""
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # created empty, owner-only, before SQLite opens it
+    except OSError:
+        return  # SQLite will report it with a clear message
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists():
+            _owner_only(p, 0o600)
+
+
 def open_database(db: str | None, data_dir: str | Path, upgrade: bool = True) -> tuple[Engine, sessionmaker[Session]]:
-    """Connect (creating the data folder for SQLite) and bring the schema up to date with Alembic."""
+    """Connect (creating the data folder and the SQLite file owner-only) and bring the schema up to date."""
     url = database_url(db, data_dir)
     if url.startswith("sqlite"):
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        if not db:
+            private_dir(data_dir)
+        _private_sqlite_file(url)
     engine = make_db_engine(url)
     if upgrade:
         from lungcad.web.migrate import upgrade_database

@@ -1,15 +1,18 @@
 """FastAPI dependencies of the web app: database session, current user, role checks, CSRF, app state.
 
 Everything per application lives on `app.state` (set by `lungcad.web.app.create_app`): `settings`,
-`sessions` (the SQLAlchemy session factory), `store` (files + predictor), `templates`,
-`login_failures`. The dependencies below read it from the request, so the routers in
-`lungcad.web.routes` hold no state of their own.
+`sessions` (the SQLAlchemy session factory), `store` (files + predictor), `templates`. The
+dependencies below read it from the request, so the routers in `lungcad.web.routes` hold no state
+of their own.
+
+Sign-ins are server-side: the signed session cookie carries a random session id (`sid`) and the
+CSRF token; the `login_sessions` row behind the id is what makes it valid (see web.security).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated aliases below at runtime.
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +24,8 @@ from starlette.exceptions import HTTPException
 
 from lungcad.web import service
 from lungcad.web.db import Feedback, Study, User
-from lungcad.web.security import csrf_ok, new_csrf_token, user_for_token
+from lungcad.web.security import SessionPolicy, csrf_ok, new_csrf_token, user_for_session, user_for_token
+from lungcad.web.throttle import BackoffPolicy
 
 __all__ = [
     "DB",
@@ -53,6 +57,8 @@ class Settings:
     data_dir: Path
     db: str | None = None
     secure_cookies: bool = False  # set behind HTTPS so the session cookie is never sent in clear
+    session_policy: SessionPolicy = field(default_factory=SessionPolicy)  # idle timeout, absolute lifetime
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)  # failed sign-ins (web.throttle)
 
 
 class AuthRequired(Exception):
@@ -106,11 +112,11 @@ def _lookup_user(request: Request, session: Session) -> User | None:
             raise HTTPException(401, "invalid or revoked API token")
         request.state.via_token = True
         return user
-    uid = request.session.get("uid")
-    if uid is None:
+    sid = request.session.get("sid")
+    if not isinstance(sid, str):
         return None
-    user = session.get(User, uid)
-    if user is None or not user.active:
+    user = user_for_session(session, sid, request.app.state.settings.session_policy)
+    if user is None:  # signed out, expired, or ended by a password change or an administrator
         request.session.clear()
         return None
     request.state.via_token = False

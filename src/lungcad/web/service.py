@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +16,13 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, selectinload
 
 from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 from lungcad.web.batcher import MicroBatcher
-from lungcad.web.db import Feedback, Study, User, audit, new_id
+from lungcad.web.db import Feedback, Study, User, audit, new_id, private_dir
 from lungcad.web.uploads import check_upload, deidentify_upload
 
 __all__ = [
@@ -36,6 +40,8 @@ __all__ = [
     "pilot_stats",
     "process_upload",
     "record_upload",
+    "storage_health",
+    "storage_problem",
     "study_dict",
     "validate_feedback",
     "wilson",
@@ -77,7 +83,7 @@ class Store:
         workers, threads = inference_workers()
         self.batcher = MicroBatcher(self._predict_batch, workers=workers, init_worker=lambda: _set_torch_threads(threads))
         for sub in ("images", "dicom", "explain"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(self.root / sub)
 
     def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[Any]:
         # Preparation (torch resize) runs here too, under the worker's thread setting: request
@@ -148,12 +154,15 @@ def process_upload(session: Session, store: Store, user: User, raw: bytes, batch
     # Files first, while other uploads' forward pass runs: after its own prediction a request only
     # has the database rows left to write (shorter turn-around, so batches fill up).
     image_file = f"images/{study_id}.png"
-    _write_png(store.path(image_file), pixels)
-    dicom_file = None
-    if dicom_bytes is not None:
-        dicom_file = f"dicom/{study_id}.dcm"
-        with atomic_path(store.path(dicom_file)) as tmp:
-            tmp.write_bytes(dicom_bytes)
+    dicom_file = f"dicom/{study_id}.dcm" if dicom_bytes is not None else None
+    try:
+        _write_png(store.path(image_file), pixels)
+        if dicom_file is not None:
+            with atomic_path(store.path(dicom_file)) as tmp:
+                tmp.write_bytes(dicom_bytes)
+    except BaseException:  # e.g. the disk filled up between the two files: leave neither behind
+        discard_files(store, image_file, dicom_file)
+        raise
     try:
         prediction = store.predict(pixels, label)
     except BaseException:
@@ -193,7 +202,39 @@ def record_upload(session: Session, store: Store, user: User, raw: bytes, batch_
 def discard_files(store: Store, *relative: str | None) -> None:
     for rel in relative:
         if rel:
-            store.path(rel).unlink(missing_ok=True)
+            try:
+                store.path(rel).unlink(missing_ok=True)
+            except OSError:  # a read-only folder cannot have had the file written either
+                log.warning("could not remove %s", rel)
+
+
+# errno values that mean "this storage cannot take writes now", as opposed to a bug
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """A one-line reason if `exc` means the data folder or the database cannot be written; else None."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return f"the data folder cannot be written ({os.strerror(exc.errno)})"
+    if isinstance(exc, OperationalError):
+        return "the database cannot be written or reached (full, read-only or down)"
+    return None
+
+
+def storage_health(data_dir: Path, min_free_bytes: int = 64 * 1024 * 1024) -> str:
+    """'ok', or why the data folder cannot take uploads (read-only, not writable, nearly full)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".health.", dir=data_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"not writable ({os.strerror(exc.errno) if exc.errno else exc})"
+    try:
+        st = os.statvfs(data_dir)
+    except (OSError, AttributeError):  # no statvfs (Windows): the write probe above has to do
+        return "ok"
+    free = st.f_bavail * st.f_frsize
+    return "ok" if free >= min_free_bytes else f"nearly full ({free // 1024 // 1024} MiB free)"
 
 
 def _float(x: Any) -> float | None:

@@ -1,4 +1,4 @@
-"""Administrators' pages: pilot dashboard with feedback CSV, audit log, user management."""
+"""Administrators' pages: pilot dashboard with feedback CSV, audit log, user management (accounts, API tokens)."""
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
@@ -7,13 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
 from lungcad.web import service
-from lungcad.web.db import ROLES, AuditEvent, User, audit
+from lungcad.web.db import ROLES, ApiToken, AuditEvent, User, audit, utcnow
 from lungcad.web.deps import DB, AdminUser, StoreDep, check_csrf, page
-from lungcad.web.security import add_user
+from lungcad.web.security import add_user, end_user_sessions
 
 __all__ = ["router"]
 
@@ -42,10 +43,19 @@ def audit_page(request: Request, session: DB, user: AdminUser, action: str = "",
     return page(request, "audit.html", user, events=list(session.scalars(q)), action=action)
 
 
+def _users_page(request: Request, session: DB, user: User, error: str = "", code: int = 200) -> HTMLResponse:
+    # Every account's live tokens, so an administrator can revoke anyone's (routes.pages.revoke_token_form).
+    tokens = session.scalars(
+        select(ApiToken).where(ApiToken.revoked.is_(False), ApiToken.expires_at > utcnow())
+        .options(selectinload(ApiToken.user)).order_by(ApiToken.user_id, ApiToken.id)
+    )
+    return page(request, "users.html", user, users=list(session.scalars(select(User).order_by(User.username))),
+                roles=ROLES, error=error, tokens=list(tokens), code=code)
+
+
 @router.get("/users", response_class=HTMLResponse, include_in_schema=False)
 def users_page(request: Request, session: DB, user: AdminUser, error: str = "") -> HTMLResponse:
-    return page(request, "users.html", user, users=list(session.scalars(select(User).order_by(User.username))),
-                roles=ROLES, error=error)
+    return _users_page(request, session, user, error)
 
 
 @router.post("/users", include_in_schema=False)
@@ -57,8 +67,7 @@ def users_add(request: Request, session: DB, user: AdminUser, username: Annotate
         add_user(session, username, password, role, actor=user)
     except LungcadError as exc:
         session.rollback()
-        return page(request, "users.html", user, users=list(session.scalars(select(User).order_by(User.username))),
-                    roles=ROLES, error=str(exc), code=422)
+        return _users_page(request, session, user, str(exc), code=422)
     session.commit()
     return RedirectResponse("/users", status_code=303)
 
@@ -73,6 +82,8 @@ def users_active(request: Request, session: DB, user: AdminUser, user_id: int, a
     if other.id == user.id:
         raise HTTPException(400, "you cannot deactivate your own account")
     other.active = active == "yes"
-    audit(session, "user_active" if other.active else "user_deactivate", user, target=other.username)
+    ended = 0 if other.active else end_user_sessions(session, other.id)  # signed out everywhere, at once
+    audit(session, "user_active" if other.active else "user_deactivate", user, target=other.username,
+          sessions_ended=ended)
     session.commit()
     return RedirectResponse("/users", status_code=303)

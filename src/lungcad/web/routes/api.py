@@ -7,25 +7,29 @@ problem documents (see lungcad.web.app).
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
+import os
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import text
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import select, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import selectinload, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import lungcad
 from lungcad.errors import LungcadError
 from lungcad.web import service
-from lungcad.web.db import Study, User
-from lungcad.web.deps import DB, CurrentUser, Sessions, StoreDep, check_csrf, get_study
+from lungcad.web.db import ApiToken, Study, User, as_utc, audit, utcnow
+from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study
+from lungcad.web.routes.pages import owned_token
+from lungcad.web.security import revoke_token
 from lungcad.web.uploads import MAX_UPLOAD_BYTES
 
-__all__ = ["FeedbackIn", "router"]
+__all__ = ["FeedbackIn", "router", "token_dict"]
 
 router = APIRouter()
 
@@ -39,11 +43,24 @@ class FeedbackIn(BaseModel):
     usability: int | None = Field(None, ge=1, le=5, description="rating of the tool, 1 (poor) to 5 (good)")
 
 
-@router.get("/health", tags=["meta"])
-def health(session: DB, store: StoreDep) -> dict:
-    """Liveness and readiness: the database answers and the model is loaded (no authentication)."""
-    session.execute(text("SELECT 1"))
-    return {"status": "ok", "version": lungcad.__version__, "model_sha256": store.model_sha256}
+@router.get("/health", tags=["meta"], responses={503: {"description": "degraded: see `database` and `data_dir`"}})
+def health(session: DB, store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    """Liveness and readiness (no authentication): the database answers and, for SQLite, can be written;
+    the data folder can be written and has room; the model is loaded. 503 with the reasons when degraded."""
+    try:
+        session.execute(text("SELECT 1"))
+        database = "ok"
+        if session.get_bind().dialect.name == "sqlite":
+            path = session.get_bind().url.database or ""
+            if path and not os.access(path, os.W_OK):
+                database = "read-only"
+    except SQLAlchemyError as exc:
+        database = f"unavailable ({type(exc).__name__})"
+    data_dir = service.storage_health(settings.data_dir)
+    ok = database == "ok" and data_dir == "ok"
+    body = {"status": "ok" if ok else "degraded", "version": lungcad.__version__,
+            "model_sha256": store.model_sha256, "database": database, "data_dir": data_dir}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/openapi.json", include_in_schema=False)
@@ -64,8 +81,10 @@ def _api_store(sessions: sessionmaker, store: service.Store, user: User, raw: by
     with sessions() as session:  # its own session: see routes.pages._store_one
         try:
             study = service.record_upload(session, store, user, raw, secrets.token_hex(8), "file")
-        except LungcadError:
+        except LungcadError as exc:
             session.rollback()
+            audit(session, "upload_rejected", user, reason=str(exc)[:200], via="api")
+            session.commit()
             raise
         return service.study_dict(study)
 
@@ -93,7 +112,40 @@ def api_studies(session: DB, user: CurrentUser, status: str = "all", limit: int 
 
 @router.get("/api/studies/{study_id}", tags=["api"])
 def api_study(session: DB, user: CurrentUser, study_id: str) -> dict:
-    return service.study_dict(get_study(session, study_id), with_feedback=True)
+    study = get_study(session, study_id)
+    audit(session, "study_view", user, target=study.id, via="api")  # who looked at which patient's image
+    session.commit()
+    return service.study_dict(study, with_feedback=True)
+
+
+def token_dict(token: ApiToken) -> dict:
+    """An API token's record (never the token itself: only its sha256 is stored)."""
+    expires = as_utc(token.expires_at)
+    return {"id": token.id, "user": token.user.username, "name": token.name,
+            "created_at": as_utc(token.created_at).isoformat(), "expires_at": expires.isoformat(),
+            "last_used_at": as_utc(token.last_used_at).isoformat() if token.last_used_at else None,
+            "revoked": token.revoked, "expired": expires <= utcnow()}
+
+
+@router.get("/api/tokens", tags=["api"])
+def api_tokens(session: DB, user: CurrentUser, everyone: Annotated[bool, Query(alias="all")] = False) -> list[dict]:
+    """The caller's API tokens, newest first; `all=true`: everyone's (administrators only)."""
+    q = select(ApiToken).options(selectinload(ApiToken.user)).order_by(ApiToken.id.desc())
+    if everyone:
+        if user.role != "admin":
+            raise HTTPException(403, "administrators only")
+    else:
+        q = q.where(ApiToken.user_id == user.id)
+    return [token_dict(t) for t in session.scalars(q)]
+
+
+@router.delete("/api/tokens/{token_id}", status_code=204, tags=["api"])
+def api_revoke_token(request: Request, session: DB, user: CurrentUser, token_id: int) -> Response:
+    """Revoke an API token: one's own, or anyone's for an administrator. It gets 401 from then on."""
+    check_csrf(request, None)
+    revoke_token(session, owned_token(session, user, token_id), user)
+    session.commit()
+    return Response(status_code=204)
 
 
 @router.get("/api/me", tags=["api"])

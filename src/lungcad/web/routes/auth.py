@@ -1,21 +1,18 @@
-"""Sign-in and sign-out (session cookie; new session and CSRF token on every sign-in)."""
+"""Sign-in and sign-out: server-side sessions, persisted back-off on failed sign-ins (see web.throttle)."""
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from starlette.exceptions import HTTPException
 
-from lungcad.web.db import audit
+from lungcad.web import throttle
+from lungcad.web.db import audit, utcnow
 from lungcad.web.deps import DB, CurrentUser, check_csrf, page
-from lungcad.web.security import authenticate, new_csrf_token
+from lungcad.web.security import authenticate, end_session, new_csrf_token, start_session
 
-__all__ = ["LOGIN_MAX_FAILURES", "LOGIN_WINDOW_S", "router", "safe_next"]
-
-LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300, 10  # per user name and client: slows password guessing
+__all__ = ["router", "safe_next"]
 
 router = APIRouter()
 
@@ -39,31 +36,46 @@ def login(
     next: Annotated[str, Form()] = "/",
 ) -> Response:
     check_csrf(request, csrf_token)
-    key = (username.lower(), request.client.host if request.client else "")
-    recent = request.app.state.login_failures[key]  # this app's failures, in memory
-    now = time.monotonic()
-    while recent and now - recent[0] > LOGIN_WINDOW_S:
-        recent.popleft()
-    if len(recent) >= LOGIN_MAX_FAILURES:
-        raise HTTPException(429, "too many failed sign-ins: wait a few minutes")
+    settings, secret = request.app.state.settings, request.app.state.store.secret
+    policy, now = settings.backoff, utcnow()
+    device = throttle.device_id(secret, request.cookies.get(throttle.DEVICE_COOKIE), username, policy)
+    keys = throttle.keys_for(request.client.host if request.client else "", username, device, policy)
+    wait = throttle.retry_after(session, keys, policy, now)
+    if wait:
+        # Not checked and not audited row by row: a client hammering the form must not fill the audit log.
+        session.rollback()
+        resp = page(request, "login.html", None, code=429, next=safe_next(next),
+                    error=f"Too many failed sign-ins: try again in {wait} s.")
+        resp.headers["Retry-After"] = str(wait)
+        return resp
+    # Counted before the password is checked, committed at once: parallel guesses are all counted.
+    throttle.record_attempt(session, keys, policy, now)
+    session.commit()
     user = authenticate(session, username, password)
     if user is None:
-        recent.append(now)
         audit(session, "login_failed", None, username=username[:64])
         session.commit()
         return page(request, "login.html", None, code=401, error="Wrong user name or password.",
                     next=safe_next(next))
-    recent.clear()
-    request.session.clear()  # new session on sign-in (no fixation); new CSRF token with it
-    request.session.update({"uid": user.id, "csrf": new_csrf_token()})
+    throttle.succeeded(session, keys)
+    sid = start_session(session, user)
     audit(session, "login", user)
     session.commit()
-    return RedirectResponse(safe_next(next), status_code=303)
+    request.session.clear()  # new session on sign-in (no fixation); new CSRF token with it
+    request.session.update({"sid": sid, "csrf": new_csrf_token()})
+    resp = RedirectResponse(safe_next(next), status_code=303)
+    # This browser may now sign in to this account past an account-wide back-off (its own counter applies).
+    resp.set_cookie(throttle.DEVICE_COOKIE, throttle.device_cookie(secret, user.username),
+                    max_age=policy.device_days * 86400, path="/login", httponly=True, samesite="strict",
+                    secure=settings.secure_cookies)
+    return resp
 
 
 @router.post("/logout", include_in_schema=False)
 def logout(request: Request, session: DB, user: CurrentUser, csrf_token: Annotated[str, Form()] = "") -> Response:
     check_csrf(request, csrf_token)
+    if sid := request.session.get("sid"):
+        end_session(session, sid)  # copies of the cookie stop working too
     audit(session, "logout", user)
     session.commit()
     request.session.clear()

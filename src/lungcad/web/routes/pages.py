@@ -2,26 +2,36 @@
 
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
 from lungcad.run import RunFolder
-from lungcad.web import service
-from lungcad.web.db import User, audit
+from lungcad.web import service, throttle
+from lungcad.web.db import ApiToken, User, audit, utcnow
 from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study, page
-from lungcad.web.security import create_token
+from lungcad.web.security import (
+    DEFAULT_TOKEN_DAYS,
+    MAX_TOKEN_DAYS,
+    change_password,
+    check_new_password,
+    create_token,
+    revoke_token,
+)
 from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES
 
-__all__ = ["router"]
+__all__ = ["owned_token", "router"]
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -49,7 +59,8 @@ async def upload(request: Request, user: CurrentUser, sessions: Sessions, store:
     # Original file names are shown back to the person who uploaded them, never stored.
     for r, up in zip(results, files):
         r["name"] = (up.filename or "")[:120]
-    status = 200 if ok else 422
+    status = 200 if ok else 503 if any(r.get("storage") for r in results) else (
+        500 if any(r.get("internal") for r in results) else 422)
     with sessions() as session:
         return page(request, "upload_result.html", session.get(User, user.id), code=status, results=results)
 
@@ -66,6 +77,16 @@ def _store_one(sessions: sessionmaker, store: service.Store, user: User, raw: by
             audit(session, "upload_rejected", user, reason=str(exc)[:200])
             session.commit()
             return {"study_id": "", "error": str(exc)}
+        except Exception as exc:
+            # One file's unexpected failure must not drop the files after it (nor hide the ones before):
+            # it gets a per-file result with a reference; the traceback goes to the server log only.
+            session.rollback()
+            if reason := service.storage_problem(exc):
+                log.error("storage unavailable storing %s of an upload: %s", label, exc)
+                return {"study_id": "", "error": f"not saved: {reason}", "storage": True}
+            ref = secrets.token_hex(4)
+            log.error("unhandled error %s storing %s of an upload", ref, label, exc_info=exc)
+            return {"study_id": "", "error": f"Something went wrong (reference {ref}).", "internal": True}
 
 
 @router.get("/studies/{study_id}", response_class=HTMLResponse, include_in_schema=False)
@@ -75,6 +96,8 @@ def study_page(request: Request, session: DB, user: CurrentUser, store: StoreDep
     order = {c: i for i, c in enumerate(store.classes)}
     probs = sorted(study.probabilities.items(), key=lambda kv: order.get(kv[0], 99))
     threshold = _threshold(store)
+    audit(session, "study_view", user, target=study.id)  # who looked at which patient's image
+    session.commit()
     return page(request, "study.html", user, study=study, probs=probs, saved=saved, threshold=threshold,
                 mine=[f for f in study.feedback if f.user_id == user.id])
 
@@ -130,18 +153,78 @@ def model_report(user: CurrentUser, settings: SettingsDep) -> Response:
     return HTMLResponse(path.read_text(encoding="utf-8"), headers={"Content-Security-Policy": csp})
 
 
+def _account(request: Request, session: Session, user: User, code: int = 200, **ctx: Any) -> HTMLResponse:
+    tokens = session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id.desc()).limit(50))
+    ctx = {"token": None, "error": "", "notice": "", **ctx}
+    return page(request, "account.html", user, code=code, tokens=list(tokens), default_days=DEFAULT_TOKEN_DAYS,
+                max_days=MAX_TOKEN_DAYS, **ctx)
+
+
 @router.get("/account", response_class=HTMLResponse, include_in_schema=False)
-def account(request: Request, user: CurrentUser) -> HTMLResponse:
-    return page(request, "account.html", user, token=None)
+def account(request: Request, session: DB, user: CurrentUser, changed: int = 0) -> HTMLResponse:
+    return _account(request, session, user, notice="Password changed; your other sessions were ended." if changed else "")
 
 
 @router.post("/account/tokens", response_class=HTMLResponse, include_in_schema=False)
 def new_token(request: Request, session: DB, user: CurrentUser, name: Annotated[str, Form(max_length=64)] = "script",
+              days: Annotated[int, Form(ge=1, le=MAX_TOKEN_DAYS)] = DEFAULT_TOKEN_DAYS,
               csrf_token: Annotated[str, Form()] = "") -> HTMLResponse:
     check_csrf(request, csrf_token)
-    token = create_token(session, user, name or "script", actor=user)
+    token = create_token(session, user, name or "script", actor=user, days=days)
     session.commit()
-    return page(request, "account.html", user, token=token)
+    return _account(request, session, user, token=token)
+
+
+@router.post("/tokens/{token_id}/revoke", include_in_schema=False)
+def revoke_token_form(request: Request, session: DB, user: CurrentUser, token_id: int,
+                      csrf_token: Annotated[str, Form()] = "") -> Response:
+    """Revoke an API token: one's own, or anyone's for an administrator."""
+    check_csrf(request, csrf_token)
+    token = owned_token(session, user, token_id)
+    revoke_token(session, token, user)
+    session.commit()
+    return RedirectResponse("/account" if token.user_id == user.id else "/users", status_code=303)
+
+
+def owned_token(session: Session, user: User, token_id: int) -> ApiToken:
+    """The token if `user` may manage it (its owner or an administrator); 404 otherwise, so ids are not probed."""
+    token = session.get(ApiToken, token_id)
+    if token is None or (token.user_id != user.id and user.role != "admin"):
+        raise HTTPException(404, "no such token")
+    return token
+
+
+@router.post("/account/password", response_class=HTMLResponse, include_in_schema=False)
+def password_form(request: Request, session: DB, user: CurrentUser,
+                  current_password: Annotated[str, Form(max_length=1024)],
+                  new_password: Annotated[str, Form(max_length=1024)],
+                  confirm_password: Annotated[str, Form(max_length=1024)],
+                  csrf_token: Annotated[str, Form()] = "") -> Response:
+    """Change one's password (the current one is required); every other session of the account ends.
+
+    Wrong current passwords earn the sign-in back-off (web.throttle) under a key of their own, so a
+    borrowed session cannot be used to guess the password at full speed.
+    """
+    check_csrf(request, csrf_token)
+    policy = request.app.state.settings.backoff
+    keys = throttle.Keys(((f"password:{user.id}", policy.account_free),), None)
+    try:
+        check_new_password(current_password, new_password, confirm_password)
+        if wait := throttle.retry_after(session, keys, policy, utcnow()):
+            resp = _account(request, session, user, code=429, error=f"Too many wrong passwords: try again in {wait} s.")
+            resp.headers["Retry-After"] = str(wait)
+            return resp
+        throttle.record_attempt(session, keys, policy, utcnow())  # counted first: see routes.auth.login
+        session.commit()
+        change_password(session, user, current_password, new_password, keep_session=request.session.get("sid"))
+    except LungcadError as exc:
+        session.rollback()
+        audit(session, "password_change_failed", user, reason=str(exc)[:200])
+        session.commit()
+        return _account(request, session, user, code=422, error=str(exc))
+    throttle.succeeded(session, keys)
+    session.commit()
+    return RedirectResponse("/account?changed=1", status_code=303)
 
 
 def _threshold(store: service.Store) -> float | None:
