@@ -1,6 +1,7 @@
 # Two entry points on a fresh machine (see README):
 #   make main   install, then train + evaluate on the shared IQ-OTH/NCCD data
-#   make test   install, then run the test suite
+#   make test   install, then run the test suite (all of it: what CI runs)
+#   make test-fast  the fast tier while developing (pytest -m "not slow", about 70 s of CPU)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -17,7 +18,7 @@ RUN    ?= runs/iqothnccd
 TRAIN_ARGS ?= --folds 5 --image-size 128 --epochs 20 --batch-size 32 --lr 0.0015 --window=195,480
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install main test bench clean
+.PHONY: install main test test-fast bench clean
 
 install: $(STAMP)
 
@@ -43,6 +44,11 @@ main: install
 test: install
 	bash scripts/install-system-deps.sh
 	$(BIN)/python -m pytest
+
+# The fast tier: unit tests on tiny synthetic images and random-init models, without the tests that
+# train, serve or take more than ~5 s (marked slow). Not a substitute for `make test` before a merge.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 # Speed benchmarks (minutes; run on an otherwise idle machine). The web load test needs a run:
 #   $(BIN)/python benchmarks/load_web.py --run $(RUN)

@@ -47,7 +47,7 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     set_train_mode(model, True)
     model = model.to(memory_format=torch.channels_last)
     if strategy != "all":  # what the trainer runs: frozen stages folded, without autograd
-        from lungcad.models.fusion import FrozenTrunkView
+        from lungcad.models.bn_folding import FrozenTrunkView
 
         model = FrozenTrunkView(model, strategy)
     opt = (torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw"

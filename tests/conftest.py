@@ -1,19 +1,40 @@
-"""Shared fixtures: tiny synthetic lung-like datasets written to tmp folders."""
+"""Shared fixtures: tiny synthetic lung-like datasets and run folders written to tmp folders.
+
+Run folders come two ways: `make_run` writes a random-init model and its contract (no training:
+predict, explain and the OOD and appearance checks need only the contract), and the
+session-scoped `trained_run` is one real `lungcad train` of one epoch, built once and shared
+read-only (a test that writes into a run folder copies it first).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Tiny models on tiny images: one intra-op thread is about as fast as two on an idle machine and many
+# times faster on a busy one (OpenMP threads spin at every barrier for a sibling that the scheduler
+# gave to another process: a 64 px ResNet-50 forward pass took 4 s instead of 0.1 s on this project's
+# 2-core machines while a training job ran). LUNGCAD_TEST_THREADS=N overrides; the CLI subprocesses
+# the tests start inherit it through OMP_NUM_THREADS.
+TEST_THREADS = int(os.environ.get("LUNGCAD_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 SHARED_DATA = Path(os.environ.get("LUNGCAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 IQOTH = SHARED_DATA / "iqothnccd"
 LC25000 = SHARED_DATA / "lc25000_lung_sample"
 
 FOLDERS = {"normal": "Normal cases", "benign": "Bengin cases", "malignant": "Malignant cases"}
+CLASSES = ["normal", "benign", "malignant"]
+# `lungcad train` options for the tiny test runs: random init, 64 px, no progress bars
+TRAIN_FAST = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--no-progress"]
 
 
 def synthetic_slice(rng: np.random.Generator, label: str, patient_seed: int, slice_no: int, size: int = 64) -> np.ndarray:
@@ -57,3 +78,70 @@ def make_dataset(root: Path, patients: int = 5, slices: int = 3, size: int = 64,
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+def make_run(run: Path, task: str = "multiclass", size: int = 64, *, pp=None, ood: tuple[int, int] | None = None,
+             appearance: list[np.ndarray] | None = None, seed: int = 0, **contract) -> Path:
+    """A run folder with a random-init ResNet-50 (no training) and its contract.
+
+    `pp`: the Preprocessing (default: `size` px, the default window); `ood`: numbers of synthetic
+    slices the feature-space detector is fitted / thresholded on; `appearance`: decoded training
+    images for the appearance profile; `contract`: other ModelContract fields (temperature,
+    thresholds). Seeded: the same arguments give the same model.
+    """
+
+    from lungcad.data.transforms import Preprocessing, prepare
+    from lungcad.inference.appearance import fit_profile
+    from lungcad.inference.ood import fit_ood
+    from lungcad.models.contract import ModelContract, save_model
+    from lungcad.models.factory import create_model
+
+    torch.manual_seed(seed)
+    run.mkdir(parents=True)
+    classes = ["not_malignant", "malignant"] if task == "binary" else list(CLASSES)
+    model, _ = create_model("resnet50", outputs=1 if task == "binary" else 3, pretrained="none")
+    model.eval()
+    pp = pp if pp is not None else Preprocessing(image_size=size)
+    meta = ModelContract(arch="resnet50", task=task, classes=classes, preprocessing=pp, **contract)
+    if ood is not None:
+        rng = np.random.default_rng(seed)
+        cache = lambda n, off: torch.stack(  # noqa: E731
+            [prepare(synthetic_slice(rng, CLASSES[i % 3], off + i, i % 4), pp) for i in range(n)])
+        meta.ood = fit_ood(run, model, cache(ood[0], 0), cache(ood[1], 1000), pp)
+    if appearance is not None:
+        meta.appearance = fit_profile(torch.stack([prepare(px, pp) for px in appearance]))
+    save_model(run, model, meta)
+    return run
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory) -> Path:
+    """A multiclass 64 px random-init run with a feature-space OOD detector, temperature 1.5 and a
+    0.5 malignant threshold: what the prediction tests share. Read-only."""
+    return make_run(tmp_path_factory.mktemp("predict") / "run", ood=(24, 8), temperature=1.5,
+                    thresholds={"malignant": 0.5})
+
+
+class TrainedRun(NamedTuple):
+    data: Path  # make_dataset's default dataset (5 patients x 3 slices per class, 64 px)
+    run: Path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """`lungcad train` for one epoch (TRAIN_FAST) on make_dataset's default dataset, once per session.
+
+    Read-only: a test that writes into the run folder works on `copy_run(trained_run.run, ...)`.
+    """
+    from lungcad.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_dataset(root / "data")
+    run = root / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TRAIN_FAST]) == 0
+    return TrainedRun(data, run)
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A private copy of a shared run folder, for tests that write into it."""
+    return Path(shutil.copytree(run, dst))

@@ -14,24 +14,22 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_dataset, synthetic_slice
+from conftest import make_dataset, make_run, synthetic_slice
 
 from lungcad.cli import main
 from lungcad.data.images import MIN_SIDE, ImageReadError, decode_image
 from lungcad.data.transforms import PAD_LIMIT, Preprocessing, prepare
 from lungcad.errors import LungcadError
-from lungcad.inference.appearance import check, fit_profile
+from lungcad.inference.appearance import check
 from lungcad.inference.predictor import Predictor
 from lungcad.inference.results import Prediction
-from lungcad.models.contract import CONTRACT_FILE, ModelContract, read_contract, save_model
-from lungcad.models.factory import create_model
+from lungcad.models.contract import CONTRACT_FILE, read_contract
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from lungcad.dicom.reader import window_to_uint8  # noqa: E402
 
-CLASSES = ["normal", "benign", "malignant"]
 SOFT = (40.0, 400.0)  # the declared training window of these tests
 LUNG = (-600.0, 1500.0)
 FAST = ["--pretrained", "none", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--no-progress"]
@@ -67,23 +65,11 @@ def _training_renderings(window: tuple[float, float], n: int = 32, seed: int = 0
     return out
 
 
-def _run(root: Path, pp: Preprocessing, images: list[np.ndarray] | None) -> Path:
-    """A run folder with a random-init network (predict needs only the contract) and, when given
-    training images, their appearance profile."""
-    torch.manual_seed(0)
-    root.mkdir(parents=True)
-    model, _ = create_model("resnet50", outputs=3, pretrained="none")
-    contract = ModelContract(arch="resnet50", task="multiclass", classes=CLASSES, preprocessing=pp)
-    if images is not None:
-        contract.appearance = fit_profile(torch.stack([prepare(px, pp) for px in images]))
-    save_model(root, model.eval(), contract)
-    return root
-
-
 @pytest.fixture(scope="module")
 def soft_run(tmp_path_factory) -> Path:
+    """A random-init run declaring the soft-tissue window, with the appearance profile of its renderings."""
     pp = Preprocessing(image_size=64).with_window("40,400")
-    return _run(tmp_path_factory.mktemp("appearance") / "run", pp, _training_renderings(SOFT))
+    return make_run(tmp_path_factory.mktemp("appearance") / "run", pp=pp, appearance=_training_renderings(SOFT))
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +80,7 @@ def soft_predictor(soft_run) -> Predictor:
 # --- the window is part of the contract ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_window_is_declared_in_the_contract_with_the_appearance_profile(tmp_path, caplog):
     data = make_dataset(tmp_path / "data")
     run = tmp_path / "run"
@@ -116,6 +103,7 @@ def test_train_window_is_declared_in_the_contract_with_the_appearance_profile(tm
     assert not (tmp_path / "r2").exists()
 
 
+@pytest.mark.slow  # three Predictor loads
 def test_window_round_trip(soft_predictor, soft_run, caplog):
     """A DICOM rendered at the contract's window looks like the training images; the same slice at
     the lung window (an override, warned about) is flagged as a different window."""
@@ -132,8 +120,8 @@ def test_window_round_trip(soft_predictor, soft_run, caplog):
     assert "departs" not in caplog.text
 
 
-def test_undeclared_window_warns_once_when_rendering_dicom(tmp_path, caplog):
-    run = _run(tmp_path / "run", Preprocessing(image_size=64), None)
+def test_undeclared_window_warns_once_when_rendering_dicom(untrained_run, caplog):
+    run = untrained_run  # conftest's shared run: default preprocessing, no window declared
     assert read_contract(run).preprocessing.window_source == "default"
     predictor = Predictor(run)
     caplog.set_level(logging.WARNING)
@@ -156,6 +144,7 @@ def test_cli_predict_window_override_warns(soft_run, tmp_path, caplog):
     assert row["ood"] == "True" and "rendered at a different window" in row["ood_reasons"]
 
 
+@pytest.mark.slow  # two Predictor loads
 def test_old_contract_without_window_or_appearance_loads(soft_run, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
@@ -205,10 +194,8 @@ def test_each_rule_is_flagged(soft_run):
         assert all(";" not in r for r in found)
 
 
-def test_feature_space_flag_has_its_own_reason(tmp_path):
-    from test_predict import make_run
-
-    predictor = Predictor(make_run(tmp_path / "run"))
+def test_feature_space_flag_has_its_own_reason(untrained_run):
+    predictor = Predictor(untrained_run)
     predictor.ood_detector.threshold = -1e9
     pred = predictor.predict(_png(synthetic_slice(np.random.default_rng(2), "malignant", 2, 0)))
     assert pred.ood and pred.ood_reasons[-1].startswith("feature-space score ")

@@ -38,6 +38,7 @@ def _make_set(tmp_path: Path, size_encodes_label: bool, per_class: int = 30) -> 
     return samples
 
 
+@pytest.mark.slow
 def test_shortcut_flagged_when_size_encodes_label(tmp_path):
     report = _audit(_make_set(tmp_path, size_encodes_label=True))
     sc = report["shortcut"]
@@ -98,6 +99,7 @@ def _shared_data() -> Path:
 
 
 @pytest.mark.smoke
+@pytest.mark.slow
 def test_smoke_iqothnccd_size_shortcut_flagged():
     root = _shared_data() / "iqothnccd"
     if not root.is_dir():

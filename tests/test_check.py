@@ -7,6 +7,8 @@ hand); one slow test checks a trained 2-fold ensemble.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -83,12 +85,25 @@ def site_ok(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("sites") / "hospital-b", patients=4, slices=3, size=48, seed=7)
 
 
-def test_in_distribution_site_matches_and_writes_check_json_and_html(check_run, site_ok, capsys):
+@pytest.fixture(scope="module")
+def first_check(check_run, site_ok) -> dict:
+    """`lungcad check` of site_ok against check_run, once for the module (it computes and caches the
+    reference scores, unless a test before it did): its exit status, output, check.json, check.html and the
+    files it wrote."""
     run, _ = check_run
-    assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) == 0
-    assert "verdict: matches" in capsys.readouterr().out
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(["check", str(run), str(site_ok), "--no-progress", *LENIENT])
     out = run / "check-hospital-b"
-    report = json.loads((out / "check.json").read_text())
+    return {"status": status, "stdout": stdout.getvalue(), "report": json.loads((out / "check.json").read_text()),
+            "page": (out / "check.html").read_text(), "files": sorted(p.name for p in out.iterdir())}
+
+
+def test_in_distribution_site_matches_and_writes_check_json_and_html(check_run, first_check):
+    run, _ = check_run
+    assert first_check["status"] == 0
+    assert "verdict: matches" in first_check["stdout"]
+    report = first_check["report"]
     assert report["verdict"] == "matches" and report["reasons"] == []
     assert report["site"] == "hospital-b" and report["images"] == 36 and report["unreadable"] == 0
     f = report["flagged"]
@@ -99,11 +114,11 @@ def test_in_distribution_site_matches_and_writes_check_json_and_html(check_run, 
     assert report["reference"]["kind"] == "test split" and report["reference"]["images"] == 18
     assert report["appearance"]["compared"] and report["appearance"]["differs"] == []
     assert report["model_sha256"] == RunFolder(run).contract().model_sha256 and report["date"].endswith("+00:00")
-    page = (out / "check.html").read_text()
+    page = first_check["page"]
     assert page.count('src="data:image/png;base64,') == 2  # score histograms, flagged share
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert 'id="verdict"' in page and "matches" in page
-    assert sorted(p.name for p in out.iterdir()) == ["check.html", "check.json"]  # no temporary files left
+    assert first_check["files"] == ["check.html", "check.json"]  # no temporary files left
 
 
 def test_colour_tiles_and_blank_frames_do_not_match(check_run, tmp_path, capsys):
@@ -176,10 +191,10 @@ def test_bad_input_is_one_line_errors(check_run, tmp_path, capsys):
     assert not list(run.glob("check-empty")) and not list(run.glob("check-unreadable"))
 
 
-def test_reference_scores_are_cached_for_checks_away_from_the_training_data(check_run, site_ok, capsys):
+def test_reference_scores_are_cached_for_checks_away_from_the_training_data(check_run, site_ok, first_check, capsys):
     run, data = check_run
     # this test is about the cache, not the verdict (test_in_distribution_site_matches_... checks that)
-    assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) in (0, 3)  # computes or reuses the cache
+    assert first_check["status"] in (0, 3)  # computed the reference cache (or reused it)
     cache = json.loads((run / REFERENCE_CACHE).read_text())
     assert cache["model_sha256"] == RunFolder(run).contract().model_sha256 and len(cache["strata"][0]["scores"]) == 18
     moved = data.with_name("moved")

@@ -8,28 +8,19 @@ import json
 import pytest
 import torch
 
+from conftest import TRAIN_FAST as FAST
+from conftest import copy_run
+
 from lungcad.cli import main
 from lungcad.models import load_model
-
-FAST = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--no-progress"]
 
 
 def _files(run):
     return sorted(p.name for p in run.iterdir())
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from conftest import make_dataset
-
-    root = tmp_path_factory.mktemp("cli")
-    data = make_dataset(root / "data")
-    run = root / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *FAST]) == 0
-    return data, run
-
-
-def test_train_writes_a_self_describing_run_folder(trained_run):
+@pytest.mark.slow
+def test_train_writes_a_self_describing_run_folder(trained_run):  # conftest: one epoch on make_dataset's default
     data, run = trained_run
     assert _files(run) == sorted([
         "config.json", "data.json", "history.csv", "init.json", "metrics.json", "model.json",
@@ -63,8 +54,10 @@ def test_train_writes_a_self_describing_run_folder(trained_run):
     assert len(history) == 1 and float(history[0]["train_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_training_metrics(trained_run, capsys, tmp_path):
     data, run = trained_run
+    run = copy_run(run, tmp_path / "run")  # evaluate --data writes into the run folder
     assert main(["evaluate", str(run), "--out", str(tmp_path), "--no-progress"]) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
     saved = json.loads((run / "metrics.json").read_text())
@@ -74,6 +67,7 @@ def test_evaluate_reproduces_training_metrics(trained_run, capsys, tmp_path):
     assert main(["evaluate", str(run), "--data", str(data), "--no-progress"]) == 0
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     from conftest import make_dataset
 
@@ -99,6 +93,7 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 1  # finished: nothing to resume
 
 
+@pytest.mark.slow
 def test_binary_task(tmp_path):
     from conftest import make_dataset
 
@@ -144,6 +139,27 @@ def test_bad_inputs_give_one_line_errors_and_no_run_folder(tmp_path, capsys, mon
     assert not list((tmp_path / "torch").rglob("*.pth"))  # no partial download left behind
 
 
+@pytest.mark.parametrize("config, folds, message", [
+    (None, [], "cannot resume: run folder not found"),
+    ("{not json", [], "cannot resume: .*config.json: unreadable config.json"),
+    ({"out": "x"}, [], "cannot resume: .*config.json: unreadable config.json .*'data'"),
+    ({"data": "d", "out": "x"}, [], "cannot resume: no checkpoint.pt"),
+    ({"data": "d", "out": "x"}, ["--folds", "2"], "cannot resume cross-validation: config.json has no 'folds'"),
+    ({"data": "d", "out": "x", "folds": "two"}, ["--folds", "2"], "cannot resume cross-validation: .*'folds' is not"),
+])
+def test_resume_errors_are_one_line(tmp_path, capsys, config, folds, message):
+    """--resume reads the run folder through RunFolder: a missing, corrupt or incomplete one is a one-line error."""
+    import re
+
+    run = tmp_path / "run"
+    if config is not None:
+        run.mkdir()
+        (run / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    assert main(["train", "--resume", "--out", str(run), *folds, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
 def test_existing_out_is_refused(tmp_path, capsys):
     from conftest import make_dataset
 
@@ -155,6 +171,7 @@ def test_existing_out_is_refused(tmp_path, capsys):
     assert (tmp_path / "exists" / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_listed(tmp_path):
     from conftest import make_dataset
 
@@ -178,6 +195,7 @@ def test_audit_command(tmp_path, capsys):
     assert "malignant" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_extra_data_goes_to_training_only_and_is_recorded(tmp_path):
     import numpy as np
     from PIL import Image
@@ -206,6 +224,7 @@ def test_extra_data_goes_to_training_only_and_is_recorded(tmp_path):
 
 
 @pytest.mark.smoke
+@pytest.mark.slow
 def test_smoke_train_and_evaluate_on_a_slice_of_iqothnccd(tmp_path):
     """The real CLI on real CT slices: every 12th image of each class (some non-square, all JPEG)."""
     from conftest import IQOTH

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_dataset
-from test_predict import make_run
+from conftest import make_dataset, make_run
 
 from lungcad.cli import main
 from lungcad.inference.predictor import Predictor
@@ -32,10 +31,11 @@ def _set_contract(run: Path, thresholds: dict, operating_point: bool) -> None:
     path.write_text(json.dumps(c))
 
 
+@pytest.mark.slow  # predict and a CLI evaluate (1000 bootstrap resamples) per contract shape
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_predict_and_evaluate_agree(shape, tmp_path):
     task, thresholds, op = SHAPES[shape]
-    run = make_run(tmp_path / "run", task=task, size=32, ood=False)
+    run = make_run(tmp_path / "run", task=task, size=32, temperature=1.5, thresholds={"malignant": 0.5})
     _set_contract(run, thresholds, op)
     data = make_dataset(tmp_path / "data", patients=2, slices=2, size=48)
     preds = list(Predictor(run).predict_paths([data], progress=False, series_rows=False))

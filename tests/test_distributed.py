@@ -15,7 +15,7 @@ from torchvision.models import resnet50
 
 from lungcad.cli import main
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # torchrun: trains and predicts in 2 processes
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +90,9 @@ def test_batch_not_divisible_by_ranks_is_refused(setup):
 
 
 @pytest.fixture(scope="module")
-def predict_run(setup):
-    root, args = setup
-    run = root / "predict-run"
-    assert main(["train", "--out", str(run), "--epochs", "1", *args]) == 0
-    return run
+def predict_run(trained_run):
+    """A trained run to predict with: conftest's session-scoped one (read-only)."""
+    return trained_run.run
 
 
 def _rows(path: Path) -> list[dict]:

@@ -21,7 +21,7 @@ from conftest import make_dataset
 from lungcad.cli import main
 from lungcad.data.dataset import load_cache
 from lungcad.evaluation.calibration import fit_operating_point
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import EnsembleOODDetector, load_ood_detector
 from lungcad.inference.predictor import Predictor
 from lungcad.models.contract import load_model
@@ -150,3 +150,32 @@ def test_web_app_serves_the_ensemble(cv_run, tmp_path):
     body = r.json()
     assert body["model_sha256"] == contract.model_sha256
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_an_interrupted_cross_validation_resumes_and_scans_its_data_once(tmp_path, monkeypatch):
+    """--resume keeps the finished member, retrains the one that died before its first checkpoint
+    and finishes the ensemble; the images are scanned once for all folds (not once per fold)."""
+    import shutil
+
+    import lungcad.data.grouping as grouping
+
+    data = make_dataset(tmp_path / "data", patients=4, slices=3, size=48)
+    out = tmp_path / "cv"
+    argv = ["--out", str(out), "--pretrained", "none", "--image-size", "32", "--epochs", "1", "--folds", "2",
+            "--batch-size", "8", "--no-progress"]
+    decoded = []
+    real_decode = grouping.decode_image
+    monkeypatch.setattr(grouping, "decode_image", lambda raw, *a, **k: decoded.append(1) or real_decode(raw, *a, **k))
+    assert main(["train", "--data", str(data), *argv]) == 0
+    assert len(decoded) == 36  # 3 classes x 4 patients x 3 slices, each scanned once
+    kept = (out / "fold-1" / "model.safetensors").stat().st_mtime_ns
+    for name in ("model.json", "oof.csv", "crossval.json", "metrics.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "fold-2")  # died before its first checkpoint
+    decoded.clear()
+    assert main(["train", "--resume", *argv]) == 0
+    assert len(decoded) == 36
+    assert (out / "fold-1" / "model.safetensors").stat().st_mtime_ns == kept
+    model, contract = load_model(out)
+    assert isinstance(model, Ensemble) and [m["path"] for m in contract.ensemble["members"]] == ["fold-1", "fold-2"]
+    assert RunFolder(out).out_of_fold().folds.tolist().count(2) == 18

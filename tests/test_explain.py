@@ -12,14 +12,11 @@ from torch import nn
 
 pytest.importorskip("pytorch_grad_cam")
 
-from conftest import synthetic_slice  # noqa: E402
+from conftest import make_run, synthetic_slice  # noqa: E402
 
-from lungcad.data.transforms import Preprocessing  # noqa: E402
 from lungcad.errors import LungcadError  # noqa: E402
 from lungcad.inference.explain import grad_cam  # noqa: E402
 from lungcad.inference.predictor import Predictor  # noqa: E402
-from lungcad.models.contract import ModelContract, save_model  # noqa: E402
-from lungcad.models.factory import create_model  # noqa: E402
 
 SIZE = 64
 
@@ -61,6 +58,7 @@ def _batch(rng, n):
     return x, torch.from_numpy(labels), np.stack(images), np.stack(masks)
 
 
+@pytest.mark.slow
 def test_grad_cam_points_at_the_blob():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -95,14 +93,7 @@ def test_grad_cam_points_at_the_blob():
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    torch.manual_seed(0)
-    run = tmp_path_factory.mktemp("explain") / "run"
-    run.mkdir()
-    model, _ = create_model("resnet50", outputs=1, pretrained="none")
-    contract = ModelContract(arch="resnet50", task="binary", classes=["not_malignant", "malignant"],
-                             preprocessing=Preprocessing(image_size=SIZE))
-    save_model(run, model.eval(), contract)
-    return Predictor(run)
+    return Predictor(make_run(tmp_path_factory.mktemp("explain") / "run", task="binary", size=SIZE))
 
 
 def _png(arr):

@@ -27,6 +27,9 @@ from lungcad.inference.export import contract_path_for, default_export_path, exp
 from lungcad.models.contract import ModelContract, load_model, save_model  # noqa: E402
 from lungcad.models.factory import create_model, logits_to_probs  # noqa: E402
 
+# every test exports an ONNX / OpenVINO model or needs the module's fitted run (~25 s to build)
+pytestmark = pytest.mark.slow
+
 SIZE = 64
 FP32_TOL = 1e-4  # issue 4: engines agree with torch on probabilities within 1e-4 in fp32
 # INT8 budget: |p_int8 - p_torch| over the synthetic images, mean and max. Measured on this

@@ -8,20 +8,14 @@ import json
 import numpy as np
 import pytest
 import skimage.data
-import torch
 from PIL import Image
 
-from conftest import make_dataset, synthetic_slice
+from conftest import CLASSES, make_run, synthetic_slice
 
 from lungcad.cli import main
-from lungcad.data.transforms import Preprocessing, prepare
 from lungcad.errors import LungcadError
-from lungcad.inference.ood import OOD_FILE, OODDetector, fit_ood
+from lungcad.inference.ood import OOD_FILE, OODDetector
 from lungcad.inference.predictor import Predictor
-from lungcad.models.contract import ModelContract, save_model
-from lungcad.models.factory import create_model
-
-CLASSES = ["normal", "benign", "malignant"]
 
 
 def test_detector_on_gaussian_features(tmp_path):
@@ -54,21 +48,11 @@ def _png(arr: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory) -> Predictor:
-    torch.manual_seed(0)
-    run = tmp_path_factory.mktemp("ood") / "run"
-    run.mkdir()
-    model, _ = create_model("resnet50", outputs=3, pretrained="none")
-    model.eval()
-    pp = Preprocessing(image_size=64)
-    rng = np.random.default_rng(0)
-    cache = lambda n, off: torch.stack(  # noqa: E731
-        [prepare(synthetic_slice(rng, CLASSES[i % 3], off + i, i % 4), pp) for i in range(n)])
-    contract = ModelContract(arch="resnet50", task="multiclass", classes=CLASSES, preprocessing=pp)
-    contract.ood = fit_ood(run, model, cache(48, 0), cache(24, 1000), pp)
-    save_model(run, model, contract)
-    return Predictor(run)
+    """A random-init run whose detector is fitted on 48 synthetic slices (24 held out)."""
+    return Predictor(make_run(tmp_path_factory.mktemp("ood") / "run", ood=(48, 24)))
 
 
+@pytest.mark.slow  # a detector fitted on 72 slices, then ~30 predictions
 def test_natural_images_blank_frames_and_mr_are_flagged(predictor):
     from pydicom.data import get_testdata_file
 
@@ -90,11 +74,9 @@ def test_natural_images_blank_frames_and_mr_are_flagged(predictor):
     assert min(p.ood_score for p in preds.values()) > np.median([p.ood_score for p in held_out])
 
 
-def test_training_stores_ood_in_contract_and_predict_reports_it(tmp_path):
-    data = make_dataset(tmp_path / "data", patients=6, slices=2, size=48)
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--pretrained", "none", "--image-size", "32",
-                 "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
+@pytest.mark.slow
+def test_training_stores_ood_in_contract_and_predict_reports_it(trained_run, tmp_path):
+    run = trained_run.run
     contract = json.loads((run / "model.json").read_text())
     assert contract["ood"]["method"] == "pca-mahalanobis+residual" and (run / OOD_FILE).is_file()
     assert np.isfinite(contract["ood"]["threshold"])

@@ -13,42 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import synthetic_slice
+from conftest import CLASSES, synthetic_slice
 
 from lungcad.cli import main
-from lungcad.data.transforms import Preprocessing, prepare
+from lungcad.data.transforms import prepare
 from lungcad.errors import LungcadError
-from lungcad.inference.ood import fit_ood
 from lungcad.inference.predictor import SERIES_TOP_K, Predictor
 from lungcad.inference.results import Prediction
-from lungcad.models.contract import ModelContract, save_model
-from lungcad.models.factory import create_model
-
-CLASSES = ["normal", "benign", "malignant"]
-
-
-def make_run(run: Path, task: str = "multiclass", size: int = 64, ood: bool = True, seed: int = 0) -> Path:
-    """A run folder with a random-init ResNet-50 (no training: predict only needs the contract)."""
-    torch.manual_seed(seed)
-    run.mkdir(parents=True)
-    classes = ["not_malignant", "malignant"] if task == "binary" else CLASSES
-    model, _ = create_model("resnet50", outputs=1 if task == "binary" else 3, pretrained="none")
-    model.eval()
-    pp = Preprocessing(image_size=size)
-    contract = ModelContract(arch="resnet50", task=task, classes=classes, preprocessing=pp, temperature=1.5,
-                             thresholds={"malignant": 0.5})
-    if ood:
-        rng = np.random.default_rng(seed)
-        cache = lambda n, off: torch.stack(  # noqa: E731
-            [prepare(synthetic_slice(rng, CLASSES[i % 3], off + i, i % 4), pp) for i in range(n)])
-        contract.ood = fit_ood(run, model, cache(24, 0), cache(8, 1000), pp)
-    save_model(run, model, contract)
-    return run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("predict") / "run")
+def run_dir(untrained_run) -> Path:
+    """conftest's shared prediction run (random init, OOD detector, temperature 1.5)."""
+    return untrained_run
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +170,7 @@ def test_unknown_engine_and_missing_model(run_dir, tmp_path):
         Predictor(empty)
 
 
+@pytest.mark.slow
 def test_cli_predict_csv_json_cam_and_exit_codes(run_dir, tmp_path, capsys):
     good = tmp_path / "good"
     good.mkdir()
@@ -338,6 +316,7 @@ def test_web_batcher_failure_reaches_every_caller():
         short.submit(1)
 
 
+@pytest.mark.slow
 def test_cli_dicom_out_writes_secondary_captures_for_dicom_inputs(run_dir, tmp_path, capsys):
     pydicom = pytest.importorskip("pydicom")
     pytest.importorskip("highdicom")

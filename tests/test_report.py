@@ -13,6 +13,8 @@ import pytest
 from lungcad.cli import main
 from lungcad.evaluation.report import fmt, fmt_ci
 
+pytestmark = pytest.mark.slow  # every test trains and evaluates a run (one opens a headless browser)
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -82,6 +82,7 @@ def test_amp_auto_picks_bf16_exactly_where_the_cpu_has_it():
     assert _amp_dtype("off", cpu) is None and _amp_dtype("bf16", cpu) == torch.bfloat16
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
 def test_bf16_autocast_training_step_on_cpu():
     from lungcad.models.factory import create_model

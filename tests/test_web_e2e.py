@@ -89,17 +89,7 @@ def postgres_server():
 
 
 # ------------------------------------------------------------------ a real run and a real server
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A real run folder: ResNet-50 from random init, 1 epoch at 64 px on a tiny synthetic dataset."""
-    pytest.importorskip("lungcad.inference.predictor", reason="lungcad.inference.predictor not available yet")
-    root = tmp_path_factory.mktemp("web-run")
-    data = make_dataset(root / "data", patients=4, slices=2, size=64)
-    run = root / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--pretrained", "none", "--image-size", "64",
-                 "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
-    return run
+# (the run: conftest's session-scoped `trained_run`, ResNet-50 from random init, 1 epoch at 64 px)
 
 
 def serve(run: Path, data_dir: Path, db: str | None = None):
@@ -224,13 +214,14 @@ def _add_users(data_dir: Path, db: str | None) -> None:
 
 
 @pytest.mark.smoke
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_browser_flow(backend, trained_run, tmp_path, request):
     _needs_chromium()
     db = request.getfixturevalue("postgres_server")() if backend == "postgresql" else None
     data_dir = tmp_path / "webdata"
     _add_users(data_dir, db)
-    proc, base = serve(trained_run, data_dir, db)
+    proc, base = serve(trained_run.run, data_dir, db)
     try:
         browser_flow(base, ct_slice(tmp_path), backend, f"browser check on {backend}: boundary unclear")
         # the feedback row is in the database the server used, with the model's sha
@@ -241,12 +232,13 @@ def test_browser_flow(backend, trained_run, tmp_path, request):
         _, sessions = open_database(db, data_dir)
         with sessions() as s:
             rows = list(s.scalars(select(Feedback)))
-        contract_sha = (trained_run / "model.json").read_text()
+        contract_sha = (trained_run.run / "model.json").read_text()
         assert len(rows) == 1 and rows[0].model_sha256 and rows[0].model_sha256 in contract_sha
     finally:
         stop(proc)
 
 
+@pytest.mark.slow
 def test_postgres_api_flow_and_append_only_audit(postgres_server, tmp_path):
     """The httpx-level flow on PostgreSQL (fake predictor): migrations, feedback, triggers."""
     from fastapi.testclient import TestClient

@@ -37,6 +37,7 @@ import numpy as np
 
 from lungcad.data.split import SplitRow, read_split
 from lungcad.errors import LungcadError
+from lungcad.training.config import TrainConfig
 
 __all__ = ["OutOfFold", "RunFolder"]
 
@@ -83,6 +84,21 @@ class RunFolder:
     @cached_property
     def config(self) -> dict:
         return self._json(CONFIG)
+
+    def train_config(self) -> TrainConfig:
+        """config.json as the TrainConfig it was written from (a fold ensemble's `folds` left out)."""
+        try:
+            return TrainConfig.from_dict(self.config)
+        except (TypeError, ValueError, AttributeError) as exc:  # a missing field, or not an object
+            raise LungcadError(f"unreadable {CONFIG} ({exc})", self.file(CONFIG)) from None
+
+    @property
+    def folds(self) -> int:
+        """K of a fold ensemble (`lungcad train --folds K`), 0 for a single run."""
+        try:
+            return int(self.config.get("folds") or 0)
+        except (TypeError, ValueError) as exc:
+            raise LungcadError(f"unreadable {CONFIG}: 'folds' is not a number ({exc})", self.file(CONFIG)) from None
 
     @property
     def data_root(self) -> Path:
@@ -147,8 +163,7 @@ class RunFolder:
 
     def members(self) -> list[RunFolder]:
         """A fold ensemble's member run folders (empty for a single run)."""
-        k = int(self.config.get("folds") or 0)
-        return [RunFolder(self.path / f"fold-{i}") for i in range(1, k + 1)]
+        return [RunFolder(self.path / f"fold-{i}") for i in range(1, self.folds + 1)]
 
     def out_of_fold(self) -> OutOfFold:
         path = self.file(OOF)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from lungcad.data.images import ImageReadError, decode_image
 from lungcad.data.transforms import Preprocessing, normalise, prepare
 
-__all__ = ["CachedImageDataset", "load_cache"]
+__all__ = ["CachedImageDataset", "load_cache", "load_readable"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,19 @@ def load_cache(
         except ImageReadError as exc:
             bad.append((Path(path), str(exc)))
     return cache, bad
+
+
+def load_readable(
+    paths: Sequence[Path], pp: Preprocessing, progress: bool = True, desc: str = "decoding"
+) -> tuple[torch.Tensor, list[int], list[tuple[Path, str]]]:
+    """`load_cache` without the unreadable images: (cache of the readable ones, their indices in
+    `paths`, unreadable (path, reason))."""
+    cache, bad = load_cache(paths, pp, progress=progress, desc=desc)
+    if not bad:
+        return cache, list(range(len(paths))), bad
+    bad_set = {Path(p) for p, _ in bad}
+    keep = [i for i, p in enumerate(paths) if Path(p) not in bad_set]
+    return cache[keep], keep, bad
 
 
 class CachedImageDataset(Dataset):

@@ -16,11 +16,12 @@ thumbnails). A group id from a manifest always wins over an inferred one.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from lungcad.utils import sha256_bytes
 
 __all__ = [
     "ImageInfo", "assign_groups", "connected_components", "exact_duplicate_sets", "near_duplicate_pairs",
-    "scan_images", "slice_run_pairs",
+    "scan_images", "scan_results", "slice_run_pairs",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,14 @@ class ImageInfo:
 
 
 def scan_images(
-    samples: Sequence[Sample], thumb_size: int = 64, progress: bool = False
+    samples: Sequence[Sample], thumb_size: int = 64, progress: bool = False,
+    known: Mapping[Path, ImageInfo | str] | None = None,
 ) -> tuple[list[ImageInfo], list[tuple[Path, str]]]:
     """Read every sample once: hash, header facts and a grey thumbnail.
 
     Returns (infos for readable images, [(path, one-line reason)] for unreadable ones); a bad file
-    never raises.
+    never raises. `known` (from `scan_results`): an earlier scan of the same files, reused instead
+    of reading them again (cross-validation scans its data once for all its folds).
     """
     infos: list[ImageInfo] = []
     unreadable: list[tuple[Path, str]] = []
@@ -95,6 +98,13 @@ def scan_images(
         iterator = tqdm(iterator, total=len(samples), desc="scan", unit="img")
     for i, sample in iterator:
         path = Path(sample.path)
+        earlier = known.get(path.resolve()) if known else None
+        if isinstance(earlier, ImageInfo):
+            infos.append(dataclasses.replace(earlier, index=i))
+            continue
+        if isinstance(earlier, str):
+            unreadable.append((path, earlier))
+            continue
         try:
             raw = read_regular_file(path)  # one read serves the hash, the header and the pixels
         except ImageReadError as exc:  # unreadable, a FIFO or device, or oversized
@@ -126,6 +136,14 @@ def scan_images(
     if unreadable:
         log.warning("%d of %d files are unreadable", len(unreadable), len(samples))
     return infos, unreadable
+
+
+def scan_results(samples: Sequence[Sample], infos: list[ImageInfo],
+                 unreadable: list[tuple[Path, str]]) -> dict[Path, ImageInfo | str]:
+    """A scan as `scan_images(known=...)` reuses it: resolved path -> ImageInfo, or the reason it was unreadable."""
+    out: dict[Path, ImageInfo | str] = {Path(p).resolve(): reason for p, reason in unreadable}
+    out.update({Path(samples[i.index].path).resolve(): i for i in infos})
+    return out
 
 
 def _reason(exc: ImageReadError) -> str:

@@ -25,7 +25,7 @@ from lungcad.evaluation.baselines import (
 )
 from lungcad.evaluation.bootstrap import metrics_with_intervals, paired_difference
 from lungcad.evaluation.calibration import TARGET_SENSITIVITY
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import ModelContract, load_model
 from lungcad.models.factory import logits_to_probs, target_index
 from lungcad.run import RunFolder

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lungcad.data.dataset import load_cache
+from lungcad.data.dataset import load_readable
 from lungcad.data.discovery import CLASSES, discover, parse_label_map
 from lungcad.errors import LungcadError
 from lungcad.evaluation.bootstrap import N_BOOT, metrics_with_intervals
 from lungcad.evaluation.calibration import calibration_summary
 from lungcad.evaluation.compare import comparison_row, init_text
 from lungcad.evaluation.metrics import predict_labels
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import ModelContract, load_model
 from lungcad.models.factory import logits_to_probs, target_index
 from lungcad.run import RunFolder
@@ -108,12 +108,10 @@ class Scored:
 
 def _decoded(paths: list[Path], contract: ModelContract, progress: bool) -> tuple[torch.Tensor, list[int], int]:
     """(cache of the readable images, their indices, number skipped)."""
-    cache, bad = load_cache(paths, contract.preprocessing, progress=progress, desc="decoding")
+    cache, keep, bad = load_readable(paths, contract.preprocessing, progress=progress, desc="decoding")
     for _, reason in bad:
         log.warning("skipping unreadable image: %s", reason)
-    bad_set = {Path(p) for p, _ in bad}
-    keep = [i for i, p in enumerate(paths) if Path(p) not in bad_set]
-    return (cache[keep] if bad else cache), keep, len(bad)
+    return cache, keep, len(bad)
 
 
 def _scored(model, contract: ModelContract, es: EvalSet, progress: bool) -> Scored:

@@ -1,9 +1,8 @@
 """report.html: one self-contained page (figures embedded as PNG data URIs, no network, no
 scripts) rendering the numbers of metrics.json. Every number shown comes from that dict.
 
-Heatmaps: example predictions carry Grad-CAM overlays when `lungcad.inference.predictor.Predictor`
-(with `.explain(path) -> Explanation(.overlay RGB uint8)`) is importable and works; otherwise the
-examples are shown without them and the report says why.
+Heatmaps: example predictions carry Grad-CAM overlays (`lungcad.inference.predictor.Predictor.explain`);
+when they cannot be made the examples are shown without them and the report says why.
 """
 
 from __future__ import annotations
@@ -154,11 +153,9 @@ def pick_examples(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, classes: l
 
 
 def heatmap_overlays(run_dir: Path, paths: list[Path]) -> tuple[dict[int, str], str]:
-    """Grad-CAM overlays from the prediction module, when it exists; ({} , reason) otherwise."""
-    try:
-        from lungcad.inference.predictor import Predictor
-    except ImportError:
-        return {}, "heatmaps omitted: the Grad-CAM module (lungcad.inference.predictor) is not installed"
+    """Grad-CAM overlays of `paths` (by index) and "", or ({}, the reason they were left out)."""
+    from lungcad.inference.predictor import Predictor  # (lazy: the report is also written without a model)
+
     try:
         predictor = Predictor(run_dir)
         return {i: _array_png(predictor.explain(p).overlay) for i, p in enumerate(paths)}, ""

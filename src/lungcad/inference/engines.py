@@ -40,7 +40,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: nn.Module):
-        from lungcad.models.fusion import fuse_conv_bn
+        from lungcad.models.bn_folding import fuse_conv_bn
 
         model = fuse_conv_bn(model).to(memory_format=torch.channels_last)
         self.backbone, self.head = split_head(model)

@@ -42,7 +42,7 @@ def _targets(classes: list[str], task: str, target: str):
     try:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
-        raise LungcadError("Grad-CAM needs pytorch-grad-cam: ") from None
+        raise LungcadError("Grad-CAM needs pytorch-grad-cam, a lungcad dependency: pip install grad-cam") from None
     if target not in classes:
         raise LungcadError(f"unknown Grad-CAM target {target!r} (classes: {', '.join(classes)})")
     if task == "binary":

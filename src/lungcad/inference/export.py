@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lungcad.data.transforms import normalise
 from lungcad.errors import LungcadError, first_line
 from lungcad.inference.engines import OnnxEngine, TorchEngine
+from lungcad.inference.forward import cache_batches, run_engine
 from lungcad.models.contract import ModelContract, load_model, parse_contract_file
 from lungcad.models.factory import logits_to_probs, split_head
 from lungcad.run import RunFolder
@@ -297,16 +296,12 @@ def _spread(paths: Sequence[Path], n: int) -> list[Path]:
 def _normalised_batches(paths: Sequence[Path], contract: ModelContract, progress: bool,
                         desc: str) -> Iterator[np.ndarray]:
     """Decode with the shared preprocessing path and yield normalised float32 batches."""
-    from lungcad.data.dataset import load_cache
+    from lungcad.data.dataset import load_readable
 
-    cache, bad = load_cache(paths, contract.preprocessing, progress=progress, desc=desc)
-    bad_set = {p for p, _ in bad}
-    keep = [i for i, p in enumerate(paths) if Path(p) not in bad_set]
-    cache = cache[keep]
+    cache, _, _ = load_readable(paths, contract.preprocessing, progress=progress, desc=desc)
     # ORT runs the instrumented graph batch by batch as it pulls them: this bar is calibration's
-    starts = range(0, len(cache), CALIBRATION_BATCH)
-    for start in tqdm(starts, desc="calibrating", unit="batch", disable=not progress, leave=False):
-        yield normalise(cache[start : start + CALIBRATION_BATCH], contract.preprocessing).numpy()
+    for x in cache_batches(cache, contract.preprocessing, CALIBRATION_BATCH, progress, desc="calibrating"):
+        yield x.numpy()
 
 
 def _quantise(src: Path, dst: Path, calib_paths: list[Path], contract: ModelContract, progress: bool) -> None:
@@ -362,27 +357,19 @@ def _quiet_logging() -> Iterator[None]:
 def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8_path: Path,
                   progress: bool) -> dict:
     """Accuracy of fp32 (PyTorch) and INT8 (ONNX Runtime) on the run's test split."""
-    from lungcad.data.dataset import load_cache
+    from lungcad.data.dataset import load_readable
     from lungcad.evaluation.metrics import classification_metrics, predict_labels
     from lungcad.models.factory import target_index
 
     paths, labels = _split_paths(run_dir, "test")
 
-    cache, bad = load_cache(paths, contract.preprocessing, progress=progress, desc="test images")
-    bad_set = {p for p, _ in bad}
-    keep = [i for i, p in enumerate(paths) if Path(p) not in bad_set]
-    cache = cache[keep]
+    cache, keep, _ = load_readable(paths, contract.preprocessing, progress=progress, desc="test images")
     targets = [target_index(labels[i], contract.classes, contract.task, run_dir / "split.csv") for i in keep]
     engines = {"fp32": TorchEngine(model), "int8": OnnxEngine(int8_path)}
     probs = {}
     for name, engine in engines.items():
-        outs = []
-        for start in tqdm(range(0, len(cache), 16), desc=f"test split {name}", unit="batch", disable=not progress,
-                          leave=False):
-            x = normalise(cache[start : start + 16], contract.preprocessing).numpy()
-            outs.append(engine.run(x)[0])
-        probs[name] = logits_to_probs(torch.from_numpy(np.concatenate(outs)), contract.task,
-                                      contract.temperature).numpy()
+        logits, _ = run_engine(engine, cache, contract.preprocessing, 16, progress, desc=f"test split {name}")
+        probs[name] = logits_to_probs(torch.from_numpy(logits), contract.task, contract.temperature).numpy()
     threshold = contract.decision_threshold()  # the one decision rule, as `evaluate` and `predict` use it
     metrics = {k: classification_metrics(targets, p, contract.classes, contract.task, threshold)
                for k, p in probs.items()}

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from lungcad.data.transforms import Preprocessing, normalise
-from lungcad.errors import LungcadError
+from lungcad.data.transforms import Preprocessing
+from lungcad.errors import LungcadError, first_line
+from lungcad.inference.forward import run_engine
 from lungcad.utils import atomic_path, sha256_file
 
 __all__ = [
@@ -138,23 +138,16 @@ class OODDetector:
                 float(a["residual_scale"][0]), float(entry["threshold"]), float(a["mahalanobis_scale"][0]),
             )
         except Exception as exc:  # corrupt file / missing key: unusable either way
-            raise LungcadError(f"unreadable out-of-distribution parameters ({str(exc)[:150]})", path) from None
+            raise LungcadError(f"unreadable out-of-distribution parameters ({first_line(exc, 150)})", path) from None
         return det
 
 
-@torch.inference_mode()
 def cache_features(model: nn.Module, cache: torch.Tensor, pp: Preprocessing, batch_size: int = 32,
                    progress: bool = False, desc: str = "features") -> np.ndarray:
     """Pooled penultimate features (N, F) of a uint8 cache (N, C, S, S), via the torch engine."""
     from lungcad.inference.engines import TorchEngine
 
-    engine = TorchEngine(model)
-    out = []
-    starts = range(0, len(cache), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        _, feats = engine.run(normalise(cache[start : start + batch_size], pp))
-        out.append(feats)
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+    return run_engine(TorchEngine(model), cache, pp, batch_size, progress, desc)[1]
 
 
 def fit_ood(run_dir: str | Path, model: nn.Module, train_cache: torch.Tensor, val_cache: torch.Tensor,

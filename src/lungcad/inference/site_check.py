@@ -193,8 +193,11 @@ def _reference_rows(run: RunFolder, contract) -> tuple[list[tuple[str, Path, lis
     return [("", run.path, rows, _threshold(contract), contract.model_sha256)], info
 
 
-def _reference_scores(run: RunFolder, contract, strata, progress: bool) -> tuple[list[dict], str]:
-    """Reference scores per stratum, from the cache or computed (then cached); (strata, where from)."""
+def _reference_scores(run: RunFolder, contract, strata, progress: bool, predictor=None) -> tuple[list[dict], str]:
+    """Reference scores per stratum, from the cache or computed (then cached); (strata, where from).
+
+    `predictor`: the run's own Predictor, reused where a stratum is scored by the run itself.
+    """
     from lungcad.inference.predictor import Predictor
 
     cache_path = run.file(REFERENCE_CACHE)
@@ -214,7 +217,8 @@ def _reference_scores(run: RunFolder, contract, strata, progress: bool) -> tuple
     out = []
     for name, scorer_dir, paths, threshold, sha in strata:
         log.info("scoring %d reference images%s", len(paths), f" with member {name}" if name else "")
-        preds = _predict(Predictor(scorer_dir), paths, progress)
+        scorer = predictor if predictor is not None and Path(scorer_dir) == run.path else Predictor(scorer_dir)
+        preds = _predict(scorer, paths, progress)
         bad = [p for p in preds if p.error]
         for p in bad:
             log.warning("reference image left out: %s: %s", p.source, p.error)
@@ -338,7 +342,7 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         site_scores: list[np.ndarray] = []
         ref_scores: list[np.ndarray] = []
     else:
-        ref, ref_source = _reference_scores(run, contract, strata, progress)
+        ref, ref_source = _reference_scores(run, contract, strata, progress, predictor)
         ref_scores = [np.asarray(s["scores"], dtype=np.float64) for s in ref]
         if contract.ensemble:
             site_scores = []

@@ -21,8 +21,8 @@ from lungcad.models.factory import create_model, num_outputs
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
 __all__ = [
-    "CONTRACT_FILE", "CONTRACT_VERSION", "MODEL_FILE", "ModelContract", "canonical_safetensors", "ensemble_sha256",
-    "load_model",
+    "CONTRACT_FILE", "CONTRACT_VERSION", "MODEL_FILE", "ModelContract", "canonical_safetensors", "ensemble_members",
+    "ensemble_sha256", "load_model",
     "parse_contract_file", "read_contract", "save_model",
 ]
 
@@ -162,21 +162,28 @@ def load_model(run_dir: str | Path, verify: bool = True) -> tuple[nn.Module, Mod
     return model, contract
 
 
-def _load_ensemble(run_dir: Path, contract: ModelContract, verify: bool) -> nn.Module:
-    from lungcad.models.ensemble import Ensemble
-
+def ensemble_members(run_dir: Path, contract: ModelContract, verify: bool = True) -> list[tuple[Path, ModelContract]]:
+    """(folder, contract) of each member of a fold ensemble, checked against the ensemble's contract
+    (task, classes and, with `verify`, the sha256 it records) without loading any weights."""
     members = []
     for entry in contract.ensemble.get("members", []):
         member_dir = run_dir / entry["path"]
-        model, member = load_model(member_dir, verify)
+        member = read_contract(member_dir)
         if verify and entry.get("model_sha256") and member.model_sha256 != entry["model_sha256"]:
             raise LungcadError("ensemble member does not match the sha256 in the ensemble's model.json", member_dir)
         if member.classes != contract.classes or member.task != contract.task:
             raise LungcadError(f"ensemble member predicts {member.task} {member.classes}, not {contract.task} "
                                f"{contract.classes}", member_dir)
-        members.append(model)
+        members.append((member_dir, member))
     if not members:
         raise LungcadError("ensemble model.json lists no members", run_dir / CONTRACT_FILE)
+    return members
+
+
+def _load_ensemble(run_dir: Path, contract: ModelContract, verify: bool) -> nn.Module:
+    from lungcad.models.ensemble import Ensemble
+
+    members = [load_model(member_dir, verify)[0] for member_dir, _ in ensemble_members(run_dir, contract, verify)]
     return Ensemble(members, contract.task, contract.ensemble.get("member_temperature", 1.0)).eval()
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import platform
 from pathlib import Path
@@ -40,16 +39,24 @@ from sklearn.model_selection import StratifiedGroupKFold
 import lungcad
 from lungcad.data.dataset import load_cache
 from lungcad.data.discovery import discover, parse_label_map
-from lungcad.data.grouping import assign_groups, scan_images
+from lungcad.data.grouping import assign_groups, scan_images, scan_results
 from lungcad.data.split import SplitRow, check_no_leak, portable_path, split_summary, write_split
 from lungcad.errors import LungcadError
 from lungcad.evaluation.bootstrap import attach_intervals, bootstrap_ci, weighted_metrics
 from lungcad.evaluation.calibration import fit_operating_point
 from lungcad.evaluation.metrics import classification_metrics, predict_labels
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import ensemble_ood_entry
-from lungcad.models.contract import CONTRACT_FILE, ModelContract, ensemble_sha256, load_model, read_contract
+from lungcad.models.contract import (
+    CONTRACT_FILE,
+    ModelContract,
+    ensemble_members,
+    ensemble_sha256,
+    load_model,
+    read_contract,
+)
 from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import check_two_classes, output_classes
 from lungcad.training.trainer import check_out_dir, train
@@ -109,7 +116,8 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False) -> dict:
         check_out_dir(out)
     data = Path(cfg.data)
     samples = discover(data, parse_label_map(cfg.label_map))
-    infos, unreadable = scan_images(samples, progress=cfg.progress)
+    infos, unreadable = scan_images(samples, progress=cfg.progress)  # once: every fold's plan reuses it
+    known = scan_results(samples, infos, unreadable)
     groups_all = assign_groups(samples, infos)
     keep = sorted(i.index for i in infos)  # unreadable files are left out (train would skip them too)
     samples = [samples[i] for i in keep]
@@ -140,28 +148,33 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False) -> dict:
             log.info("fold %d/%d: %d train, %d val, %d test images", k, folds,
                      *(int((subset == s).sum()) for s in ("train", "val", "test")))
             if (fold_dir / "checkpoint.pt").is_file():
-                train(dataclasses.replace(cfg, out=str(fold_dir)), resume=True)
+                train(dataclasses.replace(cfg, out=str(fold_dir)), resume=True, known=known)
             else:
                 if fold_dir.exists():  # a member that died before its first checkpoint: start it again
                     import shutil
 
                     shutil.rmtree(fold_dir)
                 write_split(split_file, rows, data)
-                train(dataclasses.replace(cfg, out=str(fold_dir), split=str(split_file)))
+                train(dataclasses.replace(cfg, out=str(fold_dir), split=str(split_file)), known=known)
         else:
             log.info("fold %d/%d: finished earlier, kept", k, folds)
-        per_fold.append(json.loads((fold_dir / "metrics.json").read_text()))
+        fold_metrics = RunFolder(fold_dir).metrics()
+        if fold_metrics is None:
+            raise LungcadError("fold member has no metrics.json (its training did not finish)", fold_dir)
+        per_fold.append(fold_metrics)
         oof.extend(_oof(fold_dir, [r for r in rows if r.subset == "test"], k, cfg))
     return _finish_ensemble(out, cfg, folds, per_fold, oof)
 
 
 def _resume_config(out: Path, progress: bool) -> tuple[TrainConfig, int]:
+    run = RunFolder(out)
     try:
-        saved = json.loads((out / "config.json").read_text())
-        folds = int(saved["folds"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LungcadError(f"cannot resume cross-validation: unreadable config.json ({exc})", out) from None
-    cfg = TrainConfig.from_dict(saved)
+        cfg, folds = run.train_config(), run.folds
+    except LungcadError as exc:
+        raise LungcadError(f"cannot resume cross-validation: {exc}") from None
+    if not folds:
+        raise LungcadError("cannot resume cross-validation: config.json has no 'folds' (a single run? "
+                           "lungcad train --resume continues it)", out)
     cfg.progress = progress
     return cfg, folds
 
@@ -243,7 +256,9 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
         model_sha256=ensemble_sha256([m.model_sha256 for m in members]),
     )
     atomic_write_json(out / CONTRACT_FILE, contract.to_dict())
-    load_model(out)  # the folder must load as a model before we call it done
+    # The folder must load as a model before we call it done: every member's weights were loaded
+    # and sha256-checked by _oof moments ago, so reading the contracts back is what is left to check.
+    ensemble_members(out, read_contract(out))
     return summary
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from lungcad.data.dataset import load_cache
 from lungcad.data.discovery import CLASSES, Sample, discover, parse_label_map
-from lungcad.data.grouping import assign_groups, scan_images
+from lungcad.data.grouping import ImageInfo, assign_groups, scan_images
 from lungcad.data.split import SplitRow, read_split, split_summary, stratified_group_split
 from lungcad.data.transforms import AUGMENT_POLICIES, Preprocessing
 from lungcad.errors import LungcadError
@@ -66,8 +67,11 @@ def check_two_classes(labels: list[str], task: str, where: str | Path) -> None:
             f"at least two of {', '.join(output_classes(task))}", where)
 
 
-def plan_data(cfg: TrainConfig, split_file: Path | None) -> DataPlan:
-    """Discover, scan, group and split. Raises LungcadError before anything is written."""
+def plan_data(cfg: TrainConfig, split_file: Path | None, known: Mapping[Path, ImageInfo | str] | None = None) -> DataPlan:
+    """Discover, scan, group and split. Raises LungcadError before anything is written.
+
+    `known`: an earlier scan of these images (`grouping.scan_results`), reused instead of a new one.
+    """
     if cfg.augment_policy not in AUGMENT_POLICIES:
         raise LungcadError(f"unknown --augment-policy {cfg.augment_policy!r} (choose {', '.join(AUGMENT_POLICIES)})")
     data = Path(cfg.data)
@@ -77,7 +81,7 @@ def plan_data(cfg: TrainConfig, split_file: Path | None) -> DataPlan:
         samples = [Sample(r.path, r.label, r.group) for r in rows]
     else:
         samples = discover(data, label_map)
-    infos, unreadable = scan_images(samples, progress=cfg.progress)
+    infos, unreadable = scan_images(samples, progress=cfg.progress, known=known)
     bad_paths = {Path(p) for p, _ in unreadable}
     for path, reason in unreadable:
         log.warning("skipping unreadable image: %s", reason if str(path) in reason else f"{path}: {reason}")

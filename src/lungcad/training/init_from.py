@@ -25,7 +25,7 @@ from torch import nn
 
 from lungcad.data.transforms import Preprocessing
 from lungcad.errors import LungcadError
-from lungcad.models.contract import ModelContract, load_model, read_contract
+from lungcad.models.contract import ModelContract, ensemble_members, load_model, read_contract
 from lungcad.training.config import TrainConfig
 from lungcad.training.data import output_classes
 
@@ -58,16 +58,11 @@ def open_source(run_dir: str | Path) -> Source:
     contract = read_contract(run_dir)
     if not contract.ensemble:
         return Source(run_dir, run_dir, contract)
-    members = contract.ensemble.get("members") or []
-    if not members:
-        raise LungcadError("--init-from: the ensemble's model.json lists no members", run_dir)
-    entry = members[0]
-    member_dir = run_dir / entry["path"]
-    member = read_contract(member_dir)
-    if entry.get("model_sha256") and member.model_sha256 != entry["model_sha256"]:
-        raise LungcadError("--init-from: ensemble member does not match the sha256 in the ensemble's model.json",
-                           member_dir)
-    return Source(run_dir, member_dir, member, entry["path"], contract.model_sha256)
+    try:
+        member_dir, member = ensemble_members(run_dir, contract)[0]
+    except LungcadError as exc:
+        raise LungcadError(f"--init-from: {exc}") from None
+    return Source(run_dir, member_dir, member, member_dir.relative_to(run_dir).as_posix(), contract.model_sha256)
 
 
 def check_compatible(source: Source, cfg: TrainConfig) -> None:

@@ -19,6 +19,8 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 import lungcad
 from lungcad.data.dataset import CachedImageDataset
+from lungcad.data.grouping import ImageInfo
 from lungcad.data.split import write_split
 from lungcad.data.transforms import Preprocessing, train_augmentation
 from lungcad.distributed import (
@@ -43,12 +46,13 @@ from lungcad.distributed import (
     init_distributed,
     shutdown,
 )
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, first_line
 from lungcad.evaluation.calibration import fit_operating_point
 from lungcad.evaluation.metrics import classification_metrics, format_metrics
 from lungcad.inference.appearance import fit_profile
-from lungcad.inference.engine import infer_logits
+from lungcad.inference.forward import infer_logits
 from lungcad.inference.ood import fit_ood
+from lungcad.models.bn_folding import FrozenTrunkView
 from lungcad.models.contract import CONTRACT_FILE, ModelContract, save_model
 from lungcad.models.factory import (
     configure_finetuning,
@@ -57,12 +61,16 @@ from lungcad.models.factory import (
     num_outputs,
     set_train_mode,
 )
-from lungcad.models.fusion import FrozenTrunkView
+from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import DataPlan, PreparedData, load_data, output_classes, plan_data
 from lungcad.utils import atomic_path, atomic_write_json, atomic_write_text, cpu_has_native_bf16, seed_everything
 
+__all__ = ["ARCH", "HISTORY_FIELDS", "BalancedLoss", "ClassBalancedSampler", "check_out_dir", "train"]
+
 log = logging.getLogger(__name__)
+
+ARCH = "resnet50"  # what `lungcad train` builds (lungcad.models.factory.ARCHITECTURES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,17 +196,19 @@ def check_out_dir(out: Path) -> None:
         raise LungcadError(f"cannot write here ({exc.strerror or exc})", ancestor) from None
 
 
-def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = None) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = None,
+          known: Mapping[Path, ImageInfo | str] | None = None) -> Path:
     """Train (or resume) a run; returns the run folder. See the module docstring for its layout.
 
     On resume the saved config.json wins; only `resume_epochs` (a new upper bound) may change it.
     Under torchrun every rank calls this; rank 0 alone validates input and writes the run folder.
+    `known`: a scan of the data already made (`grouping.scan_results`; cross-validation's folds).
     """
     ctx = init_distributed(cfg.device)
     out = Path(cfg.out)
     started_here = not resume and not out.exists()
     try:
-        return _train(ctx, cfg, resume, resume_epochs)
+        return _train(ctx, cfg, resume, resume_epochs, known)
     except BaseException:
         # A run that failed (disk full, Ctrl-C, a crash) before its first checkpoint could neither be
         # resumed nor rerun with the same --out: leave nothing behind. With a checkpoint, keep it for --resume.
@@ -210,10 +220,19 @@ def train(cfg: TrainConfig, resume: bool = False, resume_epochs: int | None = No
         shutdown(ctx)
 
 
+def _new_model(cfg: TrainConfig, pretrained: str = "none", weights_file: str | None = None) -> tuple[nn.Module, dict]:
+    return create_model(ARCH, outputs=num_outputs(cfg.task, len(output_classes(cfg.task))), pretrained=pretrained,
+                        weights_file=weights_file)
+
+
 def _setup(
-    ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int | None
-) -> tuple[TrainConfig, DataPlan, dict, nn.Module | None]:
-    """Rank 0: validate everything, plan the data, build the model; nothing is written yet."""
+    ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int | None,
+    known: Mapping[Path, ImageInfo | str] | None = None,
+) -> tuple[TrainConfig, DataPlan, dict, nn.Module | None, dict | None]:
+    """Rank 0: validate everything, plan the data, build the model; nothing is written yet.
+
+    Returns (config, plan, init record, model or None when resuming, checkpoint state or None).
+    """
     out = Path(cfg.out)
     seed_everything(cfg.seed)  # the head's (and, with --pretrained none, every layer's) initial weights
     if resume:
@@ -223,62 +242,120 @@ def _setup(
         split_file, state = (Path(cfg.split) if cfg.split else None), None
     if cfg.batch_size % ctx.world_size:
         raise LungcadError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
-    plan = plan_data(cfg, split_file)
-    classes = output_classes(cfg.task)
+    plan = plan_data(cfg, split_file, known)
     if state is None and cfg.init_from:  # site adaptation: the source run's weights, head included
         from lungcad.training.init_from import load_source
 
         model, init = load_source(cfg)
     elif state is None:
-        model, init = create_model("resnet50", outputs=num_outputs(cfg.task, len(classes)),
-                                   pretrained=cfg.pretrained, weights_file=cfg.weights)
+        model, init = _new_model(cfg, cfg.pretrained, cfg.weights)
         if init["pretrained"] == "none" and cfg.finetune != "all":
             log.warning("--finetune %s with random initialisation freezes random features; use 'all'", cfg.finetune)
     else:
         model, init = None, state["init"]
-    return cfg, plan, init, model
+    return cfg, plan, init, model, state
 
 
-def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int | None) -> Path:
+@dataclass
+class _Loop:
+    """Everything an epoch works with (`_build_loop`)."""
+
+    model: nn.Module  # what the batches go through: the module, a FrozenTrunkView and/or DDP around it
+    core: nn.Module  # the unwrapped module: what gets saved and evaluated
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: BalancedLoss
+    ema: torch.optim.swa_utils.AveragedModel | None
+    scaler: torch.amp.GradScaler
+    sampler: torch.utils.data.Sampler
+    loader: DataLoader
+    amp_dtype: torch.dtype | None
+    has_val: bool
+
+    @property
+    def kept(self) -> nn.Module:
+        """The weights that would be saved now (the EMA copy when there is one)."""
+        return self.ema.module if self.ema is not None else self.core
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint carries over between epochs (and across a resume)."""
+
+    history: list[dict]
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    start_epoch: int = 0
+
+
+def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int | None,
+           known: Mapping[Path, ImageInfo | str] | None = None) -> Path:
     out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    shared, model = None, None
+    shared, model, state = None, None, None
     if ctx.is_main:
         try:
-            cfg, plan, init, model = _setup(ctx, cfg, resume, resume_epochs)
+            cfg, plan, init, model, state = _setup(ctx, cfg, resume, resume_epochs, known)
             shared = (cfg, plan, init)
         except LungcadError as exc:
             shared = exc
     # Other ranks get rank 0's plan (or its error); the model's weights reach them through DDP.
     cfg, plan, init = broadcast_from_main(ctx, shared)
-    state = None
-    if resume:  # every rank reads the checkpoint (the run folder is on shared storage for multi-node)
+    if resume and not ctx.is_main:  # rank 0 read it in _setup (the run folder is on shared storage for multi-node)
         state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     seed_everything(cfg.seed)
-    classes = output_classes(cfg.task)
     if model is None:
-        model, _ = create_model("resnet50", outputs=num_outputs(cfg.task, len(classes)), pretrained="none")
+        model, _ = _new_model(cfg)
     if state is not None:
         model.load_state_dict(state["model"])
-
-    # Everything validated: only now does the run folder appear (rank 0 writes, the others wait).
-    if ctx.is_main:
-        if not resume:
-            out.mkdir(parents=True)
-            atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
-            write_split(out / "split.csv", plan.rows, Path(cfg.data))
-            atomic_write_json(out / "init.json", init)
-        atomic_write_json(out / "data.json", {**plan.summary, "skipped_files": [
-            {"path": str(p), "reason": r} for p, r in plan.skipped]})
-        _write_skipped(out / "skipped.csv", plan.skipped)
-        log.info("data: %s", json.dumps(plan.summary["split"]))
+    if ctx.is_main:  # everything validated: only now does the run folder appear (the other ranks wait)
+        _write_run_start(out, cfg, plan, init, resume)
     prepared = load_data(plan, cfg, progress=cfg.progress and ctx.is_main)
-    pp, task, device = prepared.pp, cfg.task, ctx.device
+    loop = _build_loop(ctx, cfg, model, prepared)
+    progress = _restore(ctx, loop, state)
+    del state
 
+    for epoch in range(progress.start_epoch, cfg.epochs):
+        best = progress.best_epoch
+        if loop.has_val and cfg.patience > 0 and epoch - best >= cfg.patience and best > 0:
+            if ctx.is_main:
+                log.info("early stop: no better validation macro-F1 for %d epochs", cfg.patience)
+            break
+        _fault_injection(ctx, epoch)
+        row = _train_epoch(ctx, cfg, loop, epoch)
+        if ctx.is_main:
+            _validate(cfg, loop, prepared, ctx.device, row)
+        # every rank takes the same early-stopping decision, on rank 0's row
+        row = broadcast_from_main(ctx, row if ctx.is_main else None)
+        progress.history.append(row)
+        _keep(ctx, out, loop, progress, row, epoch, init)
+        barrier(ctx)  # nobody races ahead of a checkpoint that a resume would need
+
+    if not ctx.is_main:
+        return out
+    return _finish(out, cfg, prepared, init, progress.best_epoch, progress.best_f1, loop.criterion.cpu())
+
+
+def _write_run_start(out: Path, cfg: TrainConfig, plan: DataPlan, init: dict, resume: bool) -> None:
+    """Rank 0, before the first epoch: config, split and init (a new run), data summary and skipped files."""
+    if not resume:
+        out.mkdir(parents=True)
+        atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+        write_split(out / "split.csv", plan.rows, Path(cfg.data))
+        atomic_write_json(out / "init.json", init)
+    atomic_write_json(out / "data.json", {**plan.summary, "skipped_files": [
+        {"path": str(p), "reason": r} for p, r in plan.skipped]})
+    _write_skipped(out / "skipped.csv", plan.skipped)
+    log.info("data: %s", json.dumps(plan.summary["split"]))
+
+
+def _build_loop(ctx: DistContext, cfg: TrainConfig, model: nn.Module, prepared: PreparedData) -> _Loop:
+    """The model on its device (frozen trunk folded, DDP-wrapped), optimiser, schedule, loss, EMA, batches."""
+    device = ctx.device
     train_params = configure_finetuning(model, cfg.finetune)
     model = model.to(device, memory_format=torch.channels_last)  # oneDNN / cuDNN fast path
-    core = model  # the unwrapped module: what gets saved and evaluated
+    core = model
     if cfg.finetune != "all" and cfg.head_epochs == 0:
         # frozen stages folded (conv+BN) and run without autograd: same outputs, less work
         model = FrozenTrunkView(core, cfg.finetune)
@@ -286,8 +363,8 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=cfg.head_epochs > 0)  # head stage leaves the trunk without grads
     optimizer = _make_optimizer(cfg, train_params)
-    dataset = CachedImageDataset(prepared.caches["train"], prepared.targets["train"], pp,
-                                 train_augmentation(pp) if cfg.augment else None)
+    dataset = CachedImageDataset(prepared.caches["train"], prepared.targets["train"], prepared.pp,
+                                 train_augmentation(prepared.pp) if cfg.augment else None)
     # DistributedSampler also in a single process: with the same seed and global batch, the union
     # of the ranks' batches is the single-process batch, so runs are comparable across world sizes.
     if cfg.balance == "sampler":
@@ -305,7 +382,7 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
     )
-    criterion = BalancedLoss(task, prepared.targets["train"], weighted=cfg.balance == "loss",
+    criterion = BalancedLoss(cfg.task, prepared.targets["train"], weighted=cfg.balance == "loss",
                              label_smoothing=cfg.label_smoothing).to(device)
     # weight EMA: a smoothed copy of the weights (BatchNorm statistics included) is the model kept
     ema = (torch.optim.swa_utils.AveragedModel(
@@ -316,106 +393,106 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    history: list[dict] = []
-    best_f1, best_epoch, start_epoch = -1.0, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        history, best_f1, best_epoch, start_epoch = state["history"], state["best_f1"], state["best_epoch"], state["epoch"]
-        if ctx.is_main:
-            log.info("resuming after epoch %d (best epoch so far: %d)", start_epoch, best_epoch)
-        del state
+    return _Loop(model, core, optimizer, scheduler, criterion, ema, scaler, sampler, loader, amp_dtype, has_val)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if has_val and cfg.patience > 0 and epoch - best_epoch >= cfg.patience and best_epoch > 0:
-            if ctx.is_main:
-                log.info("early stop: no better validation macro-F1 for %d epochs", cfg.patience)
-            break
-        _fault_injection(ctx, epoch)
-        stage = "fc" if epoch < cfg.head_epochs else cfg.finetune
-        configure_finetuning(core, stage)
-        set_train_mode(core, True)  # (a FrozenTrunkView's folded trunk is a copy and stays in eval)
-        criterion.train()
-        seed_everything(cfg.seed * 1000 + epoch + 100_003 * ctx.rank)  # augmentation differs per rank
-        sampler.set_epoch(epoch)
-        t0, seen, loss_sum, norm_sum, correct = time.perf_counter(), 0, 0.0, 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} [{stage}]", unit="batch",
-                   disable=not (cfg.progress and ctx.is_main), leave=False)
-        for x, y in bar:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-                total, norm = criterion(logits.float(), y)
-                # DDP averages gradients over ranks: scale so the result is the global-batch mean
-                loss = total * ctx.world_size / all_reduce_sum_tensor(ctx, norm.detach())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(core)
-            total_value = total.item()
-            if not math.isfinite(total_value):
-                raise LungcadError(f"training diverged (loss {total_value}) at epoch {epoch + 1}; try a lower --lr")
-            seen += len(y)
-            loss_sum += total_value
-            norm_sum += norm.item()
-            pred = (logits.reshape(-1) > 0).long() if task == "binary" else logits.argmax(1)
-            correct += int((pred == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / norm_sum:.3f}")
-        seconds = time.perf_counter() - t0
-        loss_sum, norm_sum, correct, seen = all_reduce_sum(ctx, [loss_sum, norm_sum, correct, seen])  # all ranks
-        kept = ema.module if ema is not None else core  # the weights that would be saved now
-        verdict = None
-        if ctx.is_main:
-            row = {
-                "epoch": epoch + 1, "stage": stage, "lr": f"{scheduler.get_last_lr()[0]:.3g}",
-                "train_loss": round(loss_sum / max(norm_sum, 1e-12), 5), "train_accuracy": round(correct / max(seen, 1), 5),
-                "seconds": round(seconds, 1), "images_per_second": round(seen / seconds, 2),
-            }
-            if has_val:
-                val, val_loss, _ = _evaluate(kept, prepared.caches["val"], prepared.targets["val"], cfg, pp,
-                                             criterion.cpu())
-                criterion.to(device)
-                row.update({"val_loss": round(val_loss, 5), "val_accuracy": round(val["accuracy"], 5),
-                            "val_balanced_accuracy": round(val["balanced_accuracy"] or 0.0, 5),
-                            "val_macro_f1": round(val["macro_f1"], 5)})
-                log.info("epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f bal-acc %.3f macro-F1 %.3f "
-                         "| %.1f img/s", epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"],
-                         row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_macro_f1"],
-                         row["images_per_second"])
-            else:
-                log.info("epoch %d/%d: train loss %.3f acc %.3f | %.1f img/s", epoch + 1, cfg.epochs,
-                         row["train_loss"], row["train_accuracy"], row["images_per_second"])
-            verdict = row
-        row = broadcast_from_main(ctx, verdict)  # every rank takes the same early-stopping decision
-        history.append(row)
-        # without validation the last epoch is kept (the epoch count is part of the CV-chosen recipe)
-        score = row["val_macro_f1"] if has_val else float(epoch + 1)
-        if score > best_f1:
-            best_f1, best_epoch = score, epoch + 1
-            if ctx.is_main:
-                with atomic_path(out / "best.safetensors") as tmp:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in kept.state_dict().items()}, str(tmp))
-        if ctx.is_main:
-            _write_history(out / "history.csv", history)
-            with atomic_path(out / "checkpoint.pt") as tmp:
-                torch.save({
-                    "model": {k: v.cpu() for k, v in core.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1, "history": history, "best_f1": best_f1, "best_epoch": best_epoch,
-                    "init": init, "world_size": ctx.world_size,
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                }, tmp)
-        barrier(ctx)  # nobody races ahead of a checkpoint that a resume would need
 
-    if not ctx.is_main:
-        return out
-    return _finish(out, cfg, prepared, init, best_epoch, best_f1, criterion.cpu())
+def _restore(ctx: DistContext, loop: _Loop, state: dict | None) -> _Progress:
+    """A resumed run's optimiser, schedule, EMA and progress from its checkpoint (a new run: a fresh start)."""
+    if state is None:
+        return _Progress(history=[])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    if loop.ema is not None and "ema" in state:
+        loop.ema.load_state_dict(state["ema"])
+    progress = _Progress(state["history"], state["best_f1"], state["best_epoch"], state["epoch"])
+    if ctx.is_main:
+        log.info("resuming after epoch %d (best epoch so far: %d)", progress.start_epoch, progress.best_epoch)
+    return progress
+
+
+def _train_epoch(ctx: DistContext, cfg: TrainConfig, loop: _Loop, epoch: int) -> dict:
+    """One pass over the training batches; returns the epoch's history row (training columns, all ranks)."""
+    device, task = ctx.device, cfg.task
+    stage = "fc" if epoch < cfg.head_epochs else cfg.finetune
+    configure_finetuning(loop.core, stage)
+    set_train_mode(loop.core, True)  # (a FrozenTrunkView's folded trunk is a copy and stays in eval)
+    loop.criterion.train()
+    seed_everything(cfg.seed * 1000 + epoch + 100_003 * ctx.rank)  # augmentation differs per rank
+    loop.sampler.set_epoch(epoch)
+    t0, seen, loss_sum, norm_sum, correct = time.perf_counter(), 0, 0.0, 0.0, 0
+    bar = tqdm(loop.loader, desc=f"epoch {epoch + 1}/{cfg.epochs} [{stage}]", unit="batch",
+               disable=not (cfg.progress and ctx.is_main), leave=False)
+    for x, y in bar:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
+            logits = loop.model(x)
+            total, norm = loop.criterion(logits.float(), y)
+            # DDP averages gradients over ranks: scale so the result is the global-batch mean
+            loss = total * ctx.world_size / all_reduce_sum_tensor(ctx, norm.detach())
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        loop.scheduler.step()
+        if loop.ema is not None:
+            loop.ema.update_parameters(loop.core)
+        total_value = total.item()
+        if not math.isfinite(total_value):
+            raise LungcadError(f"training diverged (loss {total_value}) at epoch {epoch + 1}; try a lower --lr")
+        seen += len(y)
+        loss_sum += total_value
+        norm_sum += norm.item()
+        pred = (logits.reshape(-1) > 0).long() if task == "binary" else logits.argmax(1)
+        correct += int((pred == y).sum())
+        bar.set_postfix(loss=f"{loss_sum / norm_sum:.3f}")
+    seconds = time.perf_counter() - t0
+    loss_sum, norm_sum, correct, seen = all_reduce_sum(ctx, [loss_sum, norm_sum, correct, seen])  # all ranks
+    return {
+        "epoch": epoch + 1, "stage": stage, "lr": f"{loop.scheduler.get_last_lr()[0]:.3g}",
+        "train_loss": round(loss_sum / max(norm_sum, 1e-12), 5), "train_accuracy": round(correct / max(seen, 1), 5),
+        "seconds": round(seconds, 1), "images_per_second": round(seen / seconds, 2),
+    }
+
+
+def _validate(cfg: TrainConfig, loop: _Loop, prepared: PreparedData, device: torch.device, row: dict) -> None:
+    """Rank 0: the validation columns of the epoch's row (when there is a validation subset), and its log line."""
+    epochs = cfg.epochs
+    if not loop.has_val:
+        log.info("epoch %d/%d: train loss %.3f acc %.3f | %.1f img/s", row["epoch"], epochs,
+                 row["train_loss"], row["train_accuracy"], row["images_per_second"])
+        return
+    val, val_loss, _ = _evaluate(loop.kept, prepared.caches["val"], prepared.targets["val"], cfg, prepared.pp,
+                                 loop.criterion.cpu())
+    loop.criterion.to(device)
+    row.update({"val_loss": round(val_loss, 5), "val_accuracy": round(val["accuracy"], 5),
+                "val_balanced_accuracy": round(val["balanced_accuracy"] or 0.0, 5),
+                "val_macro_f1": round(val["macro_f1"], 5)})
+    log.info("epoch %d/%d: train loss %.3f acc %.3f | val loss %.3f acc %.3f bal-acc %.3f macro-F1 %.3f "
+             "| %.1f img/s", row["epoch"], epochs, row["train_loss"], row["train_accuracy"],
+             row["val_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_macro_f1"],
+             row["images_per_second"])
+
+
+def _keep(ctx: DistContext, out: Path, loop: _Loop, progress: _Progress, row: dict, epoch: int, init: dict) -> None:
+    """After an epoch: the best weights so far (rank 0 writes them), history.csv and the resume checkpoint."""
+    # without validation the last epoch is kept (the epoch count is part of the CV-chosen recipe)
+    score = row["val_macro_f1"] if loop.has_val else float(epoch + 1)
+    if score > progress.best_f1:
+        progress.best_f1, progress.best_epoch = score, epoch + 1
+        if ctx.is_main:
+            with atomic_path(out / "best.safetensors") as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in loop.kept.state_dict().items()}, str(tmp))
+    if ctx.is_main:
+        _write_history(out / "history.csv", progress.history)
+        with atomic_path(out / "checkpoint.pt") as tmp:
+            torch.save({
+                "model": {k: v.cpu() for k, v in loop.core.state_dict().items()},
+                "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+                "epoch": epoch + 1, "history": progress.history, "best_f1": progress.best_f1,
+                "best_epoch": progress.best_epoch, "init": init, "world_size": ctx.world_size,
+                **({"ema": loop.ema.state_dict()} if loop.ema is not None else {}),
+            }, tmp)
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -446,7 +523,7 @@ def _finish(out: Path, cfg: TrainConfig, prepared: PreparedData, init: dict, bes
             criterion: nn.Module) -> Path:
     """Best weights -> test metrics -> model.safetensors + model.json + metrics.json."""
     classes = output_classes(cfg.task)
-    model, _ = create_model("resnet50", outputs=num_outputs(cfg.task, len(classes)), pretrained="none")
+    model, _ = _new_model(cfg)
     model.load_state_dict(load_file(str(out / "best.safetensors")))
     model = model.to(memory_format=torch.channels_last).eval()
     test, test_loss, test_logits = _evaluate(model, prepared.caches["test"], prepared.targets["test"], cfg,
@@ -464,7 +541,7 @@ def _finish(out: Path, cfg: TrainConfig, prepared: PreparedData, init: dict, bes
     metrics = {"subset": "test", "best_epoch": best_epoch, "val_macro_f1": best_f1 if has_val else None,
                "test_loss": test_loss, **test}
     contract = ModelContract(
-        arch="resnet50", task=cfg.task, classes=classes, preprocessing=prepared.pp, init=init,
+        arch=ARCH, task=cfg.task, classes=classes, preprocessing=prepared.pp, init=init,
         training={
             "data": cfg.data, "data_fingerprint_sha256": prepared.summary["fingerprint_sha256"],
             "split": prepared.summary["split"], "finetune": cfg.finetune, "head_epochs": cfg.head_epochs,
@@ -500,22 +577,24 @@ def _write_skipped(path: Path, skipped: list[tuple[Path, str]]) -> None:
 
 
 def _load_resume_state(out: Path, progress: bool, epochs: int | None) -> tuple[TrainConfig, Path, dict]:
+    """(the saved config, its split.csv, the checkpoint) of an interrupted run, or a one-line error."""
     if not out.is_dir():
         raise LungcadError("cannot resume: run folder not found", out)
     if (out / "model.json").exists() and not (out / "checkpoint.pt").exists():
         raise LungcadError("run already finished; nothing to resume", out)
+    run = RunFolder(out)
     try:
-        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise LungcadError(f"cannot resume: unreadable config.json ({exc})", out) from None
-    ckpt = out / "checkpoint.pt"
+        cfg = run.train_config()
+    except LungcadError as exc:
+        raise LungcadError(f"cannot resume: {exc}") from None
+    ckpt = run.file("checkpoint.pt")
     if not ckpt.is_file():
         raise LungcadError("cannot resume: no checkpoint.pt (did the first epoch finish?)", out)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle code
     except Exception as exc:
-        raise LungcadError(f"cannot resume: corrupt checkpoint ({str(exc).splitlines()[0][:150]})", ckpt) from None
+        raise LungcadError(f"cannot resume: corrupt checkpoint ({first_line(exc, 150)})", ckpt) from None
     cfg.progress = progress
     if epochs is not None:
         cfg.epochs = epochs
-    return cfg, out / "split.csv", state
+    return cfg, run.file("split.csv"), state
