@@ -19,8 +19,8 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # noqa: E402
 
+from conftest import make_run  # noqa: E402
 from test_dicom_results import ct_series  # noqa: E402
-from test_predict import make_run  # noqa: E402
 
 from lungcad.cli import main  # noqa: E402
 from lungcad.dicom.node import NODE_USER, DicomNode, NodeOptions  # noqa: E402
@@ -97,7 +97,7 @@ class StoreSCP:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("node") / "run")
+    return make_run(tmp_path_factory.mktemp("node") / "run", ood=(24, 8))
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ pytest.importorskip("pynetdicom")
 pytest.importorskip("highdicom")
 pytest.importorskip("sqlalchemy")
 
+from conftest import make_run  # noqa: E402
 from test_dicom_node import free_port, send, wait_for  # noqa: E402
 from test_dicom_results import ct_series, dciodvfy_errors  # noqa: E402
-from test_predict import make_run  # noqa: E402
 
 from lungcad.dicom.sr import read_series_probability  # noqa: E402
 
@@ -132,7 +132,7 @@ def storescu(paths: list[Path], port: int) -> None:
 
 
 def test_round_trip_through_orthanc_with_the_pacs_down_and_the_node_killed(tmp_path):
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", ood=(24, 8))
     data, node_port = tmp_path / "data", free_port()
     pacs = Orthanc(tmp_path / "orthanc", node_port)  # configured, not started yet: the PACS is down
     series = ct_series(tmp_path / "ct", n=4)
@@ -198,7 +198,7 @@ def test_round_trip_through_orthanc_dicomweb_stow_rs(tmp_path):
     from lungcad.inference.predictor import Predictor
     from lungcad.web.db import DicomOutbox, Study
 
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", ood=(24, 8))
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", node_port, dicomweb=True)
     pacs.start()

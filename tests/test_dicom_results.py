@@ -16,7 +16,7 @@ pytest.importorskip("highdicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
-from test_predict import make_run  # noqa: E402
+from conftest import make_run  # noqa: E402
 
 from lungcad.cli import main  # noqa: E402
 from lungcad.data.transforms import Preprocessing, prepare, to_source_geometry  # noqa: E402
@@ -50,7 +50,7 @@ def ct_series(folder: Path, n: int = 4, series_uid: str = "1.2.826.0.1.3680043.8
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("results") / "run")
+    return make_run(tmp_path_factory.mktemp("results") / "run", ood=(24, 8))
 
 
 @pytest.fixture(scope="module")

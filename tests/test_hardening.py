@@ -883,12 +883,13 @@ def test_train_that_fails_writing_leaves_no_folder_and_one_line(tmp_path, monkey
 def test_predict_and_evaluate_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
     import os
 
-    from test_predict import _ct_png, make_run
+    from conftest import make_run
+    from test_predict import _ct_png
 
     target = Path("/proc/self")  # a folder nobody, root included, can create files in
     if not target.is_dir() or os.access("/proc/self/lungcad.csv", os.F_OK):
         pytest.skip("no /proc")
-    run = make_run(tmp_path / "run", ood=False)
+    run = make_run(tmp_path / "run")
     image = tmp_path / "x.png"
     image.write_bytes(_ct_png())
     assert main(["predict", str(run), str(image), "--out", str(target / "lungcad.csv"), "--no-progress"]) == 1
@@ -905,9 +906,10 @@ def test_fifo_and_device_inputs_are_error_rows_not_hangs(tmp_path, capsys):
     import json
     import os
 
-    from test_predict import _ct_png, make_run
+    from conftest import make_run
+    from test_predict import _ct_png
 
-    run = make_run(tmp_path / "run", ood=False)
+    run = make_run(tmp_path / "run")
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.png").write_bytes(_ct_png())
