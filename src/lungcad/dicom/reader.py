@@ -184,8 +184,10 @@ def read_dicom(
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    except (AttributeError, ValueError, TypeError):
+    except (AttributeError, ValueError, TypeError, OverflowError):  # OverflowError: NumberOfFrames "inf"
         raise DicomReadError("missing or invalid Rows/Columns/NumberOfFrames", label) from None
+    if min(rows, cols, n_frames) < 1:
+        raise DicomReadError(f"invalid size ({n_frames} frame(s) of {cols}x{rows} pixels)", label)
     if rows * cols > MAX_PIXELS or rows * cols * n_frames > MAX_TOTAL_PIXELS:
         raise DicomReadError(
             f"image too large ({n_frames} frame(s) of {cols}x{rows} pixels, limit {MAX_PIXELS} per frame)", label
