@@ -32,6 +32,7 @@ from lungcad.errors import LungcadError
 
 # Per test; a few seconds each. LUNGCAD_FUZZ_EXAMPLES=20000 for a longer (still derandomized) run.
 EXAMPLES = int(os.environ.get("LUNGCAD_FUZZ_EXAMPLES", "300"))
+TIMEOUT = 240 * max(1, EXAMPLES // 300)  # s per test: catches a hang, not a slow shared machine
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 # bounded_memory is meant to span all examples of a test (a whole-run peak)
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -125,7 +126,7 @@ def assert_decodes_or_refuses(raw: bytes, colour: str) -> None:
     check_pixels(arr, colour)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(TIMEOUT)
 @FUZZ
 @given(raw=st.one_of(st.binary(max_size=2048), mutated(SEEDS)), colour=st.sampled_from(["grey", "rgb", "auto"]))
 @example(raw=png_with_size(50000, 2), colour="grey")  # issue 15: a 185-byte PNG claiming 50000x2 px
@@ -136,7 +137,7 @@ def test_decode_image_returns_bounded_uint8_or_its_own_error(raw, colour, bounde
     assert_decodes_or_refuses(raw, colour)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(TIMEOUT)
 @FUZZ
 @given(width=st.integers(0, 2**31 - 1), height=st.integers(0, 2**31 - 1), raw=st.sampled_from(SEEDS[:4]))
 def test_decode_image_refuses_any_declared_size_it_cannot_afford(width, height, raw, bounded_memory):
@@ -164,6 +165,16 @@ def _base_dicom() -> bytes:
 
 
 BASE_DICOM = _base_dicom()
+
+
+def _no_pixels_two_sop_classes() -> bytes:
+    """No PixelData and a two-valued SOPClassUID: the error message named `sop.name` of a list."""
+    ds = pydicom.dcmread(io.BytesIO(BASE_DICOM))
+    del ds.PixelData
+    ds.SOPClassUID = ["1.2.840.10008.5.1.4.1.1.2", "1.2.3"]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 # The attributes read_dicom interprets: (group, element) -> VR in the explicit-VR encoding above.
 ATTRIBUTES = {
     "Rows": ((0x0028, 0x0010), b"US"), "Columns": ((0x0028, 0x0011), b"US"),
@@ -171,7 +182,7 @@ ATTRIBUTES = {
     "HighBit": ((0x0028, 0x0102), b"US"), "PixelRepresentation": ((0x0028, 0x0103), b"US"),
     "SamplesPerPixel": ((0x0028, 0x0002), b"US"),
     "PhotometricInterpretation": ((0x0028, 0x0004), b"CS"), "Modality": ((0x0008, 0x0060), b"CS"),
-    "NumberOfFrames": ((0x0028, 0x0008), b"IS"),
+    "NumberOfFrames": ((0x0028, 0x0008), b"IS"), "InstanceNumber": ((0x0020, 0x0013), b"IS"),
     "RescaleSlope": ((0x0028, 0x1053), b"DS"), "RescaleIntercept": ((0x0028, 0x1052), b"DS"),
     "WindowCenter": ((0x0028, 0x1050), b"DS"), "WindowWidth": ((0x0028, 0x1051), b"DS"),
 }
@@ -233,7 +244,7 @@ def assert_reads_or_refuses(raw: bytes) -> None:
         check_pixels(frame)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(TIMEOUT)
 @FUZZ
 @given(raw=st.one_of(mutated_dicom(), mutated([BASE_DICOM])))
 @example(raw=BASE_DICOM)
@@ -241,6 +252,9 @@ def assert_reads_or_refuses(raw: bytes) -> None:
 @example(raw=BASE_DICOM[:128] + b"DICM")
 @example(raw=with_value(BASE_DICOM, "NumberOfFrames", b"inf"))  # found here: OverflowError from int(IS "inf")
 @example(raw=with_value(BASE_DICOM, "NumberOfFrames", b"-3"))
+@example(raw=with_value(BASE_DICOM, "Columns", b"\x00"))  # found here: pydicom's BytesLengthException
+@example(raw=with_value(BASE_DICOM, "InstanceNumber", b"inf"))  # OverflowError in the reported metadata
+@example(raw=_no_pixels_two_sop_classes())  # found here: AttributeError 'MultiValue' object has no attribute 'name'
 def test_read_dicom_returns_bounded_uint8_or_its_own_error(raw, bounded_memory):
     assert_reads_or_refuses(raw)
 
