@@ -167,11 +167,11 @@ def _base_dicom() -> bytes:
 BASE_DICOM = _base_dicom()
 
 
-def _no_pixels_two_sop_classes() -> bytes:
-    """No PixelData and a two-valued SOPClassUID: the error message named `sop.name` of a list."""
+def _no_pixels(sop_class) -> bytes:
+    """No PixelData, and `sop_class` as the SOPClassUID the error message names."""
     ds = pydicom.dcmread(io.BytesIO(BASE_DICOM))
     del ds.PixelData
-    ds.SOPClassUID = ["1.2.840.10008.5.1.4.1.1.2", "1.2.3"]
+    ds.SOPClassUID = sop_class
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -254,7 +254,9 @@ def assert_reads_or_refuses(raw: bytes) -> None:
 @example(raw=with_value(BASE_DICOM, "NumberOfFrames", b"-3"))
 @example(raw=with_value(BASE_DICOM, "Columns", b"\x00"))  # found here: pydicom's BytesLengthException
 @example(raw=with_value(BASE_DICOM, "InstanceNumber", b"inf"))  # OverflowError in the reported metadata
-@example(raw=_no_pixels_two_sop_classes())  # found here: AttributeError 'MultiValue' object has no attribute 'name'
+@example(raw=BASE_DICOM.replace(b"\x02\x00\x10\x00UI", b"\x02\x00\x10\x00QI", 1))  # found here: NotImplementedError
+@example(raw=_no_pixels(["1.2.840.10008.5.1.4.1.1.2", "1.2.3"]))  # found here: AttributeError ('MultiValue'.name)
+@example(raw=_no_pixels("1.2.840.10008.\n5.1.4"))  # found here: a newline in the one-line message
 def test_read_dicom_returns_bounded_uint8_or_its_own_error(raw, bounded_memory):
     assert_reads_or_refuses(raw)
 

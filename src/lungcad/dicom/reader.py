@@ -172,7 +172,8 @@ def read_dicom(
         raise DicomReadError("not a DICOM file (no DICM magic at byte 128)", label)
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, BytesLengthException,
+            NotImplementedError) as exc:  # the last two found by tests/test_fuzz.py (odd lengths, unknown VRs)
         raise DicomReadError(f"corrupt DICOM file ({first_line(exc)})", label) from None
     metadata = safe_metadata(ds)
     if "PixelData" not in ds:
@@ -182,7 +183,8 @@ def read_dicom(
             sop = _first(getattr(ds, "SOPClassUID", None))
         except Exception:
             sop = None
-        sop_name = getattr(sop, "name", None) or (str(sop)[:64] if sop else None)
+        sop_name = str(getattr(sop, "name", None) or sop or "")[:64]
+        sop_name = sop_name if sop_name.isprintable() else repr(sop_name)  # one line, whatever the file holds
         raise DicomReadError(f"{what}{f' (SOP class {sop_name})' if sop_name else ''}", label)
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip().upper()
     if photometric not in GREY + COLOUR:
