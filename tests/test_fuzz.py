@@ -167,6 +167,15 @@ def _base_dicom() -> bytes:
 BASE_DICOM = _base_dicom()
 
 
+def _rgb_with_one_sample() -> bytes:
+    """PhotometricInterpretation RGB over 8-bit samples with SamplesPerPixel still 1."""
+    raw = BASE_DICOM
+    for keyword, value in (("PhotometricInterpretation", b"RGB "), ("BitsAllocated", struct.pack("<H", 8)),
+                           ("BitsStored", struct.pack("<H", 8)), ("HighBit", struct.pack("<H", 7))):
+        raw = with_value(raw, keyword, value)
+    return raw
+
+
 def _no_pixels(sop_class) -> bytes:
     """No PixelData, and `sop_class` as the SOPClassUID the error message names."""
     ds = pydicom.dcmread(io.BytesIO(BASE_DICOM))
@@ -255,6 +264,8 @@ def assert_reads_or_refuses(raw: bytes) -> None:
 @example(raw=with_value(BASE_DICOM, "Columns", b"\x00"))  # found here: pydicom's BytesLengthException
 @example(raw=with_value(BASE_DICOM, "InstanceNumber", b"inf"))  # OverflowError in the reported metadata
 @example(raw=BASE_DICOM.replace(b"\x02\x00\x10\x00UI", b"\x02\x00\x10\x00QI", 1))  # found here: NotImplementedError
+@example(raw=_rgb_with_one_sample())  # found here: frames of shape (2, 128, 128) returned
+@example(raw=BASE_DICOM[: BASE_DICOM.index(b"\x02\x00\x01\x00OB\x00\x00") + 9])  # found here: struct.error
 @example(raw=_no_pixels(["1.2.840.10008.5.1.4.1.1.2", "1.2.3"]))  # found here: AttributeError ('MultiValue'.name)
 @example(raw=_no_pixels("1.2.840.10008.\n5.1.4"))  # found here: a newline in the one-line message
 def test_read_dicom_returns_bounded_uint8_or_its_own_error(raw, bounded_memory):

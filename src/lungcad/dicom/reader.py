@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,7 +174,8 @@ def read_dicom(
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, BytesLengthException,
-            NotImplementedError) as exc:  # the last two found by tests/test_fuzz.py (odd lengths, unknown VRs)
+            NotImplementedError, struct.error) as exc:  # the last three found by tests/test_fuzz.py
+        # (odd-length values, unknown VRs, a length field cut short)
         raise DicomReadError(f"corrupt DICOM file ({first_line(exc)})", label) from None
     metadata = safe_metadata(ds)
     if "PixelData" not in ds:
@@ -214,8 +216,10 @@ def read_dicom(
     colour = photometric in COLOUR
     if n_frames == 1:
         arr = arr[None]
-    if arr.ndim != (4 if colour else 3):
-        raise DicomReadError(f"unexpected pixel array shape {arr.shape} for {photometric}", label)
+    expected = (n_frames, rows, cols, 3) if colour else (n_frames, rows, cols)
+    if arr.shape != expected:  # e.g. RGB with SamplesPerPixel 1 (found by tests/test_fuzz.py: 2 frames of 128x128)
+        raise DicomReadError(f"unexpected pixel array shape {arr.shape} for {photometric} "
+                             f"({n_frames} frame(s) of {cols}x{rows})", label)
 
     frames: list[np.ndarray] = []
     used: tuple[float, float] | None = None
