@@ -82,7 +82,10 @@ def safe_metadata(ds) -> dict:
     """The non-identifying header fields lungcad reports for a DICOM input."""
     out: dict = {}
     for key in SAFE_UID_KEYS + _SAFE_OTHER:
-        value = getattr(ds, key, None)
+        try:
+            value = getattr(ds, key, None)
+        except Exception:  # pydicom's conversion of a malformed value (IS "inf", odd-length US): leave it out
+            continue
         if value is None or value == "":
             continue
         out[key] = int(value) if key == "InstanceNumber" and str(value).lstrip("-").isdigit() else str(value)

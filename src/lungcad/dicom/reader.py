@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,11 +133,13 @@ def _number(ds, keyword: str, default: float | None, label) -> float | None:
 
     Read from the raw element: pydicom would raise its own ValueError (or warn) on a malformed value.
     """
+    from pydicom.errors import BytesLengthException
+
     if keyword not in ds:
         return default
     try:
         raw = ds[keyword].value
-    except (ValueError, TypeError, OverflowError) as exc:  # pydicom's own conversion of a malformed DS/IS
+    except (ValueError, TypeError, OverflowError, BytesLengthException) as exc:  # pydicom's conversion of a malformed value
         raise DicomReadError(f"invalid {keyword} ({first_line(exc, 80)})", label) from None
     value = _first(raw)
     if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
@@ -162,7 +165,7 @@ def read_dicom(
     DicomReadError (a LungcadError) naming the file for anything that cannot be used.
     """
     pydicom = _pydicom()
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     label = name if name is not None else (data if isinstance(data, (str, Path)) else "<bytes>")
     raw = read_regular_file(data, label, error=DicomReadError) if isinstance(data, (str, Path)) else data
@@ -170,22 +173,32 @@ def read_dicom(
         raise DicomReadError("not a DICOM file (no DICM magic at byte 128)", label)
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, BytesLengthException,
+            NotImplementedError, struct.error) as exc:  # the last three found by tests/test_fuzz.py
+        # (odd-length values, unknown VRs, a length field cut short)
         raise DicomReadError(f"corrupt DICOM file ({first_line(exc)})", label) from None
     metadata = safe_metadata(ds)
     if "PixelData" not in ds:
         kind = "FloatPixelData" if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds else None
         what = f"float pixel data ({kind}) is not supported" if kind else "DICOM without pixel data"
-        sop = getattr(ds, "SOPClassUID", None)
-        raise DicomReadError(f"{what}{f' (SOP class {sop.name})' if sop is not None else ''}", label)
+        try:  # only to name it: a malformed or multi-valued SOPClassUID (found by tests/test_fuzz.py) is shown as is
+            sop = _first(getattr(ds, "SOPClassUID", None))
+        except Exception:
+            sop = None
+        sop_name = str(getattr(sop, "name", None) or sop or "")[:64]
+        sop_name = sop_name if sop_name.isprintable() else repr(sop_name)  # one line, whatever the file holds
+        raise DicomReadError(f"{what}{f' (SOP class {sop_name})' if sop_name else ''}", label)
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip().upper()
     if photometric not in GREY + COLOUR:
         raise DicomReadError(f"unsupported photometric interpretation {photometric or '(missing)'!r}", label)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    except (AttributeError, ValueError, TypeError):
+    except (AttributeError, ValueError, TypeError, OverflowError, BytesLengthException):
+        # found by tests/test_fuzz.py: NumberOfFrames "inf" (OverflowError), a 1-byte US Columns (BytesLengthException)
         raise DicomReadError("missing or invalid Rows/Columns/NumberOfFrames", label) from None
+    if min(rows, cols, n_frames) < 1:
+        raise DicomReadError(f"invalid size ({n_frames} frame(s) of {cols}x{rows} pixels)", label)
     if rows * cols > MAX_PIXELS or rows * cols * n_frames > MAX_TOTAL_PIXELS:
         raise DicomReadError(
             f"image too large ({n_frames} frame(s) of {cols}x{rows} pixels, limit {MAX_PIXELS} per frame)", label
@@ -203,8 +216,10 @@ def read_dicom(
     colour = photometric in COLOUR
     if n_frames == 1:
         arr = arr[None]
-    if arr.ndim != (4 if colour else 3):
-        raise DicomReadError(f"unexpected pixel array shape {arr.shape} for {photometric}", label)
+    expected = (n_frames, rows, cols, 3) if colour else (n_frames, rows, cols)
+    if arr.shape != expected:  # e.g. RGB with SamplesPerPixel 1 (found by tests/test_fuzz.py: 2 frames of 128x128)
+        raise DicomReadError(f"unexpected pixel array shape {arr.shape} for {photometric} "
+                             f"({n_frames} frame(s) of {cols}x{rows})", label)
 
     frames: list[np.ndarray] = []
     used: tuple[float, float] | None = None

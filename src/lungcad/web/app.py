@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -208,7 +209,22 @@ def create_app(
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(api.router)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus what it cannot derive from the routes: the problem+json error model the
+    `responses=` of routes.api refer to, and the two ways to authenticate (required everywhere but
+    on operations that say `security: []`, i.e. /health)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {})["Problem"] = api.Problem.model_json_schema()
+        components["securitySchemes"] = api.SECURITY_SCHEMES
+        schema["security"] = api.SECURITY
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # ---------------------------------------------------------------- error handlers
@@ -228,8 +244,11 @@ async def _auth_required(request: Request, exc: AuthRequired) -> Response:
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     title = HTTP_TITLES.get(exc.status_code, "Error")
     if is_api(request):
-        return problem(exc.status_code, title, str(exc.detail))
-    return _error_page(request, exc.status_code, title, str(exc.detail))
+        resp = problem(exc.status_code, title, str(exc.detail))
+    else:
+        resp = _error_page(request, exc.status_code, title, str(exc.detail))
+    resp.headers.update(exc.headers or {})  # e.g. Starlette's `Allow` on 405 (RFC 9110 requires it)
+    return resp
 
 
 async def _input_error(request: Request, exc: LungcadError) -> Response:

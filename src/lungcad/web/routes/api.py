@@ -13,11 +13,11 @@ import os
 import secrets
 from email.parser import BytesParser
 from email.policy import HTTP
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -33,9 +33,51 @@ from lungcad.web.routes.pages import owned_token
 from lungcad.web.security import revoke_token
 from lungcad.web.uploads import MAX_UPLOAD_BYTES
 
-__all__ = ["FeedbackIn", "router", "token_dict"]
+__all__ = ["PROBLEM", "SECURITY", "SECURITY_SCHEMES", "FeedbackIn", "Problem", "problems", "router", "token_dict"]
 
 router = APIRouter()
+
+PROBLEM = "application/problem+json"
+# How API clients authenticate (declared in /openapi.json; lungcad.web.app adds them to every
+# operation but /health): an API token, or the pages' own session cookie (with X-CSRF-Token on writes).
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "an API token: `Authorization: Bearer lcd_...`"},
+    "session": {"type": "apiKey", "in": "cookie", "name": "lungcad_session",
+                "description": "a signed-in browser session; writes also need the `X-CSRF-Token` header"},
+}
+SECURITY = [{"bearer": []}, {"session": []}]
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document: the body of every API error (lungcad.web.app.problem)."""
+
+    model_config = ConfigDict(extra="allow", title="Problem")  # e.g. `errors` on 422 "Invalid request"
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str = ""
+
+
+_PROBLEM_WHEN = {
+    400: "a body that cannot be parsed (malformed JSON or multipart)",
+    401: "no credentials, or an invalid, expired or revoked API token",
+    403: "not allowed for this user, or a cookie-authenticated write without its CSRF token",
+    404: "no such resource (or not one this user may see)",
+    413: "request body over the server's limit",
+    422: "invalid request parameters or body, or an unusable upload",
+    503: "database busy or storage unavailable: retry later (see Retry-After and /health)",
+}
+
+
+def problems(*codes: int) -> dict:
+    """`responses=` entries documenting `codes` as problem+json answers (and 401/503, which any
+    authenticated operation can give)."""
+    return {
+        code: {"description": _PROBLEM_WHEN[code],
+               "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for code in sorted({401, 503, *codes})
+    }
 
 
 class FeedbackIn(BaseModel):
@@ -47,7 +89,9 @@ class FeedbackIn(BaseModel):
     usability: int | None = Field(None, ge=1, le=5, description="rating of the tool, 1 (poor) to 5 (good)")
 
 
-@router.get("/health", tags=["meta"], responses={503: {"description": "degraded: see `database` and `data_dir`"}})
+@router.get("/health", tags=["meta"], openapi_extra={"security": []},
+            responses={503: {"description": "degraded: see `database` and `data_dir`",
+                             "content": {"application/json": {"schema": {"type": "object"}}}}})
 def health(session: DB, store: StoreDep, settings: SettingsDep) -> JSONResponse:
     """Liveness and readiness (no authentication): the database answers and, for SQLite, can be written;
     the data folder can be written and has room; the model is loaded. 503 with the reasons when degraded."""
@@ -72,7 +116,7 @@ def openapi_schema(request: Request, user: CurrentUser) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
-@router.post("/api/predict", status_code=201, tags=["api"])
+@router.post("/api/predict", status_code=201, tags=["api"], responses=problems(400, 403, 413, 422))
 async def api_predict(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep,
                       file: Annotated[UploadFile, File()]) -> dict:
     """Upload one PNG/JPEG/DICOM image (multipart field `file`): the stored study with its prediction."""
@@ -93,7 +137,7 @@ def _api_store(sessions: sessionmaker, store: service.Store, user: User, raw: by
         return service.study_dict(study)
 
 
-@router.post("/api/feedback", status_code=201, tags=["api"])
+@router.post("/api/feedback", status_code=201, tags=["api"], responses=problems(400, 403, 404, 413, 422))
 def api_feedback(request: Request, session: DB, user: CurrentUser, store: StoreDep, body: FeedbackIn) -> dict:
     """Record a clinician's feedback on a study; the stored row (with its id) is returned."""
     check_csrf(request, None)
@@ -106,15 +150,15 @@ def api_feedback(request: Request, session: DB, user: CurrentUser, store: StoreD
     return service.feedback_dict(row)
 
 
-@router.get("/api/studies", tags=["api"])
-def api_studies(session: DB, user: CurrentUser, status: str = "all", limit: int = 100, offset: int = 0) -> list[dict]:
-    """Recent studies, newest first; status = all / pending / reviewed / disagree."""
-    if status not in ("all", "pending", "reviewed", "disagree"):
-        raise HTTPException(400, "status must be all, pending, reviewed or disagree")
+@router.get("/api/studies", tags=["api"], responses=problems(422))
+def api_studies(session: DB, user: CurrentUser, status: Literal["all", "pending", "reviewed", "disagree"] = "all",
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> list[dict]:
+    """Recent studies, newest first; status = all / pending (no feedback) / reviewed / disagree."""
     return [service.study_dict(s) for s in service.list_studies(session, status, limit, offset)]
 
 
-@router.get("/api/studies/{study_id}", tags=["api"])
+@router.get("/api/studies/{study_id}", tags=["api"], responses=problems(404, 422))
 def api_study(session: DB, user: CurrentUser, study_id: str) -> dict:
     study = get_study(session, study_id)
     audit(session, "study_view", user, target=study.id, via="api")  # who looked at which patient's image
@@ -131,7 +175,7 @@ def token_dict(token: ApiToken) -> dict:
             "revoked": token.revoked, "expired": expires <= utcnow()}
 
 
-@router.get("/api/tokens", tags=["api"])
+@router.get("/api/tokens", tags=["api"], responses=problems(403, 422))
 def api_tokens(session: DB, user: CurrentUser, everyone: Annotated[bool, Query(alias="all")] = False) -> list[dict]:
     """The caller's API tokens, newest first; `all=true`: everyone's (administrators only)."""
     q = select(ApiToken).options(selectinload(ApiToken.user)).order_by(ApiToken.id.desc())
@@ -143,7 +187,7 @@ def api_tokens(session: DB, user: CurrentUser, everyone: Annotated[bool, Query(a
     return [token_dict(t) for t in session.scalars(q)]
 
 
-@router.delete("/api/tokens/{token_id}", status_code=204, tags=["api"])
+@router.delete("/api/tokens/{token_id}", status_code=204, tags=["api"], responses=problems(403, 404, 422))
 def api_revoke_token(request: Request, session: DB, user: CurrentUser, token_id: int) -> Response:
     """Revoke an API token: one's own, or anyone's for an administrator. It gets 401 from then on."""
     check_csrf(request, None)
@@ -152,7 +196,7 @@ def api_revoke_token(request: Request, session: DB, user: CurrentUser, token_id:
     return Response(status_code=204)
 
 
-@router.get("/api/me", tags=["api"])
+@router.get("/api/me", tags=["api"], responses=problems())
 def api_me(user: CurrentUser) -> dict:
     return {"username": user.username, "role": user.role}
 
