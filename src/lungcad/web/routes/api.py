@@ -65,6 +65,7 @@ _PROBLEM_WHEN = {
     403: "not allowed for this user, or a cookie-authenticated write without its CSRF token",
     404: "no such resource (or not one this user may see)",
     413: "request body over the server's limit",
+    415: "a content type this operation does not take",
     422: "invalid request parameters or body, or an unusable upload",
     503: "database busy or storage unavailable: retry later (see Retry-After and /health)",
 }
@@ -206,7 +207,7 @@ def api_me(user: CurrentUser) -> dict:
 _STOW_FAILED = 0xC000  # PS3.18 Table I.2-3 / PS3.4 C-STORE: "cannot understand" (unusable instance)
 
 
-@router.post("/api/dicomweb/studies", tags=["dicomweb"])
+@router.post("/api/dicomweb/studies", tags=["dicomweb"], responses=problems(400, 403, 413, 415))
 async def stow_rs(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep) -> Response:
     """DICOMweb STOW-RS (PS3.18 10.5): a `multipart/related; type="application/dicom"` body of instances.
 
