@@ -197,7 +197,37 @@ def test_non_allowed_calling_ae_is_rejected_and_non_ct_is_not_scored(node_factor
     mr.save_as(mr_path, enforce_file_format=True)
     assert send([mr_path], node.opts.port, calling="CT_SCANNER") == [0x0000]
     wait_for(lambda: node.processed >= 1, what="the MR series")
-    assert "modality MR received and not scored" in caplog.text and _studies(node) == []
+    assert "not CT: modality MR, not scored" in caplog.text and _studies(node) == []
+
+
+def test_non_ct_series_is_stored_de_identified_and_not_scored(node_factory, tmp_path, caplog):
+    from pydicom.uid import generate_uid
+    from sqlalchemy import select
+
+    from lungcad.web.db import AuditEvent
+
+    caplog.set_level(logging.INFO)
+    node = node_factory()
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    mr.StudyInstanceUID, mr.SeriesInstanceUID, mr.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    mr.file_meta.MediaStorageSOPInstanceUID = mr.SOPInstanceUID
+    mr.PatientName, mr.PatientID = "Doe^Jane", "MR-PID-4711"
+    mr_path = tmp_path / "mr.dcm"
+    mr.save_as(mr_path, enforce_file_format=True)
+    assert send([mr_path], node.opts.port) == [0x0000]
+    wait_for(lambda: node.processed >= 1, what="the MR series")
+    assert _studies(node) == []  # not scored: nothing on the worklist
+    (kept,) = list(node.not_scored.rglob("*.dcm"))  # stored
+    stored = pydicom.dcmread(kept)
+    assert stored.Modality == "MR" and stored.PatientName == "ANONYMOUS" and stored.PatientID != "MR-PID-4711"
+    assert stored.SeriesInstanceUID != mr.SeriesInstanceUID  # de-identified like every stored DICOM
+    assert not list(node.spool.rglob("*.dcm"))  # spool emptied
+    assert "not CT: modality MR, not scored" in caplog.text
+    with node.sessions() as session:
+        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-series-not-scored"))
+        assert event.detail["reason"] == "not CT: modality MR, not scored" and event.detail["instances"] == 1
+    for phi in ("Doe^Jane", "MR-PID-4711", mr.SeriesInstanceUID, mr.StudyInstanceUID):
+        assert phi not in caplog.text
 
 
 def test_spooled_series_survive_a_restart(node_factory, run_dir, predictor, tmp_path):

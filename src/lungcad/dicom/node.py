@@ -12,8 +12,8 @@ success, and the spool is scanned at start, so a node killed mid-series complete
 after a restart. The spool holds the original instances (the results go back to the PACS under
 the patient's identity) and is emptied once a series is processed; the database and the web
 app's folders only ever hold de-identified data. Logs name series by a keyed hash, never by
-patient, UID or accession number. Non-CT series are accepted (a PACS may route a whole study) but
-not scored, and the reason is logged.
+patient, UID or accession number. Non-CT series are accepted (a PACS may route a whole study),
+stored de-identified under `dicom-node/not-scored/`, not scored, and the reason is logged and audited.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ class DicomNode:
         self.secret = load_secret(self.data_dir)
         self.spool = self.data_dir / "dicom-node" / "spool"
         self.results = self.data_dir / "dicom-node" / "results"
-        for folder in (self.spool, self.results, self.data_dir / "images", self.data_dir / "dicom"):
+        self.not_scored = self.data_dir / "dicom-node" / "not-scored"  # de-identified non-CT series, kept
+        for folder in (self.spool, self.results, self.not_scored, self.data_dir / "images", self.data_dir / "dicom"):
             folder.mkdir(parents=True, exist_ok=True)
         if predictor is None:
             from lungcad.inference.predictor import Predictor
@@ -291,8 +292,9 @@ class DicomNode:
         head = pydicom.dcmread(files[0], stop_before_pixels=True)
         modality = str(head.get("Modality", "") or "?")
         if modality not in SCORED_MODALITIES:
-            log.warning("series %s: %d instance(s) of modality %s received and not scored (the model reads CT)",
-                        tag, len(files), modality)
+            stored = self._store_not_scored(files, key, modality)
+            log.warning("series %s: not CT: modality %s, not scored; %d of %d instance(s) stored de-identified "
+                        "under %s", tag, modality, stored, len(files), self.not_scored / key)
             self._discard(files, folder)
             return None
         t0 = time.perf_counter()
@@ -339,6 +341,32 @@ class DicomNode:
                                                  threshold=p.threshold))
         files.append(write_series_report(series, ok, keys, out, p.report_info()))
         return files
+
+    def _store_not_scored(self, files: list[Path], key: str, modality: str) -> int:
+        """Keep a series the model does not read (de-identified, like every DICOM the data folder holds) and
+        audit it with the reason; returns the number of instances stored."""
+        from lungcad.web.db import audit
+        from lungcad.web.uploads import deidentify_upload
+
+        out = self.not_scored / key
+        out.mkdir(parents=True, exist_ok=True)
+        stored = 0
+        for path in files:
+            try:
+                clean, _ = deidentify_upload(path.read_bytes(), self.secret, "instance")
+            except LungcadError as exc:
+                log.warning("series %s: an instance could not be de-identified (%s); not kept", key[:12], exc)
+                continue
+            with atomic_path(out / path.name) as tmp:
+                tmp.write_bytes(clean)
+            stored += 1
+        with self.sessions() as session:
+            caller = self._callers.pop(key, "")
+            audit(session, "dicom-series-not-scored", self._node_user(session), target=key,
+                  reason=f"not CT: modality {modality}, not scored", modality=modality, instances=stored,
+                  calling_ae=caller)
+            session.commit()
+        return stored
 
     def _node_user(self, session):
         from sqlalchemy import select
