@@ -185,6 +185,57 @@ def test_node_scores_a_series_onto_the_worklist_without_phi_in_the_logs(node_fac
         assert phi not in caplog.text
 
 
+def test_json_logs_carry_events_counts_and_durations_without_phi(node_factory, tmp_path):
+    import json
+
+    from lungcad.utils import JsonLogFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("lungcad")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        node = node_factory()
+        paths = ct_series(tmp_path / "ct", n=3)
+        assert send(paths, node.opts.port) == [0x0000] * 3
+        wait_for(lambda: node.processed >= 1, what="the series to be processed")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = [line for line in stream.getvalue().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    by_event = {e["event"]: e for e in entries}
+    assert {"node-started", "series-complete", "series-scored"} <= set(by_event)
+    scored = by_event["series-scored"]
+    assert scored["slices"] == 3 and scored["instances"] == 3 and scored["seconds"] >= 0
+    assert len(scored["series"]) == 12 and by_event["series-complete"]["series"] == scored["series"]
+    assert by_event["series-complete"]["instances"] == 3 and 0.0 <= scored["probability"] <= 1.0
+    assert all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
+    source = pydicom.dcmread(paths[0])
+    text = stream.getvalue()
+    for phi in (str(source.PatientName), str(source.PatientID), source.StudyInstanceUID, source.SeriesInstanceUID):
+        assert phi and phi not in text
+
+
+def test_cli_log_format_json_writes_json_lines():
+    import json
+
+    from lungcad.utils import JsonLogFormatter
+
+    record = logging.LogRecord("lungcad.dicom.node", logging.INFO, __file__, 1, "series %s: %d", ("abc", 2), None)
+    record.event, record.series = "series-scored", "abc"
+    entry = json.loads(JsonLogFormatter().format(record))
+    assert entry["event"] == "series-scored" and entry["series"] == "abc" and entry["message"] == "series abc: 2"
+    from lungcad.cli import build_parser
+
+    args = build_parser().parse_args(["dicom-node", "RUN", "--log-format", "json"])
+    assert args.log_format == "json"
+
+
 def test_non_allowed_calling_ae_is_rejected_and_non_ct_is_not_scored(node_factory, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     node = node_factory(allow_ae=["CT_SCANNER"])
@@ -197,7 +248,37 @@ def test_non_allowed_calling_ae_is_rejected_and_non_ct_is_not_scored(node_factor
     mr.save_as(mr_path, enforce_file_format=True)
     assert send([mr_path], node.opts.port, calling="CT_SCANNER") == [0x0000]
     wait_for(lambda: node.processed >= 1, what="the MR series")
-    assert "modality MR received and not scored" in caplog.text and _studies(node) == []
+    assert "not CT: modality MR, not scored" in caplog.text and _studies(node) == []
+
+
+def test_non_ct_series_is_stored_de_identified_and_not_scored(node_factory, tmp_path, caplog):
+    from pydicom.uid import generate_uid
+    from sqlalchemy import select
+
+    from lungcad.web.db import AuditEvent
+
+    caplog.set_level(logging.INFO)
+    node = node_factory()
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    mr.StudyInstanceUID, mr.SeriesInstanceUID, mr.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    mr.file_meta.MediaStorageSOPInstanceUID = mr.SOPInstanceUID
+    mr.PatientName, mr.PatientID = "Doe^Jane", "MR-PID-4711"
+    mr_path = tmp_path / "mr.dcm"
+    mr.save_as(mr_path, enforce_file_format=True)
+    assert send([mr_path], node.opts.port) == [0x0000]
+    wait_for(lambda: node.processed >= 1, what="the MR series")
+    assert _studies(node) == []  # not scored: nothing on the worklist
+    (kept,) = list(node.not_scored.rglob("*.dcm"))  # stored
+    stored = pydicom.dcmread(kept)
+    assert stored.Modality == "MR" and stored.PatientName == "ANONYMOUS" and stored.PatientID != "MR-PID-4711"
+    assert stored.SeriesInstanceUID != mr.SeriesInstanceUID  # de-identified like every stored DICOM
+    assert not list(node.spool.rglob("*.dcm"))  # spool emptied
+    assert "not CT: modality MR, not scored" in caplog.text
+    with node.sessions() as session:
+        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-series-not-scored"))
+        assert event.detail["reason"] == "not CT: modality MR, not scored" and event.detail["instances"] == 1
+    for phi in ("Doe^Jane", "MR-PID-4711", mr.SeriesInstanceUID, mr.StudyInstanceUID):
+        assert phi not in caplog.text
 
 
 def test_spooled_series_survive_a_restart(node_factory, run_dir, predictor, tmp_path):
@@ -220,7 +301,8 @@ def test_results_queue_survives_a_restart_and_is_sent_when_the_pacs_is_up(node_f
     from lungcad.web.db import DicomOutbox
 
     pacs_port = free_port()
-    node = node_factory(forward=f"PACS@127.0.0.1:{pacs_port}")  # nothing listens there yet
+    # A longer quiet period: on a loaded machine a 1 s gap between instances splits the series in two.
+    node = node_factory(forward=f"PACS@127.0.0.1:{pacs_port}", quiet_seconds=3.0)  # nothing listens there yet
     assert send(ct_series(tmp_path / "ct", n=3), node.opts.port) == [0x0000] * 3
     wait_for(lambda: node.processed >= 1, what="the series")
 

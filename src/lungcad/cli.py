@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet-seconds", type=float, default=10.0,
                    help="a series is complete when no instance of it arrived for this long (default 10)")
     p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per line (event, series hash, counts, durations; no PHI) for a log "
+                        "collector (default text)")
     _db_args(p)
     _add_common(p)
 
@@ -358,7 +361,7 @@ COMMANDS["dicom-node"] = cmd_dicom_node
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lungcad` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, getattr(args, "log_format", "text"))
     try:
         return COMMANDS[args.command](args)
     except LungcadError as exc:

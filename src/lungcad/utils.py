@@ -16,9 +16,40 @@ from typing import Any
 
 import numpy as np
 
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
-def setup_logging(verbose: bool = False) -> None:
-    """Configure the root logger once for the CLI (library code only calls `logging.getLogger`)."""
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, event, message and the record's
+    `extra=` fields (counts, durations, series hashes). It adds nothing to what the message already says
+    about patients: callers that log with it (the DICOM node) name series by keyed hash only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from datetime import datetime, timezone
+
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["error"] = record.exc_info[0].__name__ if record.exc_info[0] else "exception"
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
+    """Configure the root logger once for the CLI (library code only calls `logging.getLogger`);
+    `log_format="json"` writes JSON lines (`JsonLogFormatter`) for a log collector."""
+    if log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+        return
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,8 +12,8 @@ success, and the spool is scanned at start, so a node killed mid-series complete
 after a restart. The spool holds the original instances (the results go back to the PACS under
 the patient's identity) and is emptied once a series is processed; the database and the web
 app's folders only ever hold de-identified data. Logs name series by a keyed hash, never by
-patient, UID or accession number. Non-CT series are accepted (a PACS may route a whole study) but
-not scored, and the reason is logged.
+patient, UID or accession number. Non-CT series are accepted (a PACS may route a whole study),
+stored de-identified under `dicom-node/not-scored/`, not scored, and the reason is logged and audited.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ class DicomNode:
         self.secret = load_secret(self.data_dir)
         self.spool = self.data_dir / "dicom-node" / "spool"
         self.results = self.data_dir / "dicom-node" / "results"
-        for folder in (self.spool, self.results, self.data_dir / "images", self.data_dir / "dicom"):
+        self.not_scored = self.data_dir / "dicom-node" / "not-scored"  # de-identified non-CT series, kept
+        for folder in (self.spool, self.results, self.not_scored, self.data_dir / "images", self.data_dir / "dicom"):
             folder.mkdir(parents=True, exist_ok=True)
         if predictor is None:
             from lungcad.inference.predictor import Predictor
@@ -173,7 +174,8 @@ class DicomNode:
         if self.opts.allow_ae:
             ae.require_calling_aet = list(self.opts.allow_ae)
         else:
-            log.warning("no --allow-ae given: any calling AE title may store studies on this node")
+            log.warning("no --allow-ae given: any calling AE title may store studies on this node",
+                        extra={"event": "any-caller-allowed"})
         ae.add_supported_context(Verification)
         for sop_class, syntaxes in storage_contexts():
             ae.add_supported_context(sop_class, syntaxes)
@@ -188,7 +190,8 @@ class DicomNode:
             for name in leftover:  # series received before a restart: their quiet period starts now
                 self._last_seen[name] = time.monotonic()
         if leftover:
-            log.info("%d series left in the spool from an earlier run; they will be processed", len(leftover))
+            log.info("%d series left in the spool from an earlier run; they will be processed", len(leftover),
+                     extra={"event": "spool-resumed", "series_count": len(leftover)})
         for target, name in ((self._watch, "series-watcher"), (self._worker, "series-worker")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -197,7 +200,8 @@ class DicomNode:
             self.outbox.start()
         log.info("DICOM node %s listening on %s:%d; series complete after %.0f s without new instances%s",
                  self.opts.ae_title, self.opts.host, self.opts.port, self.opts.quiet_seconds,
-                 f"; results forwarded to {self.destination}" if self.destination else "")
+                 f"; results forwarded to {self.destination}" if self.destination else "",
+                 extra={"event": "node-started", "ae_title": self.opts.ae_title, "port": self.opts.port})
 
     def stop(self) -> None:
         """Stop listening and let the current series finish (idempotent)."""
@@ -224,7 +228,7 @@ class DicomNode:
             log.info("interrupted: stopping (received series stay in the spool for the next start)")
         finally:
             self.stop()
-        log.info("DICOM node %s stopped", self.opts.ae_title)
+        log.info("DICOM node %s stopped", self.opts.ae_title, extra={"event": "node-stopped"})
 
     # ----------------------------------------------------------------------------- receiving
 
@@ -262,6 +266,9 @@ class DicomNode:
                 for key in done:
                     del self._last_seen[key]
             for key in done:
+                log.info("series %s: complete (no new instance for %.0f s)", key[:12], self.opts.quiet_seconds,
+                         extra={"event": "series-complete", "series": key[:12],
+                                "instances": sum(1 for _ in (self.spool / key).glob("*.dcm"))})
                 self._work.put(key)
 
     def _worker(self) -> None:
@@ -272,7 +279,8 @@ class DicomNode:
             try:
                 self.process_series(key)
             except Exception as exc:  # one bad series must not stop the node; it stays in the spool
-                log.error("series %s: not processed (%s); left in the spool", key[:12], first_line(exc, 250))
+                log.error("series %s: not processed (%s); left in the spool", key[:12], first_line(exc, 250),
+                          extra={"event": "series-failed", "series": key[:12]})
                 log.debug("series failure", exc_info=True)
             finally:
                 self.processed += 1
@@ -291,8 +299,12 @@ class DicomNode:
         head = pydicom.dcmread(files[0], stop_before_pixels=True)
         modality = str(head.get("Modality", "") or "?")
         if modality not in SCORED_MODALITIES:
-            log.warning("series %s: %d instance(s) of modality %s received and not scored (the model reads CT)",
-                        tag, len(files), modality)
+            stored = self._store_not_scored(files, key, modality)
+            log.warning("series %s: not CT: modality %s, not scored; %d of %d instance(s) stored de-identified "
+                        "under %s", tag, modality, stored, len(files), self.not_scored / key,
+                        extra={"event": "series-not-scored", "series": tag, "modality": modality,
+                               "reason": f"not CT: modality {modality}, not scored", "instances": len(files),
+                               "stored": stored})
             self._discard(files, folder)
             return None
         t0 = time.perf_counter()
@@ -302,7 +314,9 @@ class DicomNode:
         for bad in (s for s in slices if s.error):
             log.warning("series %s: an instance could not be read (%s)", tag, bad.error)
         if not ok:
-            log.warning("series %s: no readable slice among %d; not scored", tag, len(files))
+            log.warning("series %s: no readable slice among %d; not scored", tag, len(files),
+                        extra={"event": "series-not-scored", "series": tag, "reason": "no readable slice",
+                               "instances": len(files)})
             self._discard(files, folder)
             return None
         series = next(iter(p.series_predictions([ok])), None) if len(ok) >= 2 else ok[0]
@@ -316,10 +330,15 @@ class DicomNode:
         self._discard(files, folder)
         if self.outbox is not None:
             self.outbox.wake()
+        seconds = time.perf_counter() - t0
         log.info("series %s: %d slice(s) scored in %.1f s: %s, p(malignant) %.3f%s; study %s%s", tag, len(ok),
-                 time.perf_counter() - t0, series.decision, series.malignant_probability,
+                 seconds, series.decision, series.malignant_probability,
                  " (OUT OF DISTRIBUTION)" if series.ood else "", study_id,
-                 f"; {len(results)} result object(s) queued for {self.destination}" if results else "")
+                 f"; {len(results)} result object(s) queued for {self.destination}" if results else "",
+                 extra={"event": "series-scored", "series": tag, "instances": len(files), "slices": len(ok),
+                        "unreadable": len(slices) - len(ok), "seconds": round(seconds, 3),
+                        "decision": series.decision, "probability": round(float(series.malignant_probability), 4),
+                        "ood": bool(series.ood), "study": study_id, "queued": len(results)})
         return study_id
 
     def _write_results(self, key: str, series, ok: list, keys: list) -> list[Path]:
@@ -339,6 +358,32 @@ class DicomNode:
                                                  threshold=p.threshold))
         files.append(write_series_report(series, ok, keys, out, p.report_info()))
         return files
+
+    def _store_not_scored(self, files: list[Path], key: str, modality: str) -> int:
+        """Keep a series the model does not read (de-identified, like every DICOM the data folder holds) and
+        audit it with the reason; returns the number of instances stored."""
+        from lungcad.web.db import audit
+        from lungcad.web.uploads import deidentify_upload
+
+        out = self.not_scored / key
+        out.mkdir(parents=True, exist_ok=True)
+        stored = 0
+        for path in files:
+            try:
+                clean, _ = deidentify_upload(path.read_bytes(), self.secret, "instance")
+            except LungcadError as exc:
+                log.warning("series %s: an instance could not be de-identified (%s); not kept", key[:12], exc)
+                continue
+            with atomic_path(out / path.name) as tmp:
+                tmp.write_bytes(clean)
+            stored += 1
+        with self.sessions() as session:
+            caller = self._callers.pop(key, "")
+            audit(session, "dicom-series-not-scored", self._node_user(session), target=key,
+                  reason=f"not CT: modality {modality}, not scored", modality=modality, instances=stored,
+                  calling_ae=caller)
+            session.commit()
+        return stored
 
     def _node_user(self, session):
         from sqlalchemy import select
