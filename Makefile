@@ -43,6 +43,7 @@ main: install
 # system packages for the browser and PostgreSQL tests (chromium, postgresql; skipped when not root)
 test: install
 	bash scripts/install-system-deps.sh
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 # The fast tier: unit tests on tiny synthetic images and random-init models, without the tests that
