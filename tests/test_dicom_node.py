@@ -295,6 +295,7 @@ def test_spooled_series_survive_a_restart(node_factory, run_dir, predictor, tmp_
 # ------------------------------------------------------------------------------- the outbound queue
 
 
+@pytest.mark.slow  # two node start-ups and a 3 s quiet period
 def test_results_queue_survives_a_restart_and_is_sent_when_the_pacs_is_up(node_factory, tmp_path):
     from sqlalchemy import select, update
 

@@ -671,6 +671,7 @@ def _storage_scenario(data: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # mounts and fills a tmpfs: ~10 s
 def test_full_and_read_only_data_folder_answer_503_and_health_degrades(tmp_path):
     """A real tmpfs, filled up and then remounted read-only, in a mount namespace of its own."""
     import json
@@ -940,6 +941,7 @@ def test_oversized_file_is_refused_before_it_is_read(tmp_path):
 # ---------------------------------------------------------------- the same on PostgreSQL
 
 
+@pytest.mark.slow  # starts PostgreSQL
 def test_sessions_tokens_and_backoff_on_postgresql(postgres_server, tmp_path):  # noqa: F811
     """Migration 0002 -> head with an existing token, sessions, back-off and token use on a real PostgreSQL."""
     from sqlalchemy import text
