@@ -19,7 +19,7 @@ pytest.importorskip("sqlalchemy")
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from test_web import PASSWORD, FakePredictor, csrf_of, login, png_bytes
+from test_web import PASSWORD, FakePredictor, csrf_of, login, png_bytes, users_database
 
 from lungcad.cli import main
 from lungcad.web.app import create_app
@@ -45,11 +45,7 @@ STRICT = BackoffPolicy(address_free=5, account_free=3, base_s=600)
 def site(tmp_path: Path):
     """A data folder with alice (clinician) and root (admin); `make(...)` builds an app on it."""
     data = tmp_path / "webdata"
-    _, sessions = open_database(None, data)
-    with sessions() as s:
-        add_user(s, "alice", PASSWORD, "clinician")
-        add_user(s, "root", PASSWORD, "admin")
-        s.commit()
+    sessions = users_database(data)
 
     def make(**kwargs):
         return create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor(), **kwargs)

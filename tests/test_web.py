@@ -132,14 +132,20 @@ def csrf_of(html: str) -> str:
     return m.group(1)
 
 
-@pytest.fixture
-def web(tmp_path: Path):
-    data = tmp_path / "webdata"
+def users_database(data: Path):
+    """A web data folder whose database has alice (clinician) and root (admin); its sessionmaker."""
     _, sessions = open_database(None, data)
     with sessions() as s:
         add_user(s, "alice", PASSWORD, "clinician")
         add_user(s, "root", PASSWORD, "admin")
         s.commit()
+    return sessions
+
+
+@pytest.fixture
+def web(tmp_path: Path):
+    data = tmp_path / "webdata"
+    sessions = users_database(data)
     app = create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor())
     with TestClient(app) as client:
         yield client, sessions, data
