@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from lungcad.data.dataset import load_cache
-from lungcad.data.transforms import normalise
 from lungcad.evaluation.baselines import out_of_fold_baseline, texture_features
 from lungcad.evaluation.bootstrap import metrics_with_intervals, paired_difference
 from lungcad.evaluation.calibration import calibration_summary
 from lungcad.inference.engines import TorchEngine
+from lungcad.inference.forward import cache_batches
 from lungcad.models.contract import load_model
 from lungcad.models.factory import target_index
 from lungcad.run import RunFolder
@@ -46,11 +46,12 @@ def flip_tta_logits(run: RunFolder) -> np.ndarray:
         cache, bad = load_cache([oof.paths[i] for i in idx], pp, progress=False)
         if bad:
             raise SystemExit(f"{bad[0][0]}: {bad[0][1]}")
-        for s in range(0, len(idx), 64):
-            x = normalise(cache[s : s + 64], pp)
+        start = 0
+        for x in cache_batches(cache, pp, batch_size=64):
             plain, _ = engine.run(x)
             flipped, _ = engine.run(torch.flip(x, dims=[-1]))
-            out[idx[s : s + 64]] = (plain + flipped) / 2
+            out[idx[start : start + len(x)]] = (plain + flipped) / 2
+            start += len(x)
     return out
 
 

@@ -39,9 +39,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from lungcad.data.images import decode_image
-from lungcad.data.transforms import normalise, prepare
+from lungcad.data.transforms import prepare
 from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
+from lungcad.inference.forward import run_engine
 from lungcad.inference.ood import OODDetector
 from lungcad.models.contract import load_model
 from lungcad.run import RunFolder
@@ -158,15 +159,6 @@ def _halves(groups: list[str]) -> np.ndarray:
     return np.array([zlib.crc32(g.encode()) % 2 for g in groups])
 
 
-def _forward(engine: TorchEngine, cache: torch.Tensor, pp, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    logits, feats = [], []
-    for s in range(0, len(cache), batch):
-        lo, fe = engine.run(normalise(cache[s : s + batch], pp))
-        logits.append(lo)
-        feats.append(fe)
-    return np.concatenate(logits), np.concatenate(feats)
-
-
 def _prepare_all(raws: list[np.ndarray], pp, profile: dict) -> tuple[torch.Tensor, np.ndarray]:
     cache = torch.stack([prepare(r, pp) for r in raws])
     flagged = np.array([bool(appearance.check(r, c, profile, pp)) for r, c in zip(raws, cache)])
@@ -203,6 +195,7 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
     oof = run.out_of_fold()
     members = {m.path.name: m for m in run.members()}
     rng = np.random.default_rng(0)
+    external = _external_sets(run.contract().preprocessing)  # the members share the ensemble's preprocessing
     chosen = {n: SHIFTS[n] for n in (shifts or SHIFTS)}
     names = ["clean", *chosen, "blank frames", "natural images (scikit-image)", "MR slice (pydicom MR_small)"]
     names += ["histopathology (LC25000)"] if histo else []
@@ -225,7 +218,7 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
         y = np.array([oof.labels[i] == "malignant" for i in idx])
         half = _halves([oof.groups[i] for i in idx])
         clean_cache, clean_app = _prepare_all(raws, pp, profile)
-        clean_logits, clean_feats = _forward(engine, clean_cache, pp)
+        clean_logits, clean_feats = run_engine(engine, clean_cache, pp)
         detectors = []
         for h in (0, 1):  # detector judged on half h, thresholded on the other half
             d = copy.deepcopy(base)
@@ -245,21 +238,21 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
         for name, (fn, _) in chosen.items():
             shifted = [fn(r, rng) for r in raws]
             cache, app = _prepare_all(shifted, pp, profile)
-            logits, feats = _forward(engine, cache, pp)
+            logits, feats = run_engine(engine, cache, pp)
             add(name, logits, feats, app, half, y)
         blank_raw = [np.full((512, 512), v, dtype=np.uint8) for v in (0, 40, 128, 255)]
         cache, app = _prepare_all(blank_raw, pp, profile)
-        logits, feats = _forward(engine, cache, pp)
+        logits, feats = run_engine(engine, cache, pp)
         add("blank frames", logits, feats, app, np.array([0, 1, 0, 1]), np.zeros(4, bool))
-        for name, ext in _external_sets(pp).items():
+        for name, ext in external.items():
             cache, app = _prepare_all(ext, pp, profile)
-            logits, feats = _forward(engine, cache, pp)
+            logits, feats = run_engine(engine, cache, pp)
             add(name, logits, feats, app, np.arange(len(ext)) % 2, np.zeros(len(ext), bool))
         if histo_files:
             part = histo_files[fold - 1 :: len(members)]  # each tile scored once, by one member
             h_raw = [decode_image(p, "rgb") for p in part]
             cache, app = _prepare_all(h_raw, pp, profile)
-            logits, feats = _forward(engine, cache, pp)
+            logits, feats = run_engine(engine, cache, pp)
             add("histopathology (LC25000)", logits, feats, app, np.arange(len(part)) % 2, np.zeros(len(part), bool))
         if progress:
             print(f"fold {fold}: {len(idx)} images, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ pytest.importorskip("sqlalchemy")
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from conftest import TRAIN_FAST
 from test_web import PASSWORD, FakePredictor, csrf_of, login, png_bytes, users_database
 
 from lungcad.cli import main
@@ -805,21 +806,7 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_one(tmp
     from lungcad.models.contract import read_contract
 
     data = make_dataset(tmp_path / "data", size=32)
-    args = [
-        "--data",
-        str(data),
-        "--epochs",
-        "2",
-        "--pretrained",
-        "none",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--no-progress",
-        "--seed",
-        "3",
-    ]
+    args = ["--data", str(data), "--epochs", "2", *TRAIN_FAST, "--image-size", "32", "--seed", "3"]
     assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
 
     real = trainer._fault_injection
@@ -855,22 +842,7 @@ def test_train_that_fails_writing_leaves_no_folder_and_one_line(tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(trainer, "save_file", disk_full)  # the first weights file of the first epoch
-    args = [
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--pretrained",
-        "none",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--no-progress",
-    ]
+    args = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", *TRAIN_FAST, "--image-size", "32"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
