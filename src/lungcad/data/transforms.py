@@ -35,6 +35,9 @@ AUGMENT_POLICIES = {
     "geometry": _GEOMETRY,  # rotation, scaling, shift, horizontal flip
     # + window/level, gamma, noise and blur: the differences between two exports of the same slice
     "intensity": {**_GEOMETRY, "contrast": 1.35, "shift": 20.0, "gamma": 1.4, "noise": 6.0, "blur": 1.0},
+    # + only small window/level and gamma changes (no noise, no blur): robustness to mild export
+    # differences without hiding the fine texture that separates benign from normal
+    "mild": {**_GEOMETRY, "contrast": 1.15, "shift": 8.0, "gamma": 1.1},
     # + random resized crops of 60-100 % of the body and larger rotations
     "strong": {**_GEOMETRY, "degrees": 15.0, "crop_scale": [0.6, 1.0], "contrast": 1.35, "shift": 20.0,
                "gamma": 1.4, "noise": 6.0, "blur": 1.0},
