@@ -14,10 +14,11 @@ hospital. Each shift below is applied to the decoded pixels *before* the shared 
 - other images: LC25000 histopathology tiles (RGB), natural images bundled with scikit-image,
   pydicom's MR test slice, blank frames (each scored by every member).
 
-Thresholds are cross-fitted: within each member's held-out fold the patient-proxy groups are split
-in two halves; the feature detector's scales and 99th-percentile threshold are fitted on one half
-and applied to the other (clean and shifted copies of the same images), so no image helps set the
-threshold it is judged by. Reported per shift: flag rates of the feature score, of the appearance
+Thresholds are cross-fitted the way the ensemble is calibrated (`lungcad.inference.ood.
+ensemble_ood_entry`): each member's score is divided by the median of its held-out clean images'
+scores, and the images a member scores (its held-out fold, clean and shifted, and its share of the
+external images) are judged against the 0.99 quantile of the *other* folds' normalised clean
+scores, so no image helps set the threshold it is judged by. Reported per shift: flag rates of the feature score, of the appearance
 check and of both combined (what predict reports as `ood`), the ROC-AUC of the feature score
 (shifted vs clean), and the classifier's malignant-vs-rest ROC-AUC on the shifted images.
 
@@ -27,11 +28,9 @@ check and of both combined (what predict reports as `ood`), the ROC-AUC of the f
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from lungcad.data.transforms import prepare
 from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
 from lungcad.inference.forward import run_engine
-from lungcad.inference.ood import OODDetector
+from lungcad.inference.ood import ENSEMBLE_QUANTILE, OODDetector, OutOfFoldScores, cross_fitted_false_flags
 from lungcad.models.contract import load_model
 from lungcad.run import RunFolder
 
@@ -154,25 +153,10 @@ def _external_sets(pp) -> dict[str, list[np.ndarray]]:
     return {"natural images (scikit-image)": natural, "MR slice (pydicom MR_small)": mr}
 
 
-def _halves(groups: list[str]) -> np.ndarray:
-    """0/1 per image, stable per group (crc32 of the group id)."""
-    return np.array([zlib.crc32(g.encode()) % 2 for g in groups])
-
-
 def _prepare_all(raws: list[np.ndarray], pp, profile: dict) -> tuple[torch.Tensor, np.ndarray]:
     cache = torch.stack([prepare(r, pp) for r in raws])
     flagged = np.array([bool(appearance.check(r, c, profile, pp)) for r, c in zip(raws, cache)])
     return cache, flagged
-
-
-def _ratio(detectors: list[OODDetector], feats: np.ndarray, halves: np.ndarray) -> np.ndarray:
-    """score / threshold, each image judged by the detector thresholded on the other half."""
-    out = np.empty(len(feats))
-    for h, det in enumerate(detectors):
-        sel = halves == h
-        if sel.any():
-            out[sel] = det.score(feats[sel]) / det.threshold
-    return out
 
 
 def _combined(ratio: np.ndarray, appearance_flag: np.ndarray) -> np.ndarray:
@@ -199,8 +183,8 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
     chosen = {n: SHIFTS[n] for n in (shifts or SHIFTS)}
     names = ["clean", *chosen, "blank frames", "natural images (scikit-image)", "MR slice (pydicom MR_small)"]
     names += ["histopathology (LC25000)"] if histo else []
-    rows: dict[str, dict] = {n: {"ratio": [], "feat": [], "app": [], "mal": [], "y": []} for n in names}
-    histo_files = []
+    rows: dict[str, dict] = {n: {"ratio": [], "fold": [], "app": [], "mal": [], "y": []} for n in names}
+    histo_files, clean_groups = [], []
     if histo:
         tiles = sorted(p for p in histo.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         histo_files = tiles[:: max(1, len(tiles) // histo_n)][:histo_n]
@@ -216,54 +200,55 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
             idx = np.sort(np.random.default_rng(fold).choice(idx, per_fold, replace=False))
         raws = [decode_image(oof.paths[i], pp.colour) for i in idx]
         y = np.array([oof.labels[i] == "malignant" for i in idx])
-        half = _halves([oof.groups[i] for i in idx])
+        clean_groups.extend(oof.groups[i] for i in idx)
         clean_cache, clean_app = _prepare_all(raws, pp, profile)
         clean_logits, clean_feats = run_engine(engine, clean_cache, pp)
-        detectors = []
-        for h in (0, 1):  # detector judged on half h, thresholded on the other half
-            d = copy.deepcopy(base)
-            d.calibrate(clean_feats[half != h])
-            detectors.append(d)
+        scale = float(np.median(base.score(clean_feats)))  # the member's scale, as ensemble_ood_entry sets it
 
-        def add(name: str, logits, feats, app, halves, labels, _det=detectors, _task=contract.task, _cls=classes):
-            ratio = _ratio(_det, feats, halves)
+        def add(name: str, logits, feats, app, labels, _det=base, _scale=scale, _fold=fold, _task=contract.task,
+                _cls=classes):
             row = rows[name]
-            row["ratio"].append(ratio)
-            row["feat"].append(ratio > 1.0)
+            row["ratio"].append(_det.score(feats) / _scale)
+            row["fold"].append(np.full(len(feats), _fold))
             row["app"].append(app)
             row["mal"].append(_malignant_score(logits, _task, _cls))
             row["y"].append(labels)
 
-        add("clean", clean_logits, clean_feats, clean_app, half, y)
+        add("clean", clean_logits, clean_feats, clean_app, y)
         for name, (fn, _) in chosen.items():
             shifted = [fn(r, rng) for r in raws]
             cache, app = _prepare_all(shifted, pp, profile)
             logits, feats = run_engine(engine, cache, pp)
-            add(name, logits, feats, app, half, y)
+            add(name, logits, feats, app, y)
         blank_raw = [np.full((512, 512), v, dtype=np.uint8) for v in (0, 40, 128, 255)]
         cache, app = _prepare_all(blank_raw, pp, profile)
         logits, feats = run_engine(engine, cache, pp)
-        add("blank frames", logits, feats, app, np.array([0, 1, 0, 1]), np.zeros(4, bool))
+        add("blank frames", logits, feats, app, np.zeros(4, bool))
         for name, ext in external.items():
             cache, app = _prepare_all(ext, pp, profile)
             logits, feats = run_engine(engine, cache, pp)
-            add(name, logits, feats, app, np.arange(len(ext)) % 2, np.zeros(len(ext), bool))
+            add(name, logits, feats, app, np.zeros(len(ext), bool))
         if histo_files:
             part = histo_files[fold - 1 :: len(members)]  # each tile scored once, by one member
             h_raw = [decode_image(p, "rgb") for p in part]
             cache, app = _prepare_all(h_raw, pp, profile)
             logits, feats = run_engine(engine, cache, pp)
-            add("histopathology (LC25000)", logits, feats, app, np.arange(len(part)) % 2, np.zeros(len(part), bool))
+            add("histopathology (LC25000)", logits, feats, app, np.zeros(len(part), bool))
         if progress:
             print(f"fold {fold}: {len(idx)} images, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
+    quantile = ENSEMBLE_QUANTILE
     clean_ratio = np.concatenate(rows["clean"]["ratio"])
+    clean_fold = np.concatenate(rows["clean"]["fold"])
+    # fold k's images (and member k's external images) against the other folds' clean quantile
+    threshold = {k: float(np.quantile(clean_ratio[clean_fold != k], quantile)) for k in np.unique(clean_fold)}
     clean_combined = _combined(clean_ratio, np.concatenate(rows["clean"]["app"]))
     clean_mal = np.concatenate(rows["clean"]["mal"])
     clean_y = np.concatenate(rows["clean"]["y"])
-    out = {"run": str(run_dir), "cpu": detect().cpu, "quantile": base_quantile(run), "shifts": []}
+    out = {"run": str(run_dir), "cpu": detect().cpu, "quantile": quantile, "shifts": []}
     for name in names:
         r = {k: np.concatenate(v) for k, v in rows[name].items()}
+        r["feat"] = r["ratio"] > np.array([threshold[k] for k in r["fold"]])
         n = len(r["ratio"])
         combined = r["feat"] | r["app"]
         entry = {
@@ -271,7 +256,10 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
             "n": int(n), "feature_flagged": float(r["feat"].mean()), "appearance_flagged": float(r["app"].mean()),
             "flagged": float(combined.mean()),
         }
-        if name != "clean":
+        if name == "clean":  # the same rates, with group-bootstrap intervals
+            pooled = OutOfFoldScores(r["ratio"], r["fold"], np.array(clean_groups), r["app"])
+            entry["false_flags"] = cross_fitted_false_flags(r["ratio"], pooled, quantile)
+        else:
             labels = np.r_[np.zeros(len(clean_ratio)), np.ones(n)]
             entry["feature_auc"] = float(roc_auc_score(labels, np.r_[clean_ratio, r["ratio"]]))
             entry["combined_auc"] = float(roc_auc_score(labels, np.r_[clean_combined, _combined(r["ratio"], r["app"])]))
@@ -280,12 +268,6 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
         out["shifts"].append(entry)
     out["clean_malignant_auc"] = float(roc_auc_score(clean_y, clean_mal))
     return out
-
-
-def base_quantile(run: RunFolder) -> float:
-    entry = run.contract().ood or {}
-    members = entry.get("members") or [entry]
-    return float(members[0].get("quantile", 0.99))
 
 
 def markdown(result: dict) -> str:

@@ -179,3 +179,75 @@ def test_an_interrupted_cross_validation_resumes_and_scans_its_data_once(tmp_pat
     model, contract = load_model(out)
     assert isinstance(model, Ensemble) and [m["path"] for m in contract.ensemble["members"]] == ["fold-1", "fold-2"]
     assert RunFolder(out).out_of_fold().folds.tolist().count(2) == 18
+
+
+def test_ood_threshold_is_the_quantile_of_pooled_out_of_fold_scores(cv_run):
+    """The ensemble's OOD threshold comes from every held-out image's score (normalised by its
+    member's held-out median), not from one fold; the detector loads with those scales."""
+    contract = RunFolder(cv_run).contract()
+    entry = contract.ood
+    oof = RunFolder(cv_run).out_of_fold()
+    raw, folds = [], []
+    for k, member in enumerate(entry["members"], start=1):
+        model, member_contract = load_model(cv_run / member["path"])
+        paths = [p for p, f in zip(oof.paths, oof.folds) if f == k]
+        cache, bad = load_cache(paths, member_contract.preprocessing)
+        assert not bad
+        feats = infer_features(model, cache, member_contract.preprocessing)
+        raw.append(load_ood_detector(cv_run / member["path"], member_contract.ood).score(feats))
+        folds.append(np.full(len(paths), k))
+        assert member["scale"] == pytest.approx(float(np.median(raw[-1])), rel=1e-4)
+    z = np.concatenate([r / m["scale"] for r, m in zip(raw, entry["members"])])
+    assert entry["threshold"] == pytest.approx(float(np.quantile(z, entry["quantile"])), rel=1e-4)
+    rates = entry["calibration"]["cross_fitted_false_flags"]
+    assert entry["calibration"]["n"] == len(z)
+    assert 0.0 <= rates["either"]["rate"] <= 1.0 and rates["either"]["rate"] >= rates["feature"]["rate"]
+
+    detector = load_ood_detector(cv_run, entry)
+    assert detector.scales == [m["scale"] for m in entry["members"]]
+    model, _ = load_model(cv_run)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    feats = infer_features(model, x, contract.preprocessing)
+    chunks = np.split(feats, 2, axis=1)
+    expected = np.mean([d.score(f) / s for d, f, s in zip(detector.members, chunks, detector.scales)], axis=0)
+    assert np.allclose(detector.score(feats), expected)
+
+
+def infer_features(model, cache, pp):
+    from lungcad.inference.engines import TorchEngine
+    from lungcad.inference.forward import run_engine
+
+    return run_engine(TorchEngine(model), cache, pp)[1]
+
+
+def test_cross_fitted_false_flags_use_the_other_folds_threshold():
+    from lungcad.inference.ood import OutOfFoldScores, cross_fitted_false_flags
+
+    # fold 1: scores 1..100, fold 2: 101..200 (normalised scores as given). Fold 1 judged by fold 2's
+    # 0.9 quantile (190.1): none flagged; fold 2 by fold 1's (90.1): 100 flagged. Appearance: 3 images.
+    z = np.arange(1, 201, dtype=float)
+    folds = np.repeat([1, 2], 100)
+    appearance = np.zeros(200, dtype=bool)
+    appearance[[0, 1, 150]] = True
+    oof = OutOfFoldScores(z, folds, np.array([f"g{i // 10}" for i in range(200)]), appearance)
+    rates = cross_fitted_false_flags(z, oof, 0.9, n_boot=200)
+    assert rates["feature"]["rate"] == 0.5
+    assert rates["appearance"]["rate"] == 0.015
+    assert rates["either"]["rate"] == 0.51
+    lo, hi = rates["either"]["ci95"]
+    assert lo <= 0.51 <= hi and hi - lo > 0.05  # 20 groups: a wide interval
+
+
+def test_old_ensemble_contract_without_scales_normalises_by_member_thresholds():
+    from lungcad.inference.ood import OODDetector
+
+    rng = np.random.default_rng(0)
+    dets = []
+    for t in (2.0, 4.0):
+        d = OODDetector.fit(rng.normal(size=(20, 6)), components=2)
+        d.threshold = t
+        dets.append(d)
+    feats = rng.normal(size=(5, 12))
+    old = EnsembleOODDetector(dets, 1.0)
+    expected = (dets[0].score(feats[:, :6]) / 2.0 + dets[1].score(feats[:, 6:]) / 4.0) / 2
+    assert np.allclose(old.score(feats), expected)

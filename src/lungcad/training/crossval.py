@@ -45,8 +45,10 @@ from lungcad.errors import LungcadError
 from lungcad.evaluation.bootstrap import attach_intervals, bootstrap_ci, weighted_metrics
 from lungcad.evaluation.calibration import fit_operating_point
 from lungcad.evaluation.metrics import classification_metrics, predict_labels
-from lungcad.inference.forward import infer_logits
-from lungcad.inference.ood import ensemble_ood_entry
+from lungcad.inference import appearance
+from lungcad.inference.engines import TorchEngine
+from lungcad.inference.forward import run_engine
+from lungcad.inference.ood import OutOfFoldScores, ensemble_ood_entry, load_ood_detector
 from lungcad.models.contract import (
     CONTRACT_FILE,
     ModelContract,
@@ -180,15 +182,21 @@ def _resume_config(out: Path, progress: bool) -> tuple[TrainConfig, int]:
 
 
 def _oof(fold_dir: Path, rows: list[SplitRow], fold: int, cfg: TrainConfig) -> list[dict]:
-    """Raw logits of the fold's member on its test images (calibration happens on the pooled set)."""
+    """The fold member on its test images: raw logits (calibration happens on the pooled set), its
+    raw out-of-distribution score and its appearance check (both calibrated on the pooled set too)."""
     model, contract = load_model(fold_dir)
-    cache, bad = load_cache([r.path for r in rows], contract.preprocessing, progress=False)
+    pp = contract.preprocessing
+    cache, bad = load_cache([r.path for r in rows], pp, progress=False)
     if bad:
         raise LungcadError(f"fold {fold}: test image became unreadable: {bad[0][1]}")
-    logits = infer_logits(model.to(memory_format=torch.channels_last), cache, contract.preprocessing)
+    logits, features = run_engine(TorchEngine(model), cache, pp)
+    detector = load_ood_detector(fold_dir, contract.ood)
+    ood = detector.score(features) if detector is not None else np.full(len(rows), np.nan)
     classes = output_classes(cfg.task)
     return [{"path": r.path, "label": r.label, "group": r.group, "fold": fold,
-             "y": target_index(r.label, classes, cfg.task), "logits": z.numpy()} for r, z in zip(rows, logits)]
+             "y": target_index(r.label, classes, cfg.task), "logits": z, "ood_score": float(s),
+             "appearance_flag": bool(appearance.check(None, x, contract.appearance or {}, pp))}
+            for r, z, s, x in zip(rows, logits, ood, cache)]
 
 
 def cross_fitted(logits: torch.Tensor, y: np.ndarray, folds: np.ndarray, task: str, classes: list[str],
@@ -246,7 +254,7 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
                                                                        "macro_f1", "roc_auc")}},
         versions={"lungcad": lungcad.__version__, "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "python": platform.python_version()},
-        ood=ensemble_ood_entry([(f"fold-{k}", m.ood) for k, m in enumerate(members, start=1)]),
+        ood=_ensemble_ood(members, oof),
         # every member's training images are K-1 of the K folds of the same data: one profile serves
         appearance=first.appearance,
         ensemble={"members": [{"path": f"fold-{k}", "model_sha256": m.model_sha256}
@@ -260,6 +268,22 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
     # and sha256-checked by _oof moments ago, so reading the contracts back is what is left to check.
     ensemble_members(out, read_contract(out))
     return summary
+
+
+def _ensemble_ood(members: list[ModelContract], oof: list[dict]) -> dict:
+    scores = np.array([o["ood_score"] for o in oof])
+    if np.isnan(scores).any():  # a member without a detector: ensemble_ood_entry warns and returns {}
+        return ensemble_ood_entry([(f"fold-{k}", m.ood) for k, m in enumerate(members, start=1)])
+    pooled = OutOfFoldScores(scores, np.array([o["fold"] for o in oof]), np.array([o["group"] for o in oof]),
+                             np.array([o["appearance_flag"] for o in oof]))
+    entry = ensemble_ood_entry([(f"fold-{k}", m.ood) for k, m in enumerate(members, start=1)], pooled)
+    rates = entry["calibration"]["cross_fitted_false_flags"]
+    log.info("out-of-distribution: threshold %.3g (%.2f quantile of %d out-of-fold scores); in-distribution "
+             "images flagged on new patients (cross-fitted): feature %.1f %%, appearance %.1f %%, either %.1f %% "
+             "[95 %% CI %.1f, %.1f]", entry["threshold"], entry["quantile"], len(scores),
+             100 * rates["feature"]["rate"], 100 * rates["appearance"]["rate"], 100 * rates["either"]["rate"],
+             *(100 * v for v in rates["either"]["ci95"]))
+    return entry
 
 
 def summarise(per_fold: list[dict], oof: list[dict], task: str, classes: list[str]) -> dict:
