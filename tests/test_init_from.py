@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,12 @@ def test_mismatched_task_and_conflicting_options_are_refused(source, tmp_path, c
     assert main(["train", "--init-from", str(tmp_path / "nope"), "--data", str(site), "--out", str(tmp_path / "x"),
                  *FAST]) == 1
     assert "run folder not found" in capsys.readouterr().err
+    other = tmp_path / "other-arch"  # a run of an architecture lungcad train does not build
+    shutil.copytree(src, other)
+    contract = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**contract, "arch": "vit_b_16"}))
+    assert main(["train", "--init-from", str(other), "--data", str(site), "--out", str(tmp_path / "y"), *FAST]) == 1
+    assert "the source is a vit_b_16; lungcad train builds resnet50" in capsys.readouterr().err
 
 
 def test_folds_start_from_the_source_and_an_ensemble_source_gives_its_first_member(source, tmp_path, caplog):

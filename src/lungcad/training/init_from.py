@@ -26,6 +26,7 @@ from torch import nn
 from lungcad.data.transforms import Preprocessing
 from lungcad.errors import LungcadError
 from lungcad.models.contract import ModelContract, ensemble_members, load_model, read_contract
+from lungcad.models.factory import ARCHITECTURES
 from lungcad.training.config import TrainConfig
 from lungcad.training.data import output_classes
 
@@ -73,8 +74,8 @@ def check_compatible(source: Source, cfg: TrainConfig) -> None:
         raise LungcadError(f"--init-from: the source model is {c.task} ({', '.join(c.classes)}), this run would train "
                            f"{cfg.task} ({', '.join(classes)}); fine-tuning keeps the source's head: use --task {c.task}",
                            source.run_dir)
-    if c.arch != "resnet50":
-        raise LungcadError(f"--init-from: the source is a {c.arch}; lungcad train fine-tunes resnet50 only",
+    if c.arch not in ARCHITECTURES:
+        raise LungcadError(f"--init-from: the source is a {c.arch}; lungcad train builds {', '.join(ARCHITECTURES)}",
                            source.run_dir)
     if cfg.weights:
         raise LungcadError("--init-from and --weights are alternatives: the weights come from the source run")
