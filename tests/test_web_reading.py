@@ -498,3 +498,19 @@ def test_feedback_export_uses_the_final_aided_label(site, tmp_path):
     assert [r["label"] for r in rows] == ["benign"]  # the final decision, not the unaided read
     dump = "".join(p.read_text(errors="ignore") for p in out.rglob("*.csv"))
     assert "alice" not in dump and "note" not in dump  # de-identified: no reader, no comment
+
+
+def test_reading_mode_switched_on_after_a_direct_read(site):
+    """A reader who already gave a final read with the AI in view is not asked for a fake unaided read."""
+    client, sessions, _, _ = site
+    h = {"Authorization": f"Bearer {token_of(sessions, 'alice')}"}
+    study = client.post("/api/predict", files={"file": ("x.png", png_bytes(40), "image/png")}, headers=h).json()
+    other = client.post("/api/predict", files={"file": ("y.png", png_bytes(41), "image/png")}, headers=h).json()
+    body = {"study_id": study["id"], "label": "normal", "confidence": 3}
+    assert client.post("/api/feedback", json=body, headers=h).status_code == 201
+    set_reading_mode(sessions, "alice")
+    assert client.get(f"/api/studies/{study['id']}", headers=h).json()["ai_hidden"] is False
+    assert client.get(f"/api/studies/{other['id']}", headers=h).json()["ai_hidden"] is True
+    assert client.post("/api/feedback", json={**body, "stage": "unaided"}, headers=h).status_code == 409
+    r = client.post("/api/feedback", json={**body, "label": "benign"}, headers=h)
+    assert r.status_code == 200 and r.json()["mode"] == "direct" and r.json()["revisions"] == 2

@@ -86,17 +86,20 @@ class ReadConflict(LungcadError):
 # ------------------------------------------------------------------------------------------ hiding
 
 
-def _unaided_done(session: Session, user: User, study_ids: Iterable[str]) -> set[str]:
+def _read_started(session: Session, user: User, study_ids: Iterable[str]) -> set[str]:
+    """Studies `user` has an unaided read of, or a final read (made before reading mode was switched
+    on: that reader has seen the AI result already, hiding it again would only force a fake unaided read)."""
     ids = list(study_ids)
     if not ids:
         return set()
     return set(session.scalars(select(Read.study_id).where(
-        Read.user_id == user.id, Read.study_id.in_(ids), Read.unaided_label.is_not(None))))
+        Read.user_id == user.id, Read.study_id.in_(ids),
+        Read.unaided_label.is_not(None) | Read.final_label.is_not(None))))
 
 
 def ai_hidden(session: Session, user: User, study: Study) -> bool:
     """True while `user` is in reading mode and has not saved their unaided read of `study`."""
-    return bool(user.reading_mode) and study.id not in _unaided_done(session, user, [study.id])
+    return bool(user.reading_mode) and study.id not in _read_started(session, user, [study.id])
 
 
 def hidden_study_ids(session: Session, user: User, study_ids: Iterable[str]) -> set[str]:
@@ -104,7 +107,7 @@ def hidden_study_ids(session: Session, user: User, study_ids: Iterable[str]) -> 
     ids = set(study_ids)
     if not user.reading_mode:
         return set()
-    return ids - _unaided_done(session, user, ids)
+    return ids - _read_started(session, user, ids)
 
 
 # ------------------------------------------------------------------------------------------ reads
@@ -140,9 +143,10 @@ def save_read(session: Session, study: Study, user: User, stage: str, label: str
     if stage == "unaided":
         if not user.reading_mode:
             raise ReadConflict("unaided reads are for readers in reading mode (the AI result is already in view)")
-        if read is not None and read.unaided_label:
-            raise ReadConflict("the unaided read is already saved and the AI result revealed: it cannot change")
-    elif user.reading_mode and (read is None or not read.unaided_label):
+        if read is not None:  # an unaided read saved, or a final read made with the AI result in view
+            raise ReadConflict("the AI result has been revealed to you for this study: an unaided read cannot be "
+                               "recorded or changed any more")
+    elif user.reading_mode and read is None:
         raise ReadConflict("record your unaided read first (reading mode)")
     ai_label = study_ai_result(study).label
     if read is None:
@@ -351,6 +355,8 @@ def pilot_stats(session: Session, classes: list[str]) -> dict:
             confusion[index[r.final_label], index[r.model_label]] += 1
     # the AI's effect: reads with both steps
     paired = [r for r in reads if r.unaided_label]
+    awaiting_final = session.scalar(select(func.count()).select_from(Read).where(
+        Read.unaided_label.is_not(None), Read.final_label.is_(None))) or 0
     changed = [r for r in paired if r.changed]
     transitions = np.zeros((len(classes), len(classes)), dtype=int)  # rows: unaided, columns: final
     for r in paired:
@@ -384,6 +390,7 @@ def pilot_stats(session: Session, classes: list[str]) -> dict:
         "classes": classes,
         "confusion": confusion.tolist(),
         "paired": len(paired),
+        "awaiting_final": awaiting_final,
         "changed": _proportion([bool(r.changed) for r in paired], [r.study_id for r in paired]),
         "changed_toward_ai": sum(r.final_label == r.model_label for r in changed),
         "changed_away_from_ai": sum(r.final_label != r.model_label for r in changed),
