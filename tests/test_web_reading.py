@@ -105,6 +105,7 @@ def test_unaided_read_before_reveal_then_final_read_with_history(site):
         assert needle not in page, needle
     assert 'id="ai-hidden"' in page and 'id="unaided-form"' in page and 'id="aided-form"' not in page
     assert "checked" not in form_section(page, "unaided-form")
+    assert "malignant" not in page.replace(form_section(page, "unaided-form"), "")  # the AI's label: only an option
     assert client.get(f"{url}/overlay.png").status_code == 403
     assert client.get(f"{url}/image.png").status_code == 200  # the image itself is what the reader reads
     # nor in the API, nor on the worklist
