@@ -274,3 +274,10 @@ def test_postgres_api_flow_and_append_only_audit(postgres_server, tmp_path):
     with sessions() as s, pytest.raises(Exception, match="append-only"):
         s.execute(text("UPDATE read_revisions SET label = 'forged'"))
         s.commit()
+
+
+@pytest.mark.slow
+def test_reads_migration_of_old_feedback_on_postgresql(postgres_server, tmp_path):
+    from test_web_reading import check_feedback_migration
+
+    check_feedback_migration(postgres_server(), tmp_path)

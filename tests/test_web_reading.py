@@ -367,23 +367,27 @@ def test_sus_questionnaire_one_per_user_and_period_on_the_dashboard(site):
 
 
 def test_migration_copies_old_feedback_rows(tmp_path):
-    from sqlalchemy import create_engine
+    check_feedback_migration(f"sqlite:///{tmp_path / 'old.sqlite3'}", tmp_path)
 
+
+def check_feedback_migration(url: str, tmp_path: Path) -> None:
+    """A database at 0004 with old feedback rows, upgraded to head (also run on PostgreSQL by test_web_e2e)."""
+    from lungcad.web.db import database_url, make_db_engine
     from lungcad.web.migrate import upgrade_database
     from lungcad.web.reading import pilot_stats
 
-    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
-    engine = create_engine(url)
+    engine = make_db_engine(database_url(url, tmp_path))
     upgrade_database(engine, "0004")
-    t0 = dt.datetime(2026, 1, 2, 3, 4, 5)
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
     with engine.begin() as c:
         for uid, name in ((1, "alice"), (2, "bob")):
             c.execute(text("INSERT INTO users (id, username, password_hash, role, active, created_at) "
-                           "VALUES (:i, :n, 'x', 'clinician', 1, :t)"), {"i": uid, "n": name, "t": t0})
+                           "VALUES (:i, :n, 'x', 'clinician', :yes, :t)"), {"i": uid, "n": name, "t": t0, "yes": True})
         c.execute(text(
             "INSERT INTO studies (id, created_at, user_id, kind, input_sha256, group_key, image_file, width, height, "
             "label, decision, probabilities, ood, error, model_sha256, dicom_meta) VALUES ('s1', :t, 1, 'png', "
-            "'0', 'g', 'images/s1.png', 8, 8, 'malignant', 'malignant', '{}', 0, '', 'f', '{}')"), {"t": t0})
+            "'0', 'g', 'images/s1.png', 8, 8, 'malignant', 'malignant', '{}', :no, '', 'f', '{}')"),
+            {"t": t0, "no": False})
         rows = [  # alice twice (the second with a contradicting agree), bob once with a usability rating
             (1, 1, "benign", True, 2, None, t0), (2, 1, "malignant", False, 4, 3, t0 + dt.timedelta(hours=1)),
             (3, 2, "malignant", True, 5, 5, t0 + dt.timedelta(hours=2))]
@@ -392,6 +396,7 @@ def test_migration_copies_old_feedback_rows(tmp_path):
                            "usability, model_label, model_sha256) VALUES (:f, 's1', :u, :t, :a, :l, :c, 'c', :us, "
                            "'malignant', 'f')"), {"f": fid, "u": uid, "t": at, "a": agree, "l": label, "c": conf,
                                                   "us": usab})
+    engine.dispose()
     _, sessions = open_database(url, tmp_path)  # upgrades to head
     with sessions() as s:
         reads = {r.user.username: r for r in s.scalars(select(Read))}
