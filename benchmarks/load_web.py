@@ -92,14 +92,14 @@ async def client_loop(client: httpx.AsyncClient, images: list[bytes], deadline: 
         t0 = time.perf_counter()
         try:
             r = await client.post("/api/feedback", json={
-                "study_id": study["id"], "agree": bool(i % 3), "label": study["label"], "confidence": 1 + i % 5,
-                "comment": f"load client {idx}", "usability": 1 + i % 5,
+                "study_id": study["id"], "label": study["label"], "confidence": 1 + i % 5,
+                "comment": f"load client {idx}",  # agree is derived (migration 0006); one read per reader and study
             })
         except httpx.HTTPError as exc:
             stats["errors"].append(f"feedback: {type(exc).__name__}")
             continue
         stats["feedback"].append(time.perf_counter() - t0)
-        if r.status_code == 201:
+        if r.status_code in (200, 201):  # 201 a new read, 200 a revision of the reader's read
             stats["acked"].append(r.json()["id"])
         else:
             stats["errors"].append(f"feedback {r.status_code}: {r.text[:120]}")
@@ -183,14 +183,14 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
 
-    # Every acknowledged feedback row must be in the database.
+    # Every acknowledged read must be in the database.
     from sqlalchemy import select
 
-    from lungcad.web.db import Feedback, open_database
+    from lungcad.web.db import Read, open_database
 
     _, sessions = open_database(args.db, data_dir)
     with sessions() as s:
-        stored = set(s.scalars(select(Feedback.id)))
+        stored = set(s.scalars(select(Read.id)))
     acked = {i for r in results for i in r["acked"]}
     missing = acked - stored
     print(f"feedback acknowledged {len(acked)}, in database {len(acked & stored)}, missing {len(missing)}")

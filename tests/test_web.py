@@ -31,7 +31,7 @@ from lungcad.data.images import decode_image  # noqa: E402
 from lungcad.data.transforms import Preprocessing  # noqa: E402
 from lungcad.models.contract import ModelContract  # noqa: E402
 from lungcad.web.app import create_app  # noqa: E402
-from lungcad.web.db import AuditEvent, Feedback, User, open_database  # noqa: E402
+from lungcad.web.db import AuditEvent, Read, User, open_database  # noqa: E402
 from lungcad.web.security import add_user  # noqa: E402
 
 CLASSES = ["normal", "benign", "malignant"]
@@ -211,17 +211,16 @@ def test_upload_result_page_images_and_feedback(web):
         r = client.get(f"{study_url}/{suffix}")
         assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
     assert Image.open(io.BytesIO(client.get(f"{study_url}/overlay.png").content)).mode == "RGB"
-    # feedback: CSRF enforced, then stored with user, time and model sha
-    form = {"agree": "no", "label": "benign", "confidence": "4", "comment": "=HYPERLINK(x) nodule looks benign",
-            "usability": "4"}
-    assert client.post(f"{study_url}/feedback", data=form, follow_redirects=False).status_code == 403
-    r = client.post(f"{study_url}/feedback", data={**form, "csrf_token": csrf_of(page)}, follow_redirects=False)
+    # the read: CSRF enforced, then stored with user, time and model sha; agree derived from the labels
+    form = {"stage": "aided", "label": "benign", "confidence": "4", "comment": "=HYPERLINK(x) nodule looks benign"}
+    assert client.post(f"{study_url}/read", data=form, follow_redirects=False).status_code == 403
+    r = client.post(f"{study_url}/read", data={**form, "csrf_token": csrf_of(page)}, follow_redirects=False)
     assert r.status_code == 303
-    assert "feedback saved" in client.get(r.headers["location"]).text
+    assert "final decision is saved" in client.get(r.headers["location"]).text
     with sessions() as s:
-        fb = s.scalar(select(Feedback))
-        assert (fb.agree, fb.label, fb.confidence, fb.usability, fb.model_label) == (False, "benign", 4, 4, "malignant")
-        assert fb.user.username == "alice" and fb.model_sha256 == "f" * 64 and fb.created_at is not None
+        fb = s.scalar(select(Read))
+        assert (fb.agree, fb.final_label, fb.final_confidence, fb.model_label) == (False, "benign", 4, "malignant")
+        assert fb.user.username == "alice" and fb.model_sha256 == "f" * 64 and fb.final_at is not None
         ev = s.scalar(select(AuditEvent).where(AuditEvent.action == "prediction"))
         assert len(ev.input_sha256) == 64 and ev.model_sha256 == "f" * 64
     # the original file name is never stored
@@ -259,7 +258,7 @@ def test_api_token_predict_feedback_and_problems(web):
     assert study["label"] == "normal" and abs(sum(study["probabilities"].values()) - 1) < 1e-6
     r = client.post("/api/predict", files={"file": ("x.png", b"GIF89a....", "image/png")}, headers=h)
     assert r.status_code == 422 and "not a PNG, JPEG or DICOM" in r.json()["detail"]
-    body = {"study_id": study["id"], "agree": True, "label": "normal", "confidence": 5, "usability": 5}
+    body = {"study_id": study["id"], "agree": True, "label": "normal", "confidence": 5}
     r = client.post("/api/feedback", json=body, headers=h)
     assert r.status_code == 201 and r.json()["agree"] is True and r.json()["id"] > 0
     r = client.post("/api/feedback", json={**body, "label": "cat"}, headers=h)
@@ -327,8 +326,8 @@ def test_dashboard_admin_only_with_csv_export(web):
     login(client)
     study_url = upload(client, [("a.png", png_bytes(220))]).headers["location"]
     page = client.get(study_url).text
-    client.post(f"{study_url}/feedback", data={"agree": "yes", "label": "malignant", "confidence": "5",
-                                               "comment": "=cmd|' /C calc'!A0", "csrf_token": csrf_of(page)})
+    client.post(f"{study_url}/read", data={"stage": "aided", "label": "malignant", "confidence": "5",
+                                           "comment": "=cmd|' /C calc'!A0", "csrf_token": csrf_of(page)})
     assert client.get("/dashboard").status_code == 403
     assert client.get("/audit").status_code == 403
     client.cookies.clear()
@@ -341,7 +340,7 @@ def test_dashboard_admin_only_with_csv_export(web):
     assert len(rows) == 1 and rows[0]["clinician_label"] == "malignant" and rows[0]["agree"] == "1"
     assert rows[0]["comment"].startswith("'=")  # spreadsheet formula injection neutralised
     audit_page = client.get("/audit").text
-    for action in ("login", "upload", "prediction", "feedback", "export", "user_add"):
+    for action in ("login", "upload", "prediction", "read", "export", "user_add"):
         assert f"<td>{action}</td>" in audit_page
     assert "Training data" in client.get("/model").text
     assert client.get("/model/report.html").status_code == 404
@@ -494,12 +493,12 @@ def test_feedback_export_manifest(web, tmp_path, capsys):
     labels = ["normal", "malignant", "benign"]
     for url, label in zip(urls, labels):
         page = client.get(url).text
-        client.post(f"{url}/feedback", data={"agree": "yes", "label": label, "confidence": "3", "csrf_token": csrf_of(page)})
+        client.post(f"{url}/read", data={"stage": "aided", "label": label, "confidence": "3", "csrf_token": csrf_of(page)})
     # a second clinician contradicts the first on the third study: left out of the export
     client.cookies.clear()
     login(client, "root")
     page = client.get(urls[2]).text
-    client.post(f"{urls[2]}/feedback", data={"agree": "no", "label": "malignant", "confidence": "3", "csrf_token": csrf_of(page)})
+    client.post(f"{urls[2]}/read", data={"stage": "aided", "label": "malignant", "confidence": "3", "csrf_token": csrf_of(page)})
     out = tmp_path / "export"
     assert main(["feedback", "export", "--out", str(out), "--data-dir", str(data), "--no-progress"]) == 0
     assert "1 with conflicting labels" in capsys.readouterr().out
@@ -507,7 +506,7 @@ def test_feedback_export_manifest(web, tmp_path, capsys):
     assert list(rows[0]) == ["path", "label", "group", "feedback_id"]
     assert sorted(r["label"] for r in rows) == ["malignant", "normal"]
     with sessions() as s:
-        ids = {f.id for f in s.scalars(select(Feedback))}
+        ids = {f.id for f in s.scalars(select(Read))}
     for r in rows:
         assert r["path"].startswith(r["label"] + "/") and (out / r["path"]).is_file()
         assert int(r["feedback_id"]) in ids and len(r["group"]) == 24

@@ -173,16 +173,15 @@ def browser_flow(base: str, image: Path, tag: str, comment: str) -> None:
             page.uncheck("#cam-toggle")  # the Grad-CAM toggle hides the overlay
             assert not heat.is_visible()
             page.check("#cam-toggle")
-            # feedback
-            page.check("input[name=agree][value=no]")
+            # the read (the clinician is not in reading mode: the final decision only, nothing preselected)
             other = "normal" if label != "normal" else "benign"
-            page.select_option("select[name=label]", other)
-            page.check("input[name=confidence][value='4']")
-            page.fill("textarea[name=comment]", comment)
-            page.select_option("select[name=usability]", "4")
-            page.click(".feedback-form button[type=submit]")
+            assert page.locator("#aided-form input:checked").count() == 0
+            page.check(f"#aided-form input[name=label][value={other}]")
+            page.check("#aided-form input[name=confidence][value='4']")
+            page.fill("#aided-form textarea[name=comment]", comment)
+            page.click("#aided-form button[type=submit]")
             page.wait_for_selector("#feedback-saved")
-            assert comment in page.content()
+            assert comment in page.content() and "differs from" in page.inner_text("#read-agreement")
             # the admin finds it on the pilot dashboard
             page.click("button:has-text('Sign out')")
             page.wait_for_url("**/login")
@@ -227,11 +226,11 @@ def test_browser_flow(backend, trained_run, tmp_path, request):
         # the feedback row is in the database the server used, with the model's sha
         from sqlalchemy import select
 
-        from lungcad.web.db import Feedback, open_database
+        from lungcad.web.db import Read, open_database
 
         _, sessions = open_database(db, data_dir)
         with sessions() as s:
-            rows = list(s.scalars(select(Feedback)))
+            rows = list(s.scalars(select(Read)))
         contract_sha = (trained_run.run / "model.json").read_text()
         assert len(rows) == 1 and rows[0].model_sha256 and rows[0].model_sha256 in contract_sha
     finally:
@@ -247,7 +246,7 @@ def test_postgres_api_flow_and_append_only_audit(postgres_server, tmp_path):
     from test_web import FakePredictor, png_bytes
 
     from lungcad.web.app import create_app
-    from lungcad.web.db import AuditEvent, Feedback, open_database
+    from lungcad.web.db import AuditEvent, Read, open_database
     from lungcad.web.security import add_user, create_token
 
     db = postgres_server()
@@ -262,10 +261,23 @@ def test_postgres_api_flow_and_append_only_audit(postgres_server, tmp_path):
         r = client.post("/api/feedback", headers=h, json={"study_id": study["id"], "agree": True,
                                                           "label": study["label"], "confidence": 2})
         assert r.status_code == 201
+        r = client.post("/api/feedback", headers=h, json={"study_id": study["id"], "agree": True,
+                                                          "label": study["label"], "confidence": 3})
+        assert r.status_code == 200 and r.json()["revisions"] == 2  # the same read, revised
         assert client.get("/api/studies?status=reviewed", headers=h).json()[0]["id"] == study["id"]
     with sessions() as s:
-        assert s.scalar(select(Feedback)).study_id == study["id"]
-        assert {"upload", "prediction", "feedback"} <= set(s.scalars(select(AuditEvent.action)))
+        assert [r.study_id for r in s.scalars(select(Read))] == [study["id"]]
+        assert {"upload", "prediction", "read"} <= set(s.scalars(select(AuditEvent.action)))
     with sessions() as s, pytest.raises(Exception, match="append-only"):
         s.execute(text("UPDATE audit_log SET action = 'forged'"))
         s.commit()
+    with sessions() as s, pytest.raises(Exception, match="append-only"):
+        s.execute(text("UPDATE read_revisions SET label = 'forged'"))
+        s.commit()
+
+
+@pytest.mark.slow
+def test_reads_migration_of_old_feedback_on_postgresql(postgres_server, tmp_path):
+    from test_web_reading import check_feedback_migration
+
+    check_feedback_migration(postgres_server(), tmp_path)

@@ -32,7 +32,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 import lungcad
 from lungcad.errors import LungcadError
-from lungcad.web import service
+from lungcad.web import display, service
 from lungcad.web.db import open_database, private_dir
 from lungcad.web.deps import AuthRequired, Settings
 from lungcad.web.routes import admin, api, auth, pages
@@ -182,6 +182,7 @@ def create_app(
     # What lungcad.web.deps hands to the routes.
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__)
+    templates.env.filters.update(flatten=display.flatten, show=display.show, nopath=display.nopath)
     app.state.settings, app.state.engine, app.state.sessions, app.state.store = settings, engine, session_factory, store
     app.state.templates = templates
 
@@ -300,9 +301,26 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def _error_page(request: Request, status: int, title: str, detail: str) -> HTMLResponse:
+    user, csrf = _signed_in(request)
     return HTMLResponse(
         request.app.state.templates.get_template("error.html").render(
-            request=request, user=None, status=status, title=title, detail=detail, csrf="",
+            request=request, user=user, status=status, title=title, detail=display.nopath(detail), csrf=csrf,
         ),
         status_code=status,
     )
+
+
+def _signed_in(request: Request) -> tuple[Any, str]:
+    """(user, CSRF token) of the browser session behind a failed request, so the error page keeps the
+    navigation; (None, "") when there is none or it cannot be looked up (the database may be what failed)."""
+    if "session" not in request.scope or not isinstance(request.session.get("sid"), str):
+        return None, ""  # e.g. a 500 caught outside the session middleware
+    from lungcad.web.security import user_for_session
+
+    try:
+        with request.app.state.sessions() as session:
+            user = user_for_session(session, request.session["sid"], request.app.state.settings.session_policy)
+            session.commit()
+        return user, str(request.session.get("csrf") or "")
+    except Exception:  # noqa: BLE001 - an error page must render whatever else is broken
+        return None, ""

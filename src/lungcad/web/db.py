@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -40,6 +42,11 @@ __all__ = [
     "DicomOutbox",
     "Feedback",
     "LoginSession",
+    "PilotSetting",
+    "Read",
+    "ReadRevision",
+    "ReferenceDiagnosis",
+    "SusResponse",
     "LoginThrottle",
     "Study",
     "User",
@@ -84,6 +91,9 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Pilot reader (issue 13 item 4): the AI result of a study stays hidden from this user, on the pages
+    # and in the API, until their own unaided read of it is saved. Set by administrators on /users.
+    reading_mode: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
 
 class ApiToken(Base):
@@ -153,6 +163,9 @@ class Study(Base):
 
 
 class Feedback(Base):
+    """Legacy (before migration 0006): one row per submission, `agree` as sent. Kept readable, no longer
+    written; each row was copied into `read_revisions` and the latest per reader and study into `reads`."""
+
     __tablename__ = "feedback"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
@@ -167,6 +180,107 @@ class Feedback(Base):
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
     study: Mapped[Study] = relationship(back_populates="feedback")
     user: Mapped[User] = relationship()
+
+
+class Read(Base):
+    """One reader's read of one study (the unit a clinician reads): at most one row per reader and study.
+
+    `unaided_*`: the reader's own read recorded before the AI result was shown (pilot readers only;
+    frozen once the AI result is revealed). `final_*`: the decision with the AI result in view (the
+    label that counts, and the training label of `lungcad feedback export`). Whether the reader agrees
+    with the AI is derived from the labels (`agree`), never stored. Every change appends a ReadRevision.
+    """
+
+    __tablename__ = "reads"
+    __table_args__ = (UniqueConstraint("study_id", "user_id", name="uq_reads_study_user"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # "pilot": unaided read first, AI hidden until then; "direct": the AI result was in view from the start
+    # (readers not in reading mode, API scripts); "legacy": migrated from the old feedback table.
+    mode: Mapped[str] = mapped_column(String(8), default="direct")
+    unaided_label: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    unaided_confidence: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1..5
+    unaided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    final_label: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    final_confidence: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1..5
+    final_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    model_label: Mapped[str] = mapped_column(String(32), default="")  # the AI label revealed to the reader
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    revisions: Mapped[int] = mapped_column(Integer, default=0)  # number of ReadRevision rows
+    study: Mapped[Study] = relationship()
+    user: Mapped[User] = relationship()
+
+    @property
+    def agree(self) -> bool | None:
+        """Does the final read agree with the AI's label? None while there is no final read."""
+        return None if not self.final_label else self.final_label == self.model_label
+
+    @property
+    def changed(self) -> bool | None:
+        """Did the reader change their label after seeing the AI result? None without both reads."""
+        return None if not (self.unaided_label and self.final_label) else self.unaided_label != self.final_label
+
+
+# Set here rather than in Study's body (the reads are this module's later addition): a study's reads, oldest first.
+Study.reads = relationship(Read, order_by=Read.id, viewonly=True)
+
+
+class ReadRevision(Base):
+    """Append-only history of reads: one row per saved step (enforced below, like the audit log)."""
+
+    __tablename__ = "read_revisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    read_id: Mapped[int] = mapped_column(ForeignKey("reads.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stage: Mapped[str] = mapped_column(String(8))  # unaided / aided
+    label: Mapped[str] = mapped_column(String(32))
+    confidence: Mapped[int] = mapped_column(Integer)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    model_label: Mapped[str] = mapped_column(String(32), default="")  # "" for unaided (AI not yet shown)
+    source: Mapped[str] = mapped_column(String(8), default="form")  # form / api / legacy
+    legacy_feedback_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the migrated feedback row
+
+
+class ReferenceDiagnosis(Base):
+    """The reference standard of a study (pathology or follow-up), entered later; one per study, editable
+    (each change audited with the previous values)."""
+
+    __tablename__ = "reference_diagnoses"
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    label: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(16))  # pathology / follow-up / other
+    diagnosed_on: Mapped[dt.date] = mapped_column(Date)
+    note: Mapped[str] = mapped_column(Text, default="")
+    entered_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    entered_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[User] = relationship()
+
+
+class SusResponse(Base):
+    """One user's System Usability Scale questionnaire for one pilot period (editable: the latest counts)."""
+
+    __tablename__ = "sus_responses"
+    __table_args__ = (UniqueConstraint("user_id", "period", name="uq_sus_user_period"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    period: Mapped[str] = mapped_column(String(64))
+    answers: Mapped[list] = mapped_column(JSON)  # ten integers 1..5, items in the standard order
+    score: Mapped[float] = mapped_column(Float)  # 0..100
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[User] = relationship()
+
+
+class PilotSetting(Base):
+    """Deployment-wide pilot settings, one row per key (e.g. `period`, the current SUS period)."""
+
+    __tablename__ = "pilot_settings"
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
 
 
 class DicomOutbox(Base):
@@ -206,6 +320,12 @@ class AuditEvent(Base):
 @event.listens_for(AuditEvent, "before_delete")
 def _refuse_audit_change(mapper: Any, connection: Any, target: AuditEvent) -> None:
     raise PermissionError("the audit log is append-only")
+
+
+@event.listens_for(ReadRevision, "before_update")
+@event.listens_for(ReadRevision, "before_delete")
+def _refuse_revision_change(mapper: Any, connection: Any, target: ReadRevision) -> None:
+    raise PermissionError("read revisions are append-only")
 
 
 def audit(

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from starlette.exceptions import HTTPException
 
 from lungcad.web import service
-from lungcad.web.db import Feedback, Study, User
+from lungcad.web.db import Read, Study, User
 from lungcad.web.security import SessionPolicy, csrf_ok, new_csrf_token, user_for_session, user_for_token
 from lungcad.web.throttle import BackoffPolicy
 
@@ -176,10 +176,10 @@ def page(request: Request, name: str, user: User | None, code: int = 200, **ctx:
 
 
 def get_study(session: Session, study_id: str) -> Study:
-    """The study with its feedback (and their users) loaded; 404 when there is none."""
+    """The study with its reads (and their users) loaded; 404 when there is none."""
     study = session.scalar(
         select(Study).where(Study.id == study_id)
-        .options(selectinload(Study.feedback).selectinload(Feedback.user), selectinload(Study.user))
+        .options(selectinload(Study.reads).selectinload(Read.user), selectinload(Study.user))
     )
     if study is None:
         raise HTTPException(404, "no such study")

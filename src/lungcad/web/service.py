@@ -11,39 +11,36 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, selectinload
 
-from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 from lungcad.web.batcher import MicroBatcher
-from lungcad.web.db import Feedback, Study, User, audit, new_id, private_dir
+from lungcad.web.db import Read, Study, User, as_utc, audit, new_id, private_dir
 from lungcad.web.uploads import check_upload, deidentify_upload
 
 __all__ = [
     "EXPLAIN_SIZE",
-    "FeedbackInput",
+    "AI_FIELDS",
+    "AiResult",
     "PredictorLike",
     "Store",
-    "add_feedback",
     "discard_files",
     "explain_images",
     "feedback_csv",
-    "feedback_dict",
     "inference_workers",
     "list_studies",
-    "pilot_stats",
     "process_upload",
     "record_upload",
     "storage_health",
     "storage_problem",
+    "study_ai_result",
     "study_dict",
-    "validate_feedback",
     "wilson",
 ]
 
@@ -261,78 +258,57 @@ def explain_images(store: Store, study: Study) -> tuple[Path, Path]:
     return inp, overlay
 
 
-@dataclass
-class FeedbackInput:
-    agree: bool
-    label: str
-    confidence: int
-    comment: str = ""
-    usability: int | None = None
+class AiResult(NamedTuple):
+    """The AI result of a study as the reading pilot sees it."""
+
+    label: str  # the model's label (what a reader agrees or disagrees with)
+    p_malignant: float | None
+    decision: str
 
 
-def validate_feedback(fb: FeedbackInput, classes: list[str]) -> FeedbackInput:
-    if fb.label not in classes:
-        raise LungcadError(f"label must be one of {', '.join(classes)}")
-    if not 1 <= int(fb.confidence) <= 5:
-        raise LungcadError("confidence must be 1-5")
-    if fb.usability is not None and not 1 <= int(fb.usability) <= 5:
-        raise LungcadError("usability rating must be 1-5")
-    if len(fb.comment) > 4000:
-        raise LungcadError("comment too long (4000 characters at most)")
-    return fb
+def study_ai_result(study: Study) -> AiResult:
+    """The AI result of a study: the one place the reading pilot (web.reading) reads it from, so it can
+    be re-pointed when a study becomes an exam of series (the exam-level result then)."""
+    return AiResult(study.label, study.malignant_probability, study.decision)
 
 
-def add_feedback(session: Session, store: Store, study: Study, user: User, fb: FeedbackInput) -> Feedback:
-    """Store a clinician's feedback on a study (with the model sha it answers) and audit it."""
-    fb = validate_feedback(fb, store.classes)
-    # "agree" is derived from the labels when they contradict it, so the statistics stay coherent.
-    agree = bool(fb.agree) if fb.label == study.label else False
-    row = Feedback(
-        study=study, user=user, agree=agree, label=fb.label, confidence=int(fb.confidence),
-        comment=fb.comment.strip(), usability=fb.usability, model_label=study.label, model_sha256=study.model_sha256,
-    )
-    session.add(row)
-    session.flush()
-    audit(
-        session, "feedback", user, target=study.id, input_sha256=study.input_sha256, model_sha256=study.model_sha256,
-        feedback_id=row.id, agree=agree, label=fb.label,
-    )
-    return row
+AI_FIELDS = ("label", "decision", "malignant_probability", "probabilities", "ood", "ood_score", "ood_reasons")
 
 
-def study_dict(study: Study, with_feedback: bool = False) -> dict:
+def study_dict(study: Study, with_feedback: bool = False, hide_ai: bool = False) -> dict:
+    """A study as the API returns it. `hide_ai` (a reader in reading mode before their unaided read):
+    the AI result, and other readers' reads (which carry it), are left out: null, `ai_hidden` true."""
+    reads = [r for r in getattr(study, "reads", []) if r.final_label]
     d = {
-        "id": study.id, "created_at": study.created_at.isoformat(), "kind": study.kind,
+        "id": study.id, "created_at": as_utc(study.created_at).isoformat(), "kind": study.kind,
         "input_sha256": study.input_sha256, "width": study.width, "height": study.height,
         "label": study.label, "decision": study.decision, "malignant_probability": study.malignant_probability,
         "probabilities": study.probabilities, "ood": study.ood, "ood_score": study.ood_score,
         "ood_reasons": list(study.ood_reasons or []),
         "model_sha256": study.model_sha256, "url": f"/studies/{study.id}",
-        "feedback_count": len(study.feedback),
-        "disagreement": any(not f.agree for f in study.feedback),
+        "feedback_count": len(reads),  # readers with a final read (one read per reader)
+        "disagreement": any(not r.agree for r in reads),
+        "ai_hidden": hide_ai,
     }
+    if hide_ai:
+        d.update(dict.fromkeys(AI_FIELDS), disagreement=None)
     if with_feedback:
-        d["feedback"] = [feedback_dict(f) for f in study.feedback]
+        from lungcad.web.reading import read_dict
+
+        d["feedback"] = [] if hide_ai else [read_dict(r) for r in reads]
     return d
 
 
-def feedback_dict(f: Feedback) -> dict:
-    return {
-        "id": f.id, "study_id": f.study_id, "user": f.user.username if f.user else "", "created_at": f.created_at.isoformat(),
-        "agree": f.agree, "label": f.label, "model_label": f.model_label, "confidence": f.confidence,
-        "comment": f.comment, "usability": f.usability, "model_sha256": f.model_sha256,
-    }
-
-
 def list_studies(session: Session, status: str = "all", limit: int = 100, offset: int = 0) -> list[Study]:
-    """Recent studies; status: all / pending (no feedback) / disagree (some clinician disagreed)."""
-    q = select(Study).options(selectinload(Study.feedback).selectinload(Feedback.user), selectinload(Study.user))
-    if status == "disagree":
-        q = q.where(Study.id.in_(select(Feedback.study_id).where(Feedback.agree.is_(False))))
+    """Recent studies; status: all / pending (no final read) / reviewed / disagree (a final read differs from the AI)."""
+    q = select(Study).options(selectinload(Study.reads).selectinload(Read.user), selectinload(Study.user))
+    final = select(Read.study_id).where(Read.final_label.is_not(None))
+    if status == "disagree":  # derived from the labels: a final read that differs from the AI's label
+        q = q.where(Study.id.in_(final.where(Read.final_label != Read.model_label)))
     elif status == "pending":
-        q = q.where(~Study.id.in_(select(Feedback.study_id)))
+        q = q.where(~Study.id.in_(final))
     elif status == "reviewed":
-        q = q.where(Study.id.in_(select(Feedback.study_id)))
+        q = q.where(Study.id.in_(final))
     q = q.order_by(Study.created_at.desc(), Study.id).limit(max(1, min(limit, 1000))).offset(max(0, offset))
     return list(session.scalars(q))
 
@@ -347,38 +323,6 @@ def wilson(k: int, n: int) -> tuple[float, float] | None:
     return float(ci.low), float(ci.high)
 
 
-def pilot_stats(session: Session, classes: list[str]) -> dict:
-    """Agreement overall and per model class (with CIs), model-vs-clinician confusion, usability, comments."""
-    rows = list(session.scalars(select(Feedback).options(selectinload(Feedback.user)).order_by(Feedback.id)))
-    n = len(rows)
-    k = sum(r.agree for r in rows)
-    per_class = []
-    for c in classes:
-        sub = [r for r in rows if r.model_label == c]
-        kc = sum(r.agree for r in sub)
-        per_class.append({"label": c, "n": len(sub), "agree": kc, "rate": kc / len(sub) if sub else None, "ci": wilson(kc, len(sub))})
-    index = {c: i for i, c in enumerate(classes)}
-    confusion = np.zeros((len(classes), len(classes)), dtype=int)  # rows: clinician, columns: model
-    for r in rows:
-        if r.label in index and r.model_label in index:
-            confusion[index[r.label], index[r.model_label]] += 1
-    ratings = [r.usability for r in rows if r.usability is not None]
-    return {
-        "feedback": n,
-        "studies": session.scalar(select(func.count()).select_from(Study)) or 0,
-        "agree": k,
-        "agreement": k / n if n else None,
-        "agreement_ci": wilson(k, n),
-        "per_class": per_class,
-        "confusion": confusion.tolist(),
-        "classes": classes,
-        "usability_n": len(ratings),
-        "usability_mean": float(np.mean(ratings)) if ratings else None,
-        "usability_hist": [ratings.count(i) for i in range(1, 6)],
-        "comments": [feedback_dict(r) for r in reversed(rows) if r.comment][:100],
-    }
-
-
 def _csv_safe(value: Any) -> Any:
     # Spreadsheet formula injection: a comment starting with = + - @ would run as a formula in Excel.
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
@@ -387,19 +331,27 @@ def _csv_safe(value: Any) -> Any:
 
 
 def feedback_csv(session: Session) -> str:
-    rows = session.scalars(
-        select(Feedback).options(selectinload(Feedback.user), selectinload(Feedback.study)).order_by(Feedback.id)
+    """One row per read (the latest state of each reader's read of each study); `agree` derived."""
+    from lungcad.web.db import ReferenceDiagnosis
+
+    reads = session.scalars(
+        select(Read).where(Read.final_label.is_not(None))
+        .options(selectinload(Read.user), selectinload(Read.study)).order_by(Read.id)
     )
+    refs = {r.study_id: r for r in session.scalars(select(ReferenceDiagnosis))}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([
-        "feedback_id", "created_at", "user", "study_id", "model_label", "model_malignant_probability",
-        "model_decision", "clinician_label", "agree", "confidence", "usability", "comment", "model_sha256",
+        "read_id", "updated_at", "user", "study_id", "mode", "unaided_label", "unaided_confidence", "model_label",
+        "model_malignant_probability", "model_decision", "clinician_label", "agree", "confidence", "revisions",
+        "reference_label", "reference_source", "comment", "model_sha256",
     ])
-    for f in rows:
+    for r in reads:
+        ref = refs.get(r.study_id)
         w.writerow([_csv_safe(v) for v in (
-            f.id, f.created_at.isoformat(), f.user.username, f.study_id, f.model_label,
-            f.study.malignant_probability, f.study.decision, f.label, int(f.agree), f.confidence,
-            "" if f.usability is None else f.usability, f.comment, f.model_sha256,
+            r.id, as_utc(r.updated_at).isoformat(), r.user.username, r.study_id, r.mode, r.unaided_label or "",
+            r.unaided_confidence or "", r.model_label, r.study.malignant_probability, r.study.decision, r.final_label,
+            int(bool(r.agree)), r.final_confidence, r.revisions, ref.label if ref else "", ref.source if ref else "",
+            r.comment, r.model_sha256,
         )])
     return buf.getvalue()

@@ -11,7 +11,7 @@ from sqlalchemy.orm import selectinload
 from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
-from lungcad.web import service
+from lungcad.web import reading, service
 from lungcad.web.db import ROLES, ApiToken, AuditEvent, DicomOutbox, User, audit, utcnow
 from lungcad.web.deps import DB, AdminUser, StoreDep, check_csrf, page
 from lungcad.web.security import add_user, end_user_sessions
@@ -23,7 +23,17 @@ router = APIRouter()
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
 def dashboard(request: Request, session: DB, user: AdminUser, store: StoreDep) -> HTMLResponse:
-    return page(request, "dashboard.html", user, stats=service.pilot_stats(session, store.classes))
+    return page(request, "dashboard.html", user, stats=reading.pilot_stats(session, store.classes))
+
+
+@router.post("/dashboard/period", include_in_schema=False)
+def dashboard_period(request: Request, session: DB, user: AdminUser, period: Annotated[str, Form(max_length=64)],
+                     csrf_token: Annotated[str, Form()] = "") -> Response:
+    """Start a new pilot period: usability questionnaires are collected (one per user) per period."""
+    check_csrf(request, csrf_token)
+    reading.set_period(session, user, period)
+    session.commit()
+    return RedirectResponse("/dashboard", status_code=303)
 
 
 @router.get("/dashboard/feedback.csv", include_in_schema=False)
@@ -78,6 +88,20 @@ def users_add(request: Request, session: DB, user: AdminUser, username: Annotate
     except LungcadError as exc:
         session.rollback()
         return _users_page(request, session, user, str(exc), code=422)
+    session.commit()
+    return RedirectResponse("/users", status_code=303)
+
+
+@router.post("/users/{user_id}/reading-mode", include_in_schema=False)
+def users_reading_mode(request: Request, session: DB, user: AdminUser, user_id: int,
+                       reading_mode: Annotated[str, Form()], csrf_token: Annotated[str, Form()] = "") -> Response:
+    """Make a user a pilot reader (AI result hidden until their own read of each study) or not."""
+    check_csrf(request, csrf_token)
+    other = session.get(User, user_id)
+    if other is None:
+        raise HTTPException(404, "no such user")
+    other.reading_mode = reading_mode == "yes"
+    audit(session, "reading_mode", user, target=other.username, on=other.reading_mode)
     session.commit()
     return RedirectResponse("/users", status_code=303)
 

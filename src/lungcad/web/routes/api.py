@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 import lungcad
 from lungcad.errors import LungcadError
-from lungcad.web import service
+from lungcad.web import reading, service
 from lungcad.web.db import ApiToken, Study, User, as_utc, audit, utcnow
 from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study
 from lungcad.web.routes.pages import owned_token
@@ -64,6 +64,7 @@ _PROBLEM_WHEN = {
     401: "no credentials, or an invalid, expired or revoked API token",
     403: "not allowed for this user, or a cookie-authenticated write without its CSRF token",
     404: "no such resource (or not one this user may see)",
+    409: "not allowed in the read's current state (reading mode: unaided read first; it cannot change once saved)",
     413: "request body over the server's limit",
     415: "a content type this operation does not take",
     422: "invalid request parameters or body, or an unusable upload",
@@ -82,12 +83,19 @@ def problems(*codes: int) -> dict:
 
 
 class FeedbackIn(BaseModel):
+    """A reader's read of a study. One read per reader and study: posting again revises it (history kept)."""
+
     study_id: str = Field(max_length=32)
-    agree: bool
     label: str = Field(max_length=32, description="the clinician's label (one of the model's classes)")
     confidence: int = Field(ge=1, le=5)
+    stage: Literal["unaided", "aided"] = Field(
+        "aided", description="`aided` (default): the final decision with the AI result in view; `unaided`: "
+        "the reader's own read before the AI result (readers in reading mode, once, before `aided`)")
     comment: str = Field("", max_length=4000)
-    usability: int | None = Field(None, ge=1, le=5, description="rating of the tool, 1 (poor) to 5 (good)")
+    agree: bool | None = Field(None, description="optional and derived: the label equals the model's label. "
+                               "A value contradicting the labels is refused (422), never stored")
+    usability: int | None = Field(None, ge=1, le=5, deprecated=True,
+                                  description="ignored: the System Usability Scale (/sus) replaced the 1-5 rating")
 
 
 @router.get("/health", tags=["meta"], openapi_extra={"security": []},
@@ -130,41 +138,63 @@ def _api_store(sessions: sessionmaker, store: service.Store, user: User, raw: by
     with sessions() as session:  # its own session: see routes.pages._store_one
         try:
             study = service.record_upload(session, store, user, raw, secrets.token_hex(8), "file")
+            hidden = bool(user.reading_mode)  # a reader in reading mode has not read this new study yet
         except LungcadError as exc:
             session.rollback()
             audit(session, "upload_rejected", user, reason=str(exc)[:200], via="api")
             session.commit()
             raise
-        return service.study_dict(study)
+        return service.study_dict(study, hide_ai=hidden)
 
 
-@router.post("/api/feedback", status_code=201, tags=["api"], responses=problems(400, 403, 404, 413, 422))
-def api_feedback(request: Request, session: DB, user: CurrentUser, store: StoreDep, body: FeedbackIn) -> dict:
-    """Record a clinician's feedback on a study; the stored row (with its id) is returned."""
+@router.post("/api/feedback", status_code=201, tags=["api"], responses={
+    200: {"description": "the existing read, revised (or unchanged when the same read is posted again)"},
+    **problems(400, 403, 404, 409, 413, 422)})
+def api_feedback(request: Request, response: Response, session: DB, user: CurrentUser, store: StoreDep,
+                 body: FeedbackIn) -> dict:
+    """Record the caller's read of a study: 201 with the new read, 200 when it revises the caller's
+    existing read (one read per reader and study; every change kept as a revision). `agree` is
+    derived from the labels; a contradicting `agree` is refused."""
     check_csrf(request, None)
     study = session.get(Study, body.study_id)
     if study is None:
         raise HTTPException(404, "no such study")
-    row = service.add_feedback(session, store, study, user, service.FeedbackInput(
-        agree=body.agree, label=body.label, confidence=body.confidence, comment=body.comment, usability=body.usability))
+    if body.agree is not None and body.stage == "aided" and body.label in store.classes:
+        derived = body.label == service.study_ai_result(study).label
+        if body.agree != derived:
+            raise LungcadError(f"agree={str(body.agree).lower()} contradicts the labels: agree is derived "
+                               f"(label {body.label!r} {'equals' if derived else 'differs from'} the model's label)")
+    existed = reading.get_read(session, study, user) is not None
+    try:
+        read, _ = reading.save_read(session, study, user, body.stage, body.label, body.confidence, store.classes,
+                                    body.comment, "api")
+    except reading.ReadConflict as exc:
+        raise HTTPException(409, str(exc)) from None
     session.commit()
-    return service.feedback_dict(row)
+    response.status_code = 200 if existed else 201
+    return reading.read_dict(read)
 
 
 @router.get("/api/studies", tags=["api"], responses=problems(422))
 def api_studies(session: DB, user: CurrentUser, status: Literal["all", "pending", "reviewed", "disagree"] = "all",
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> list[dict]:
-    """Recent studies, newest first; status = all / pending (no feedback) / reviewed / disagree."""
-    return [service.study_dict(s) for s in service.list_studies(session, status, limit, offset)]
+    """Recent studies, newest first; status = all / pending (no final read) / reviewed / disagree.
+    For a reader in reading mode, studies not yet read have `ai_hidden` true and no AI result."""
+    studies = service.list_studies(session, status, limit, offset)
+    hidden = reading.hidden_study_ids(session, user, [s.id for s in studies])
+    if status == "disagree":
+        studies = [s for s in studies if s.id not in hidden]
+    return [service.study_dict(s, hide_ai=s.id in hidden) for s in studies]
 
 
 @router.get("/api/studies/{study_id}", tags=["api"], responses=problems(404, 422))
 def api_study(session: DB, user: CurrentUser, study_id: str) -> dict:
     study = get_study(session, study_id)
-    audit(session, "study_view", user, target=study.id, via="api")  # who looked at which patient's image
+    hidden = reading.ai_hidden(session, user, study)
+    audit(session, "study_view", user, target=study.id, via="api", ai_hidden=hidden)  # who looked at which image
     session.commit()
-    return service.study_dict(study, with_feedback=True)
+    return service.study_dict(study, with_feedback=True, hide_ai=hidden)
 
 
 def token_dict(token: ApiToken) -> dict:

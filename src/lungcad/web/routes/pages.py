@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
 from lungcad.run import RunFolder
-from lungcad.web import service, throttle
-from lungcad.web.db import ApiToken, User, audit, utcnow
+from lungcad.web import reading, service, throttle
+from lungcad.web.db import ApiToken, ReferenceDiagnosis, SusResponse, User, audit, utcnow
 from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study, page
 from lungcad.web.security import (
     DEFAULT_TOKEN_DAYS,
@@ -39,7 +39,7 @@ router = APIRouter()
 def upload_page(request: Request, session: DB, user: CurrentUser) -> HTMLResponse:
     recent = service.list_studies(session, limit=10)
     return page(request, "upload.html", user, recent=recent, max_mb=MAX_UPLOAD_BYTES // 1024 // 1024,
-                max_files=MAX_FILES)
+                max_files=MAX_FILES, hidden=reading.hidden_study_ids(session, user, [s.id for s in recent]))
 
 
 @router.post("/upload", include_in_schema=False)
@@ -91,15 +91,30 @@ def _store_one(sessions: sessionmaker, store: service.Store, user: User, raw: by
 
 @router.get("/studies/{study_id}", response_class=HTMLResponse, include_in_schema=False)
 def study_page(request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
-               saved: int = 0) -> HTMLResponse:
+               saved: str = "") -> HTMLResponse:
     study = get_study(session, study_id)
     order = {c: i for i, c in enumerate(store.classes)}
     probs = sorted(study.probabilities.items(), key=lambda kv: order.get(kv[0], 99))
     threshold = _threshold(store)
-    audit(session, "study_view", user, target=study.id)  # who looked at which patient's image
+    reading_ctx = _reading_context(session, user, study)
+    audit(session, "study_view", user, target=study.id, ai_hidden=reading_ctx["ai_hidden"])  # who looked at which image
     session.commit()
-    return page(request, "study.html", user, study=study, probs=probs, saved=saved, threshold=threshold,
-                mine=[f for f in study.feedback if f.user_id == user.id])
+    return page(request, "study.html", user, study=study, probs=probs, saved=saved, threshold=threshold, **reading_ctx)
+
+
+def _reading_context(session: Session, user: User, study: Any) -> dict:
+    """What templates/_reading.html needs: hidden or not, the user's read and its history, the others' reads."""
+    hidden = reading.ai_hidden(session, user, study)
+    mine = reading.get_read(session, study, user)
+    finished = mine is not None and mine.final_label is not None
+    return {
+        "ai_hidden": hidden, "read": mine, "read_history": reading.revisions_of(session, mine) if mine else [],
+        # others' reads carry the AI label and could anchor: shown once one's own final read is saved
+        "other_reads": [r for r in study.reads if r.user_id != user.id and r.final_label] if finished else [],
+        "reference": session.get(ReferenceDiagnosis, study.id) if finished or not user.reading_mode else None,
+        "may_enter_reference": user.role in ("admin", "clinician") and (finished or not user.reading_mode),
+        "reference_sources": reading.REFERENCE_SOURCES, "today": utcnow().date().isoformat(),
+    }
 
 
 @router.get("/studies/{study_id}/image.png", include_in_schema=False)
@@ -111,30 +126,82 @@ def study_image(session: DB, user: CurrentUser, store: StoreDep, study_id: str) 
 def study_explain(session: DB, user: CurrentUser, store: StoreDep, study_id: str, which: str) -> FileResponse:
     if which not in ("input", "overlay"):
         raise HTTPException(404, "no such image")
-    inp, overlay = service.explain_images(store, get_study(session, study_id))
+    study = get_study(session, study_id)
+    if which == "overlay" and reading.ai_hidden(session, user, study):  # the heatmap shows what the AI found
+        raise HTTPException(403, "reading mode: the heatmap is shown after your unaided read")
+    inp, overlay = service.explain_images(store, study)
     return FileResponse(inp if which == "input" else overlay, media_type="image/png")
 
 
-@router.post("/studies/{study_id}/feedback", include_in_schema=False)
-def feedback_form(
+@router.post("/studies/{study_id}/read", include_in_schema=False)
+def read_form(
     request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
-    agree: Annotated[str, Form()], label: Annotated[str, Form()], confidence: Annotated[int, Form()],
-    comment: Annotated[str, Form(max_length=4000)] = "", usability: Annotated[str, Form()] = "",
-    csrf_token: Annotated[str, Form()] = "",
+    stage: Annotated[str, Form()], label: Annotated[str, Form()] = "", confidence: Annotated[str, Form()] = "",
+    comment: Annotated[str, Form(max_length=4000)] = "", csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
+    """One step of the reader's read: `stage` unaided (reading mode, before the AI result) or aided (final)."""
     check_csrf(request, csrf_token)
     study = get_study(session, study_id)
-    fb = service.FeedbackInput(agree=agree == "yes", label=label, confidence=confidence, comment=comment,
-                               usability=int(usability) if usability.strip().isdigit() else None)
-    service.add_feedback(session, store, study, user, fb)
+    if not confidence.strip().isdigit():
+        raise LungcadError("choose your confidence (1-5)")
+    try:
+        reading.save_read(session, study, user, stage, label, int(confidence), store.classes, comment, "form")
+    except reading.ReadConflict as exc:
+        raise HTTPException(409, str(exc)) from None
     session.commit()
-    return RedirectResponse(f"/studies/{study.id}?saved=1", status_code=303)
+    return RedirectResponse(f"/studies/{study.id}?saved={'unaided' if stage == 'unaided' else 'aided'}#reading",
+                            status_code=303)
+
+
+@router.post("/studies/{study_id}/reference", include_in_schema=False)
+def reference_form(
+    request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
+    label: Annotated[str, Form()], source: Annotated[str, Form()], diagnosed_on: Annotated[str, Form()],
+    note: Annotated[str, Form(max_length=2000)] = "", csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """The reference diagnosis (pathology or follow-up) of a study, entered later by a clinician or an admin."""
+    check_csrf(request, csrf_token)
+    study = get_study(session, study_id)
+    if not _reading_context(session, user, study)["may_enter_reference"]:
+        raise HTTPException(403, "reading mode: enter a reference after your own final read")
+    reading.set_reference(session, study, user, label, source, diagnosed_on, note, store.classes)
+    session.commit()
+    return RedirectResponse(f"/studies/{study.id}?saved=reference#reading", status_code=303)
+
+
+@router.get("/sus", response_class=HTMLResponse, include_in_schema=False)
+def sus_page(request: Request, session: DB, user: CurrentUser, saved: int = 0) -> HTMLResponse:
+    period = reading.current_period(session)
+    mine = session.scalar(select(SusResponse).where(SusResponse.user_id == user.id, SusResponse.period == period))
+    return page(request, "sus.html", user, items=reading.SUS_ITEMS, scale=reading.SUS_SCALE, period=period,
+                mine=mine, saved=saved)
+
+
+@router.post("/sus", include_in_schema=False)
+async def sus_form(request: Request, user: CurrentUser, sessions: Sessions) -> Response:
+    """The System Usability Scale of the current pilot period (one per user and period; saving again replaces it)."""
+    form = await request.form()
+    check_csrf(request, str(form.get("csrf_token", "")))
+    answers = []
+    for i in range(1, 11):
+        value = str(form.get(f"q{i}", ""))
+        if not value.isdigit():
+            raise LungcadError(f"answer item {i} of the questionnaire (1-5)")
+        answers.append(int(value))
+    with sessions() as session:
+        reading.save_sus(session, session.get(User, user.id), answers)
+        session.commit()
+    return RedirectResponse("/sus?saved=1", status_code=303)
 
 
 @router.get("/worklist", response_class=HTMLResponse, include_in_schema=False)
 def worklist(request: Request, session: DB, user: CurrentUser, status: str = "all") -> HTMLResponse:
     status = status if status in ("all", "pending", "reviewed", "disagree") else "all"
-    return page(request, "worklist.html", user, studies=service.list_studies(session, status, limit=200), status=status)
+    studies = service.list_studies(session, status, limit=200)
+    hidden = reading.hidden_study_ids(session, user, [s.id for s in studies])
+    if status == "disagree":  # whether readers disagreed with the AI says something about its result
+        studies = [s for s in studies if s.id not in hidden]
+    return page(request, "worklist.html", user, studies=studies, status=status, hidden=hidden)
 
 
 @router.get("/model", response_class=HTMLResponse, include_in_schema=False)
