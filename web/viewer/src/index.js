@@ -213,6 +213,8 @@ class Viewer {
     this.element.addEventListener(Events.STACK_NEW_IMAGE, () => this.frameChanged());
     this.element.addEventListener(Events.VOI_MODIFIED, () => this.showWindow());
     this.element.addEventListener("keydown", (e) => this.key(e));
+    // the tools take the mouse events: focus by hand, so the keys work after a click or a drag on the image
+    this.element.addEventListener("pointerdown", () => this.element.focus({ preventScroll: true }));
     new ResizeObserver(() => this.engine.resize(true, true)).observe(this.element);
 
     this.q(".vw-presets").addEventListener("click", (e) => {
@@ -295,6 +297,11 @@ class Viewer {
     this.root.dataset.frameIndex = String(i);
     this.q(".vw-frame").textContent = `${frame.label || "Image"} · ${i + 1} / ${this.frames.length}`;
     this.drawHeatmap();
+    // the neighbours, so scrolling on does not wait for the network (cached by Cornerstone)
+    const ids = this.viewport.getImageIds();
+    for (const j of [i + 1, i - 1]) {
+      if (j >= 0 && j < ids.length) imageLoader.loadAndCacheImage(ids[j]).catch(() => {});
+    }
   }
 
   heatmap(i) {
