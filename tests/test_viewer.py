@@ -156,6 +156,22 @@ def test_heatmap_peak_lands_on_the_source_pixel(tmp_path):
     assert np.array_equal(heat, expected.astype(np.uint8))
 
 
+def test_presets_follow_the_unit_and_the_contract_window():
+    from types import SimpleNamespace as NS
+
+    pp = Preprocessing().with_window("195,480")
+    store = NS(predictor=NS(pp=pp, contract=NS(preprocessing=pp)))
+    hu = viewer.presets(store, "HU")
+    assert [(p["key"], p["level"], p["width"]) for p in hu] == [
+        ("model", 195, 480), ("lung", -600, 1500), ("mediastinum", 40, 400)]
+    assert "declared at training" in hu[0]["title"]
+    assert [p["width"] for p in viewer.presets(store, "grey")] == [255]
+    assert [p["width"] for p in viewer.presets(store, "value")] == [None]  # not CT: the image's own range
+    dicom = NS(dicom_file="dicom/x.dcm", dicom_meta={"modality": "MR"})
+    assert viewer.unit_of(dicom) == "value" and viewer.unit_of(NS(dicom_file=None, dicom_meta={})) == "grey"
+    assert viewer.unit_of(NS(dicom_file="d", dicom_meta={"modality": "CT"})) == "HU"
+
+
 def test_missing_bundle_gives_a_message_not_a_blank_box(web, monkeypatch):
     client, _, _ = web
     monkeypatch.setattr(viewer, "BUNDLE", Path("/nonexistent/viewer.js"))
@@ -175,7 +191,8 @@ class Server:
     def __init__(self, app):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -360,6 +377,7 @@ def test_viewer_in_chromium(browser_page, tmp_path):
         page.mouse.wheel(0, -120)
         page.wait_for_selector(".lungcad-viewer[data-frame-index='0']")
         page.screenshot(path=str(tmp_path / "viewer-frames.png"), full_page=True)
+        page.close()  # its keep-alive connections, before the server stops
     assert not outside, f"requests left the server: {outside}"
     assert not errors, errors
     assert not failed, failed

@@ -61,13 +61,15 @@ def unit_of(study: Any) -> str:
     """'HU' for DICOM CT, 'value' for other DICOM (rescaled stored values), 'grey' for JPG/PNG."""
     if not study.dicom_file:
         return "grey"
-    return "HU" if (study.dicom_meta or {}).get("modality", "CT") == "CT" else "value"
+    return "HU" if (study.dicom_meta or {}).get("modality") == "CT" else "value"  # as lungcad.dicom.reader
 
 
 def presets(store: Any, unit: str) -> list[dict]:
     """Window presets for `unit`: the model's training window first (what the model saw), then lung, mediastinum."""
     if unit == "grey":
         return [{"key": "model", "name": "As uploaded (0-255)", "level": GREY[0], "width": GREY[1]}]
+    if unit == "value":  # not CT: no Hounsfield scale, so no CT preset means anything; the viewer takes min-max
+        return [{"key": "model", "name": "Full range", "level": None, "width": None}]
     pp = _preprocessing(store)
     level, width = pp.window
     note = "declared at training" if pp.window_source == "declared" else "lungcad default: not declared at training"

@@ -272,7 +272,11 @@ class Viewer {
 
   preset(key) {
     const p = this.config.presets.find((x) => x.key === key) || this.config.presets[0];
-    this.viewport.setProperties({ voiRange: { lower: p.level - p.width / 2, upper: p.level + p.width / 2 } });
+    if (p.width) {
+      this.viewport.setProperties({ voiRange: { lower: p.level - p.width / 2, upper: p.level + p.width / 2 } });
+    } else {
+      this.viewport.resetProperties(); // no preset window (not CT): the image's min-max, set by the loader
+    }
     this.viewport.render();
     for (const b of this.root.querySelectorAll("button[data-preset]")) {
       b.setAttribute("aria-pressed", String(b.dataset.preset === p.key));
