@@ -143,19 +143,22 @@ def _dicom_values(path: Path, label: str) -> np.ndarray | None:
 
 
 def heatmap_array(store: Any, study: Any) -> np.ndarray:
-    """The study's Grad-CAM map on its own rows and columns, uint8 (0-255 = 0-1); computed once, cached.
+    """The Grad-CAM map of the study's label on its own rows and columns, uint8 (0-255 = 0-1); cached per model.
 
     Grad-CAM runs on the stored pixels the model was given (the lossless PNG of the decoded, windowed
     image), and `to_source_geometry` undoes the contract's crop / pad / resize, so heatmap pixel
     (r, c) describes image pixel (r, c), which is also pixel (r, c) of `pixel_array`.
     """
-    cached = store.path(f"explain/{study.id}_heatmap.npy")
+    # per model: a server restarted on another run must not show the previous model's map
+    cached = store.path(f"explain/{study.id}_{store.model_sha256[:12] or 'model'}_heatmap.npy")
     if cached.is_file():
         return np.load(cached, allow_pickle=False)
     source = store.path(study.image_file)
     pixels, _ = store.predictor.load_pixels(source)
+    # the study's recorded label, which the page's legend names (the model's own label unless it changed)
+    target = study.label if study.label in store.classes else None
     with store.lock:  # Grad-CAM runs one at a time (see service.Store)
-        exp = store.predictor.explain(source)
+        exp = store.predictor.explain(source, target=target)
     heat = to_source_geometry(np.asarray(exp.heatmap, dtype=np.float32), pixels, _preprocessing(store))
     out = np.round(np.clip(np.nan_to_num(heat), 0.0, 1.0) * 255).astype(np.uint8)
     with atomic_path(cached) as tmp:
