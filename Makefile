@@ -17,10 +17,24 @@ RUN    ?= runs/iqothnccd
 # DICOM input is rendered alike. With ImageNet weights or a GPU: make main TRAIN_ARGS='--folds 5 ...'
 TRAIN_ARGS ?= --folds 5 --image-size 128 --epochs 20 --batch-size 32 --lr 0.0015 --window=195,480
 STAMP  := $(VENV)/.installed-$(EXTRAS)
+# The web app's image viewer: Cornerstone3D bundled by esbuild from web/viewer (npm) into the package's
+# static files. Generated, not tracked; `pip install -e .` serves it from src/, a wheel built after it ships it.
+VIEWER := src/lungcad/web/static/viewer/viewer.js
+VIEWER_SRC := web/viewer/package.json web/viewer/package-lock.json web/viewer/build.mjs $(wildcard web/viewer/src/*.js web/viewer/src/*/*.js)
 
-.PHONY: install main test test-fast bench clean
+.PHONY: install main test test-fast bench clean viewer
 
+# The viewer needs npm (Node.js 18+). Without it `make install` warns and goes on (training and the CLI do
+# not need it; the study page then says the viewer is not installed); `make test` requires it.
 install: $(STAMP)
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory viewer; \
+	else echo "make: npm not found: the web app's image viewer is not built (install nodejs and npm, then make viewer)" >&2; fi
+
+viewer: $(VIEWER)
+
+$(VIEWER): $(VIEWER_SRC)
+	cd web/viewer && npm ci --no-audit --no-fund --ignore-scripts && npm run build
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +57,7 @@ main: install
 # system packages for the browser and PostgreSQL tests (chromium, postgresql; skipped when not root)
 test: install
 	bash scripts/install-system-deps.sh
+	$(MAKE) --no-print-directory viewer
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -59,4 +74,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_distributed.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache web/viewer/node_modules src/lungcad/web/static/viewer

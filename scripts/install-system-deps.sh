@@ -7,10 +7,16 @@
 #   orthanc, orthanc-dicomweb  a real PACS (and its DICOMweb plugin) for the dicom-node round-trip test
 #   dcmtk         storescu / echoscu / findscu, a second DICOM implementation the tests talk to
 #   dicom3tools   dciodvfy, the independent validator the DICOM result tests run
+#   nodejs, npm   build the web app's image viewer (web/viewer: Cornerstone3D + esbuild; `make viewer`)
 # Skips quietly when not root or without apt-get; the tests that need a package then skip with a reason.
 set -euo pipefail
 
 PACKAGES=(chromium postgresql libjemalloc2 orthanc orthanc-dicomweb dcmtk dicom3tools)
+# Only when there is no npm at all: a Node.js from elsewhere (e.g. NodeSource, which bundles npm) conflicts
+# with Debian's npm package.
+if ! command -v npm >/dev/null 2>&1; then
+    PACKAGES+=(nodejs npm)
+fi
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     exit 0

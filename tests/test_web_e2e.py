@@ -165,14 +165,14 @@ def browser_flow(base: str, image: Path, tag: str, comment: str) -> None:
             assert page.locator("#probabilities tr").count() == 3
             assert "Decision support only" in page.inner_text("#disclaimer")
             assert "threshold" in page.inner_text("#decision") and "malignant" in page.inner_text("#decision")
-            heat = page.locator("#heatmap")
-            heat.wait_for(state="visible")
-            page.wait_for_function("document.getElementById('heatmap').complete && document.getElementById('heatmap').naturalWidth > 0")
-            assert page.evaluate("document.getElementById('study-image').naturalWidth") > 0
+            # the viewer (tests/test_viewer.py tests it in detail) shows the image and the real model's
+            # Grad-CAM heatmap (computed by the heatmap route with the real Predictor); its toggle hides it
+            page.wait_for_selector(".lungcad-viewer[data-state=ready]", timeout=60_000)
+            page.wait_for_selector(".lungcad-viewer[data-heatmap-drawn='0']", timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / f"web-study-{tag}.png"), full_page=True)
-            page.uncheck("#cam-toggle")  # the Grad-CAM toggle hides the overlay
-            assert not heat.is_visible()
-            page.check("#cam-toggle")
+            page.uncheck(".vw-heat-toggle")
+            page.wait_for_selector(".lungcad-viewer[data-heatmap=off]")
+            page.check(".vw-heat-toggle")
             # the read (the clinician is not in reading mode: the final decision only, nothing preselected)
             other = "normal" if label != "normal" else "benign"
             assert page.locator("#aided-form input:checked").count() == 0

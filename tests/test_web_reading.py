@@ -59,7 +59,7 @@ def form_section(page: str, form_id: str) -> str:
 
 
 AI_MARKERS = ('id="pred-label"', 'id="probabilities"', "Calibrated probabilities", "overlay.png",
-              "Decision at the operating threshold", "P(malignant)", 'id="heatmap"')
+              "Decision at the operating threshold", "P(malignant)", 'id="heatmap"', "heatmap.npy")
 
 
 def ai_values(sessions, study_id: str) -> list[str]:
@@ -107,7 +107,9 @@ def test_unaided_read_before_reveal_then_final_read_with_history(site):
     assert "checked" not in form_section(page, "unaided-form")
     assert "malignant" not in page.replace(form_section(page, "unaided-form"), "")  # the AI's label: only an option
     assert client.get(f"{url}/overlay.png").status_code == 403
+    assert client.get(f"{url}/heatmap.npy").status_code == 403  # nor the viewer's heatmap
     assert client.get(f"{url}/image.png").status_code == 200  # the image itself is what the reader reads
+    assert client.get(f"{url}/pixels.npy").status_code == 200
     # nor in the API, nor on the worklist
     api = client.get(f"/api/studies/{study_id}")
     assert api.status_code == 200 and api.json()["ai_hidden"] is True
@@ -126,9 +128,9 @@ def test_unaided_read_before_reveal_then_final_read_with_history(site):
                     follow_redirects=False)
     assert r.status_code == 303
     page = client.get(r.headers["location"]).text
-    assert 'id="pred-label">malignant' in page and 'id="heatmap"' in page and values[0] in page
+    assert 'id="pred-label">malignant' in page and "heatmap.npy" in page and values[0] in page
     assert 'id="unaided-summary"' in page and "checked" not in form_section(page, "aided-form")
-    assert client.get(f"{url}/overlay.png").status_code == 200
+    assert client.get(f"{url}/overlay.png").status_code == 200 and client.get(f"{url}/heatmap.npy").status_code == 200
     assert client.get(f"/api/studies/{study_id}").json()["label"] == "malignant"
     # the unaided read is frozen now
     r = client.post(f"{url}/read", data={"stage": "unaided", "label": "normal", "confidence": "3", "csrf_token": csrf})

@@ -32,10 +32,11 @@ from starlette.middleware.sessions import SessionMiddleware
 
 import lungcad
 from lungcad.errors import LungcadError
-from lungcad.web import display, service
+from lungcad.web import display, service, viewer
 from lungcad.web.db import open_database, private_dir
 from lungcad.web.deps import AuthRequired, Settings
 from lungcad.web.routes import admin, api, auth, pages
+from lungcad.web.routes import viewer as viewer_routes
 from lungcad.web.security import SessionPolicy, load_secret
 from lungcad.web.throttle import BackoffPolicy
 
@@ -137,8 +138,9 @@ class SecurityHeaders:
 
 
 SECURITY_HEADERS = {
-    # Everything is served from this origin: no CDN, no external fonts, no inline script.
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    # Everything is served from this origin: no CDN, no external fonts, no inline script. blob: images are the
+    # image viewer's mouse cursors (Cornerstone3D tools draws them as SVG in the page, static/viewer/).
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -183,6 +185,8 @@ def create_app(
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__)
     templates.env.filters.update(flatten=display.flatten, show=display.show, nopath=display.nopath)
+    # the image viewer (templates/_viewer.html): its frame list and whether its script was built
+    templates.env.globals.update(viewer_config=viewer.viewer_config, viewer_built=viewer.bundle_built)
     app.state.settings, app.state.engine, app.state.sessions, app.state.store = settings, engine, session_factory, store
     app.state.templates = templates
 
@@ -210,6 +214,7 @@ def create_app(
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(api.router)
+    app.include_router(viewer_routes.router)
     app.openapi = lambda: _openapi(app)
     return app
 
