@@ -181,7 +181,7 @@ def create_app(
     )
     # What lungcad.web.deps hands to the routes.
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__)
+    templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__, exam_result=service.exam_result)
     app.state.settings, app.state.engine, app.state.sessions, app.state.store = settings, engine, session_factory, store
     app.state.templates = templates
 

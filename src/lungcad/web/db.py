@@ -23,6 +23,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -38,9 +39,12 @@ __all__ = [
     "AuditEvent",
     "Base",
     "DicomOutbox",
+    "ExamIdentifiers",
     "Feedback",
+    "Image",
     "LoginSession",
     "LoginThrottle",
+    "Series",
     "Study",
     "User",
     "as_utc",
@@ -124,15 +128,112 @@ class LoginThrottle(Base):
 
 
 class Study(Base):
-    """One uploaded image and the model's result on it (pixels stored de-identified on disk)."""
+    """An exam: the worklist row and the unit a clinician reads (a DICOM study, or a JPG/PNG case).
+
+    It holds one or more `Series`, each of one or more `Image`s. The exam's AI result is not a
+    column: it is `lungcad.web.service.exam_result(study)`, derived from its series. What
+    identifies the patient's exam (accession number, original Study UID, the uploader's case
+    label) is in `ExamIdentifiers`, its own table, and nowhere else.
+    """
 
     __tablename__ = "studies"
+    __table_args__ = (UniqueConstraint("exam_key", name="uq_studies_exam_key"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(8))  # png / jpeg / dicom (sniffed from content)
-    input_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    group_key: Mapped[str] = mapped_column(String(64))  # hashed study UID (DICOM) or upload batch id
+    kind: Mapped[str] = mapped_column(String(8))  # png / jpeg / dicom (sniffed from content; "image" for a mixed case)
+    group_key: Mapped[str] = mapped_column(String(64))  # keyed hash of the study UID (DICOM) or of the case
+    # keyed hash naming the exam for later uploads to find it (DICOM: Study UID; JPG/PNG: user + case label);
+    # NULL for exams migrated from one-image studies (0005)
+    exam_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    user: Mapped[User] = relationship()
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.number")
+    identifiers: Mapped[ExamIdentifiers | None] = relationship(back_populates="study")
+    feedback: Mapped[list[Feedback]] = relationship(back_populates="study", order_by="Feedback.id")
+
+    # Read-only conveniences for code that reads an exam like the one-image study it used to be
+    # (templates, the DICOM node's tests): the exam-level result comes from service.exam_result,
+    # the one place it is derived; file fields are those of its key image.
+    def _result(self):  # noqa: ANN202
+        from lungcad.web.service import exam_result
+
+        return exam_result(self)
+
+    def _key_image(self, name: str, default: Any = None) -> Any:
+        key = self._result().key_image
+        return getattr(key, name) if key is not None else default
+
+    label = property(lambda self: self._result().label)
+    decision = property(lambda self: self._result().decision)
+    malignant_probability = property(lambda self: self._result().malignant_probability)
+    probabilities = property(lambda self: self._result().probabilities)
+    ood = property(lambda self: self._result().ood)
+    ood_score = property(lambda self: self._result().ood_score)
+    ood_reasons = property(lambda self: self._result().ood_reasons)
+    input_sha256 = property(lambda self: self._key_image("input_sha256", ""))
+    image_file = property(lambda self: self._key_image("image_file", ""))
+    dicom_file = property(lambda self: self._key_image("dicom_file"))
+    width = property(lambda self: self._key_image("width", 0))
+    height = property(lambda self: self._key_image("height", 0))
+    dicom_meta = property(lambda self: self._key_image("dicom_meta", {}) or {})
+
+
+class ExamIdentifiers(Base):
+    """IDENTIFYING: how clinicians find the exam in the PACS. Shown only on the worklist and exam page
+    to users allowed to see the exam; never exported, logged, audited or written into stored files."""
+
+    __tablename__ = "exam_identifiers"
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_uid: Mapped[str] = mapped_column(String(64), default="")  # the original Study Instance UID
+    case_label: Mapped[str] = mapped_column(String(128), default="")  # the uploader's name for a JPG/PNG case
+    study: Mapped[Study] = relationship(back_populates="identifiers")
+
+
+class Series(Base):
+    """A DICOM series (or the one implicit series of a JPG/PNG case) and its series-level result,
+    computed by the rule `lungcad predict` uses (`lungcad.inference.results.aggregate_series`)."""
+
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_study_key", "study_id", "series_key", unique=True),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    series_key: Mapped[str] = mapped_column(String(64))  # keyed hash of the Series UID ("case" for a JPG/PNG case)
+    number: Mapped[int] = mapped_column(Integer, default=1)  # order within the exam
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    images_count: Mapped[int] = mapped_column(Integer, default=0)
+    label: Mapped[str] = mapped_column(String(32), default="")
+    decision: Mapped[str] = mapped_column(String(32), default="")
+    malignant_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
+    ood: Mapped[bool] = mapped_column(Boolean, default=False)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ood_reasons: Mapped[list] = mapped_column(JSON, default=list)
+    key_images: Mapped[list] = mapped_column(JSON, default=list)  # image ids the result rests on, most malignant first
+    # per-slice score strip: [[image id, p(malignant), ood], ...] in slice order (InstanceNumber, then upload order)
+    slice_scores: Mapped[list] = mapped_column(JSON, default=list)
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    study: Mapped[Study] = relationship(back_populates="series")
+    images: Mapped[list[Image]] = relationship(back_populates="series", order_by="Image.position")
+
+
+class Image(Base):
+    """One uploaded image or DICOM instance and the model's result on it (pixels stored de-identified)."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_sop_key", "sop_key", unique=True),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    series_id: Mapped[str] = mapped_column(ForeignKey("series.id"), index=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    input_sha256: Mapped[str] = mapped_column(String(64), index=True)  # of the bytes as uploaded (idempotency)
+    sop_key: Mapped[str | None] = mapped_column(String(64), nullable=True)  # keyed hash of the SOP UID
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    position: Mapped[float] = mapped_column(Float, default=0.0)  # slice order in its series
     image_file: Mapped[str] = mapped_column(String(128))  # relative to the data folder
     dicom_file: Mapped[str | None] = mapped_column(String(128), nullable=True)  # de-identified copy
     width: Mapped[int] = mapped_column(Integer)
@@ -143,13 +244,11 @@ class Study(Base):
     probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
     ood: Mapped[bool] = mapped_column(Boolean, default=False)
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # why `ood` is set (lungcad.inference.predictor.Prediction.ood_reasons); NULL for studies before 0002
     ood_reasons: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)
     error: Mapped[str] = mapped_column(Text, default="")
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
     dicom_meta: Mapped[dict] = mapped_column(JSON, default=dict)  # hashed UIDs, modality: no PHI
-    user: Mapped[User] = relationship()
-    feedback: Mapped[list[Feedback]] = relationship(back_populates="study", order_by="Feedback.id")
+    series: Mapped[Series] = relationship(back_populates="images")
 
 
 class Feedback(Base):
