@@ -143,7 +143,7 @@ async def api_predict(request: Request, response: Response, user: CurrentUser, s
         return service.study_dict(_exam(session, result.study_id))
 
 
-@router.post("/api/studies", status_code=201, tags=["api"], response_model=UploadOut,
+@router.post("/api/uploads", status_code=201, tags=["api"], response_model=UploadOut,
              responses={200: {"model": UploadOut, "description": "nothing new: every usable file was already stored "
                               "(status `existing`, with the stored image's ids)"},
                         201: {"description": "at least one image stored; per-file outcomes in `files`"},
