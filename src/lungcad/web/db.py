@@ -23,7 +23,6 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    UniqueConstraint,
     create_engine,
     event,
 )
@@ -137,7 +136,7 @@ class Study(Base):
     """
 
     __tablename__ = "studies"
-    __table_args__ = (UniqueConstraint("exam_key", name="uq_studies_exam_key"),)
+    __table_args__ = (Index("uq_studies_exam_key", "exam_key", unique=True),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)

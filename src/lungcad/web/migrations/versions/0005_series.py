@@ -100,9 +100,14 @@ def upgrade() -> None:
     op.create_index("ix_images_sop_key", "images", ["sop_key"], unique=True)
 
     conn = op.get_bind()
-    old = conn.execute(sa.text(
-        "SELECT id, created_at, user_id, " + ", ".join(IMAGE_COLUMNS) + " FROM studies ORDER BY created_at, id"
-    )).mappings().all()
+    # typed, so that both dialects hand back datetimes and parsed JSON
+    studies = sa.table(
+        "studies", sa.column("id", sa.String), sa.column("created_at", TS), sa.column("user_id", sa.Integer),
+        *(sa.column(c, sa.JSON if c in ("probabilities", "ood_reasons", "dicom_meta") else
+                    sa.Boolean if c == "ood" else sa.Float if c in ("malignant_probability", "ood_score") else
+                    sa.Integer if c in ("width", "height") else sa.String) for c in IMAGE_COLUMNS),
+    )
+    old = conn.execute(sa.select(studies).order_by(studies.c.created_at, studies.c.id)).mappings().all()
     series_rows, image_rows = [], []
     for row in old:
         series_id, image_id = secrets.token_hex(12), secrets.token_hex(12)
@@ -128,49 +133,55 @@ def upgrade() -> None:
         op.bulk_insert(series, series_rows)
         op.bulk_insert(images, image_rows)
 
+    # Plain ALTER TABLE (SQLite >= 3.35 drops columns natively): a batch copy of `studies` would have
+    # to drop the table that feedback, series and images point at.
     op.drop_index("ix_studies_input_sha256", table_name="studies")
-    with op.batch_alter_table("studies") as batch:
-        for column in DROPPED:
-            batch.drop_column(column)
-        batch.add_column(sa.Column("exam_key", sa.String(64), nullable=True))
-        batch.create_unique_constraint("uq_studies_exam_key", ["exam_key"])
+    for column in DROPPED:
+        op.drop_column("studies", column)
+    op.add_column("studies", sa.Column("exam_key", sa.String(64), nullable=True))
+    op.create_index("uq_studies_exam_key", "studies", ["exam_key"], unique=True)
 
 
 def downgrade() -> None:
-    """Back to one image per study: each exam keeps its key image (the series' first key image);
-    its other images and series are dropped (their files stay in the data folder)."""
-    with op.batch_alter_table("studies") as batch:
-        batch.drop_constraint("uq_studies_exam_key", type_="unique")
-        batch.drop_column("exam_key")
-        batch.add_column(sa.Column("input_sha256", sa.String(64), nullable=False, server_default=""))
-        batch.add_column(sa.Column("image_file", sa.String(128), nullable=False, server_default=""))
-        batch.add_column(sa.Column("dicom_file", sa.String(128), nullable=True))
-        batch.add_column(sa.Column("width", sa.Integer, nullable=False, server_default="0"))
-        batch.add_column(sa.Column("height", sa.Integer, nullable=False, server_default="0"))
-        batch.add_column(sa.Column("label", sa.String(32), nullable=False, server_default=""))
-        batch.add_column(sa.Column("decision", sa.String(32), nullable=False, server_default=""))
-        batch.add_column(sa.Column("malignant_probability", sa.Float, nullable=True))
-        batch.add_column(sa.Column("probabilities", sa.JSON, nullable=False, server_default="{}"))
-        batch.add_column(sa.Column("ood", sa.Boolean, nullable=False, server_default=sa.false()))
-        batch.add_column(sa.Column("ood_score", sa.Float, nullable=True))
-        batch.add_column(sa.Column("ood_reasons", sa.JSON, nullable=True))
-        batch.add_column(sa.Column("error", sa.Text, nullable=False, server_default=""))
-        batch.add_column(sa.Column("dicom_meta", sa.JSON, nullable=False, server_default="{}"))
+    """Back to one image per study: each exam keeps its key image (the first key image of its last
+    series); its other images and series are dropped (their files stay in the data folder)."""
     conn = op.get_bind()
-    for study_id, key_images in conn.execute(sa.text(
-            "SELECT study_id, key_images FROM series ORDER BY number DESC")).all():
+    images = sa.table("images", *(sa.column(c, sa.JSON if c in ("probabilities", "ood_reasons", "dicom_meta") else
+                                            sa.String) for c in ("id", *DROPPED)))
+    keep = {}
+    for study_id, key_images in conn.execute(sa.text("SELECT study_id, key_images FROM series ORDER BY number")).all():
         keys = _json(key_images, [])
-        if not keys:
-            continue
-        img = conn.execute(sa.text("SELECT * FROM images WHERE id = :i"), {"i": keys[0]}).mappings().first()
-        if img is None:
-            continue
-        values = {c: img[c] for c in DROPPED}
-        for c in ("probabilities", "ood_reasons", "dicom_meta"):
-            values[c] = json.dumps(_json(values[c], None))
-        conn.execute(sa.text("UPDATE studies SET " + ", ".join(f"{c} = :{c}" for c in DROPPED) + " WHERE id = :sid"),
-                     {**values, "sid": study_id})
-    op.create_index("ix_studies_input_sha256", "studies", ["input_sha256"])
+        row = conn.execute(sa.select(images).where(images.c.id == keys[0])).mappings().first() if keys else None
+        if row is not None:
+            keep[study_id] = {c: row[c] for c in DROPPED}
+    op.drop_index("uq_studies_exam_key", table_name="studies")
+    op.drop_column("studies", "exam_key")
     op.drop_table("images")
     op.drop_table("series")
     op.drop_table("exam_identifiers")
+    op.add_column("studies", sa.Column("input_sha256", sa.String(64), nullable=False, server_default=""))
+    op.add_column("studies", sa.Column("image_file", sa.String(128), nullable=False, server_default=""))
+    op.add_column("studies", sa.Column("dicom_file", sa.String(128), nullable=True))
+    op.add_column("studies", sa.Column("width", sa.Integer, nullable=False, server_default="0"))
+    op.add_column("studies", sa.Column("height", sa.Integer, nullable=False, server_default="0"))
+    op.add_column("studies", sa.Column("label", sa.String(32), nullable=False, server_default=""))
+    op.add_column("studies", sa.Column("decision", sa.String(32), nullable=False, server_default=""))
+    op.add_column("studies", sa.Column("malignant_probability", sa.Float, nullable=True))
+    op.add_column("studies", sa.Column("probabilities", sa.JSON, nullable=False, server_default="{}"))
+    op.add_column("studies", sa.Column("ood", sa.Boolean, nullable=False, server_default=sa.false()))
+    op.add_column("studies", sa.Column("ood_score", sa.Float, nullable=True))
+    op.add_column("studies", sa.Column("ood_reasons", sa.JSON, nullable=True))
+    op.add_column("studies", sa.Column("error", sa.Text, nullable=False, server_default=""))
+    op.add_column("studies", sa.Column("dicom_meta", sa.JSON, nullable=False, server_default="{}"))
+    studies = sa.table("studies", sa.column("id", sa.String), *(
+        sa.column(c, sa.JSON if c in ("probabilities", "ood_reasons", "dicom_meta") else sa.Boolean if c == "ood"
+                  else sa.Float if c in ("malignant_probability", "ood_score") else
+                  sa.Integer if c in ("width", "height") else sa.String) for c in DROPPED))
+    for study_id, values in keep.items():
+        values["ood"] = values["ood"] in (True, 1, "1", "true", "t")
+        for c in ("width", "height"):
+            values[c] = int(values[c])
+        for c in ("malignant_probability", "ood_score"):
+            values[c] = None if values[c] is None else float(values[c])
+        conn.execute(studies.update().where(studies.c.id == study_id).values(**values))
+    op.create_index("ix_studies_input_sha256", "studies", ["input_sha256"])
