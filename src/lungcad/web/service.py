@@ -674,7 +674,10 @@ def pilot_stats(session: Session, classes: list[str]) -> dict:
         if r.label in index and r.model_label in index:
             confusion[index[r.label], index[r.model_label]] += 1
     ratings = [r.usability for r in rows if r.usability is not None]
+    exams = [exam_result(e) for e in session.scalars(select(Study).options(selectinload(Study.series)))]
     return {
+        "exams_flagged": sum(r.decision == "malignant" for r in exams),  # the AI's exam-level decisions
+        "exams_ood": sum(r.ood for r in exams),
         "feedback": n,
         "studies": session.scalar(select(func.count()).select_from(Study)) or 0,
         "agree": k,
