@@ -153,10 +153,9 @@ def ct_series(slices: int, seed: int) -> list[bytes]:
     return out
 
 
-async def series_client(client: httpx.AsyncClient, idx: int, rounds: int, slices: int, stats: dict) -> None:
-    for k in range(rounds):
-        files = [("files", (f"IM{j:04d}.dcm", raw, "application/dicom"))
-                 for j, raw in enumerate(ct_series(slices, 1000 * idx + k))]
+async def series_client(client: httpx.AsyncClient, series_files: list[list[bytes]], slices: int, stats: dict) -> None:
+    for instances in series_files:
+        files = [("files", (f"IM{j:04d}.dcm", raw, "application/dicom")) for j, raw in enumerate(instances)]
         t0 = time.perf_counter()
         try:
             r = await client.post("/api/uploads", files=files)
@@ -181,10 +180,12 @@ async def series_client(client: httpx.AsyncClient, idx: int, rounds: int, slices
 async def run_series(base: str, token: str, clients: int, rounds: int, slices: int) -> dict:
     stats: dict = {"series": [], "errors": [], "acked": []}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # built before the clock starts (the client's own work is not the server's throughput)
+    series_files = [[ct_series(slices, 1000 * k + r) for r in range(rounds)] for k in range(clients)]
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"},
                                  timeout=httpx.Timeout(1800.0), limits=limits) as client:
         start = time.monotonic()
-        await asyncio.gather(*(series_client(client, k, rounds, slices, stats) for k in range(clients)))
+        await asyncio.gather(*(series_client(client, series_files[k], slices, stats) for k in range(clients)))
         elapsed = time.monotonic() - start
     return {"clients": clients, "seconds": round(elapsed, 1), **stats}
 

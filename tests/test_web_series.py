@@ -170,6 +170,21 @@ def test_a_series_over_the_old_50_file_limit_is_one_exam(site):
     assert exam["images_count"] == 60 and len(exam["series"][0]["slice_scores"]) == 60
 
 
+@pytest.mark.slow  # 300 DICOM slices de-identified, decoded, scored and stored: ~30 s
+def test_a_300_slice_series_in_one_zip_is_one_series(site):
+    client, bearer, sessions, _ = site
+    study, series = generate_uid(), generate_uid()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(1, 301):
+            zf.writestr(f"IM{i:04d}.dcm", ct_slice(study, series, i))
+    r = client.post("/api/uploads", files={"files": ("ct.zip", buf.getvalue(), "application/zip")}, headers=bearer)
+    assert r.status_code == 201 and r.json()["created"] == 300
+    assert counts(sessions) == (1, 1, 300)
+    (exam,) = r.json()["studies"]
+    assert exam["series"][0]["images_count"] == 300 and len(exam["series"][0]["slice_scores"]) == 300
+
+
 # ------------------------------------------------------------------------------------ idempotency
 
 
