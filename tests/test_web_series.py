@@ -223,6 +223,9 @@ def test_other_modalities_and_colour_images_are_refused_with_the_reason(site):
     assert "modality MR does not match the model (CT)" in r.json()["detail"]
     r = client.post("/api/predict", files={"file": ("photo.png", colour_png(), "image/png")}, headers=bearer)
     assert r.status_code == 422 and "colour image" in r.json()["detail"] and "greyscale CT model" in r.json()["detail"]
+    r = client.post("/api/uploads", files=[("files", ("mr.dcm", mr, "application/dicom"))], headers=bearer)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+    assert [(f["status"], "modality MR" in f["error"]) for f in r.json()["files"]] == [("rejected", True)]
     r = form_upload(client, [("mr.dcm", mr), ("photo.png", colour_png()), ("ok.png", png_bytes(90))])
     rows = r.text.split("<tbody>")[1].split("</tbody>")[0].split("<tr>")[1:]
     assert "rejected: file 1: modality MR does not match" in rows[0] and "rejected: file 2: colour image" in rows[1]
@@ -230,7 +233,7 @@ def test_other_modalities_and_colour_images_are_refused_with_the_reason(site):
     assert counts(sessions) == (1, 1, 1) and len(list((data / "images").iterdir())) == 1  # never given CT classes
     with sessions() as s:
         reasons = [e.detail["reason"] for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "upload_rejected"))]
-    assert sum("modality MR" in x for x in reasons) == 2
+    assert sum("modality MR" in x for x in reasons) == 3  # API, API batch, form
 
 
 # ------------------------------------------------------------------------------------ result panel
@@ -306,6 +309,7 @@ def test_identifiers_shown_to_clinicians_but_absent_from_exports_logs_audit_and_
     # everything that leaves the system: the dashboard's CSV, the training-data export, audit rows, logs
     client.cookies.clear()
     login(client, "root")
+    assert 'id="exams-flagged">' in client.get("/dashboard").text  # exam-level decisions via exam_result
     exported = client.get("/dashboard/feedback.csv").text
     out = tmp_path / "export"
     assert main(["feedback", "export", "--out", str(out), "--data-dir", str(data), "--no-progress"]) == 0
