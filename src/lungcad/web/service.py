@@ -61,6 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+UPLOAD_WORKERS = 4  # files of one upload processed at once (see ingest)
 EXPLAIN_SIZE = 384  # display size of the model-input / Grad-CAM images (upscaled from the model's size)
 
 
@@ -416,21 +417,38 @@ def ingest(sessions: sessionmaker, store: Store, user: User, files: Iterable[tup
     upload of the same instance (or of the first instance of an exam) is retried and comes back
     "existing" (or joins the exam the other upload created).
     """
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
     batch = secrets.token_hex(8)
     results: list[FileResult] = []
     touched: dict[str, None] = {}
-    for name, label, raw in files:
-        result = _ingest_one(sessions, store, user, raw, label, batch, case_label, via)
-        result.name = name
-        results.append(result)
-        if result.status == "created":
-            touched[result.series_id] = None
+    it = iter(files)
+    # A few files in flight at once, so a series' slices share forward passes (store.batcher) and
+    # one slice's file writes overlap another's inference; results stay in upload order, and at
+    # most UPLOAD_WORKERS files are held in memory.
+    with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="upload") as pool:
+        while chunk := list(islice(it, UPLOAD_WORKERS)):
+            done = pool.map(lambda item: _ingest_one(sessions, store, user, item[2], item[1], batch, case_label, via),
+                            chunk)
+            for (name, _, _), result in zip(chunk, done):
+                result.name = name
+                results.append(result)
+                if result.status == "created":
+                    touched[result.series_id] = None
     if touched:
         with sessions() as session:
+            exams: dict[str, None] = {}
             for series_id in touched:
                 series = session.get(Series, series_id)
                 if series is not None:
                     refresh_series(session, store, series)
+                    exams[series.study_id] = None
+            for study_id in exams:  # series numbered in the order they arrived (files run concurrently)
+                ordered = session.scalars(select(Series).where(Series.study_id == study_id)
+                                          .order_by(Series.created_at, Series.id))
+                for number, series in enumerate(ordered, 1):
+                    series.number = number
             session.commit()
     return results
 
