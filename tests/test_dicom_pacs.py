@@ -159,8 +159,12 @@ def test_round_trip_through_orthanc_with_the_pacs_down_and_the_node_killed(tmp_p
 
         wait_for(lambda: outbox() and all(r.attempts >= 1 for r in outbox()), timeout=180,
                  what="results queued and a first failed send (Orthanc is down)")
-        with sessions() as session:
-            (study,) = session.scalars(select(Study))
+        from sqlalchemy.orm import selectinload
+
+        from lungcad.web.db import Series
+
+        with sessions() as session:  # the exam with what exam_result reads, usable after the session
+            (study,) = session.scalars(select(Study).options(selectinload(Study.series).selectinload(Series.images)))
         assert study.dicom_meta["slices"] == 4 and study.dicom_meta["source"] == "dicom-node"
         assert all(r.status == "pending" for r in outbox())
 
