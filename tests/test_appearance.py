@@ -300,6 +300,6 @@ def test_web_upload_reports_the_same_reasons(soft_run, soft_predictor, tmp_path)
         assert r.status_code == 200 and "file 2: image too small (40x20 px; the minimum is 32)" in r.text
         with sessions() as s:
             study = s.scalar(select(Study))
-        assert study.ood and study.ood_reasons == soft_predictor.predict(blank).ood_reasons
+            assert study.ood and study.ood_reasons == soft_predictor.predict(blank).ood_reasons
         page = client.get(f"/studies/{study.id}").text
-        assert "Out-of-distribution warning" in page and "blank or constant image (every pixel is 0)" in page
+        assert "Out of distribution" in page and "blank or constant image (every pixel is 0)" in page

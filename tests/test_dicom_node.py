@@ -126,10 +126,11 @@ def _studies(node: DicomNode) -> list:
     from sqlalchemy import select
     from sqlalchemy.orm import selectinload
 
-    from lungcad.web.db import Study
+    from lungcad.web.db import Series, Study
 
-    with node.sessions() as session:
-        return list(session.scalars(select(Study).options(selectinload(Study.user))))
+    with node.sessions() as session:  # exams with what exam_result reads, usable after the session closes
+        return list(session.scalars(select(Study).options(
+            selectinload(Study.user), selectinload(Study.series).selectinload(Series.images))))
 
 
 # ------------------------------------------------------------------------------- options
@@ -413,7 +414,8 @@ def test_web_app_receives_studies_by_stow_rs(tmp_path):
             str(pydicom.dcmread(io.BytesIO(raw)).SOPInstanceUID) for raw in instances]
         assert len(answer.FailedSOPSequence) == 1 and answer.FailedSOPSequence[0].FailureReason == 0xC000
         studies = client.get("/api/studies", headers={"Authorization": f"Bearer {token}"}).json()
-        assert len(studies) == 2 and all(s["kind"] == "dicom" for s in studies)  # on the worklist, de-identified
+        # on the worklist as one exam of one series (grouped by their UIDs), de-identified
+        assert [(s["kind"], s["series_count"], s["images_count"]) for s in studies] == [("dicom", 1, 2)]
         r = client.post("/api/dicomweb/studies", content=b"x", headers={"Authorization": f"Bearer {token}",
                                                                          "Content-Type": "application/dicom"})
         assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json")

@@ -159,8 +159,12 @@ def test_round_trip_through_orthanc_with_the_pacs_down_and_the_node_killed(tmp_p
 
         wait_for(lambda: outbox() and all(r.attempts >= 1 for r in outbox()), timeout=180,
                  what="results queued and a first failed send (Orthanc is down)")
-        with sessions() as session:
-            (study,) = session.scalars(select(Study))
+        from sqlalchemy.orm import selectinload
+
+        from lungcad.web.db import Series
+
+        with sessions() as session:  # the exam with what exam_result reads, usable after the session
+            (study,) = session.scalars(select(Study).options(selectinload(Study.series).selectinload(Series.images)))
         assert study.dicom_meta["slices"] == 4 and study.dicom_meta["source"] == "dicom-node"
         assert all(r.status == "pending" for r in outbox())
 
@@ -218,9 +222,10 @@ def test_round_trip_through_orthanc_dicomweb_stow_rs(tmp_path):
         srs, scs = found.get("1.2.840.10008.5.1.4.1.1.88.34", []), found.get("1.2.840.10008.5.1.4.1.1.7", [])
         assert len(srs) == 1 and len(scs) == 2 and all(r.destination.startswith("http://") for r in rows())
         (tmp_path / "sr.dcm").write_bytes(pacs.get(f"/instances/{srs[0]}/file"))
-        with node.sessions() as session:
+        with node.sessions() as session:  # the exam result comes from its series: read it inside the session
             (study,) = session.scalars(select(Study))
-        assert read_series_probability(tmp_path / "sr.dcm") == pytest.approx(study.malignant_probability, abs=1e-6)
+            p_malignant = study.malignant_probability
+        assert read_series_probability(tmp_path / "sr.dcm") == pytest.approx(p_malignant, abs=1e-6)
     finally:
         node.stop()
         pacs.stop()

@@ -9,6 +9,7 @@ A fake predictor stands in for the model (test_web.FakePredictor); screenshots g
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import threading
 import time
@@ -32,6 +33,7 @@ from lungcad.data.transforms import Preprocessing, prepare, to_source_geometry  
 from lungcad.web import viewer  # noqa: E402
 from lungcad.web.app import create_app  # noqa: E402
 from lungcad.web.db import AuditEvent, Study  # noqa: E402
+from lungcad.web.db import Image as ImageRow  # noqa: E402
 from lungcad.web.deps import DB, CurrentUser, get_study  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -109,11 +111,19 @@ def test_pixels_are_hounsfield_units_for_dicom_and_need_a_login(web):
     with sessions() as s:
         views = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "study_view")))
     assert any(v.detail.get("part") == "pixels" and v.target == url.rsplit("/", 1)[1] for v in views)
-    # the page: HU presets, the training window first, the frame list of one
+    # the page: HU presets, the training window first, the frame list of one (the series' one image,
+    # on the per-image routes, which give the same data)
     page = client.get(url).text
+    with sessions() as s:
+        (image_id,) = s.scalars(select(ImageRow.id).where(ImageRow.study_id == url.rsplit("/", 1)[1]))
     for needle in ('class="lungcad-viewer"', "Model window -600/1500", "Lung", "Mediastinum", "Hounsfield",
-                   f"{url}/pixels.npy", f"{url}/heatmap.npy"):
+                   f"/images/{image_id}/pixels.npy", f"/images/{image_id}/heatmap.npy"):
         assert needle in page
+    assert client.get(f"/images/{image_id}/pixels.npy").content == r.content
+    assert client.get("/images/nope/pixels.npy").status_code == 404
+    client.cookies.clear()
+    for suffix in ("pixels.npy", "heatmap.npy"):
+        assert client.get(f"/images/{image_id}/{suffix}", follow_redirects=False).status_code in (303, 401)
 
 
 def test_pixels_are_grey_levels_for_png_and_the_heatmap_has_their_geometry(web):
@@ -179,7 +189,9 @@ def test_missing_bundle_gives_a_message_not_a_blank_box(web, monkeypatch):
     url = upload(client, [("a.png", png_bytes(90))]).headers["location"]
     page = client.get(url).text
     assert "The image viewer is not installed" in page and "make install" in page
-    assert "/static/viewer/viewer.js" not in page and f"{url}/image.png" in page  # the 8-bit image instead
+    # the 8-bit image instead: the stored PNG of the series' (first) image
+    assert "/static/viewer/viewer.js" not in page
+    assert re.search(r'<img src="/images/[0-9a-f]+\.png" alt="stored image \(8-bit\)">', page)
 
 
 # ------------------------------------------------------------------------------------- browser

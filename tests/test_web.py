@@ -205,7 +205,7 @@ def test_upload_result_page_images_and_feedback(web):
     study_url = r.headers["location"]
     page = client.get(study_url).text
     for needle in ("malignant", "Calibrated probabilities", "Decision support only", "f" * 12, "Grad-CAM",
-                   "Out-of-distribution warning" if False else "Decision at the operating threshold (0.50)"):
+                   "is at or above the operating threshold 0.50"):
         assert needle in page
     for suffix in ("image.png", "input.png", "overlay.png"):
         r = client.get(f"{study_url}/{suffix}")
@@ -438,7 +438,7 @@ def test_upload_is_decoded_once_and_stores_what_the_model_saw(tmp_path):
         r = client.post("/api/predict", files={"file": ("x.png", png_bytes(90), "image/png")},
                         headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 201 and r.json()["feedback_count"] == 0
-        stored = np.asarray(Image.open(data / "images" / f"{r.json()['id']}.png"))
+        stored = np.asarray(Image.open(data / "images" / f"{r.json()['key_image_id']}.png"))
     assert fake.decoded == 1 and len(fake.seen) == 1
     assert np.array_equal(stored, fake.seen[0])  # lossless: the stored image is exactly the model's input
 
@@ -447,12 +447,12 @@ def test_failed_commit_leaves_no_files(tmp_path):
     from sqlalchemy import event
     from sqlalchemy.orm import Session
 
-    from lungcad.web.db import Study
+    from lungcad.web.db import Image as ImageRow
 
     data, token = site_with_token(tmp_path)
 
     def database_down(session):
-        if any(isinstance(obj, Study) for obj in session.new):
+        if any(isinstance(obj, ImageRow) for obj in session.new):
             raise RuntimeError("disk full")
 
     app = create_app(tmp_path / "run", data_dir=data, predictor=FakePredictor())

@@ -160,11 +160,12 @@ def browser_flow(base: str, image: Path, tag: str, comment: str) -> None:
             assert image.name in page.inner_text("#dz-list")
             page.click("#upload-button")
             page.wait_for_url("**/studies/*")
-            label = page.inner_text("#pred-label")
+            headline = page.inner_text("#result-headline")  # the decision rule in words
+            label = headline.split(":")[0]
             assert label in ("normal", "benign", "malignant")
-            assert page.locator("#probabilities tr").count() == 3
+            assert page.locator("#result-probabilities tr").count() == 3
             assert "Decision support only" in page.inner_text("#disclaimer")
-            assert "threshold" in page.inner_text("#decision") and "malignant" in page.inner_text("#decision")
+            assert "threshold" in headline and "malignant" in headline
             # the viewer (tests/test_viewer.py tests it in detail) shows the image and the real model's
             # Grad-CAM heatmap (computed by the heatmap route with the real Predictor); its toggle hides it
             page.wait_for_selector(".lungcad-viewer[data-state=ready]", timeout=60_000)

@@ -58,8 +58,9 @@ def form_section(page: str, form_id: str) -> str:
     return page[start:page.index("</form>", start)]
 
 
-AI_MARKERS = ('id="pred-label"', 'id="probabilities"', "Calibrated probabilities", "overlay.png",
-              "Decision at the operating threshold", "P(malignant)", 'id="heatmap"', "heatmap.npy")
+AI_MARKERS = ('id="result-headline"', 'id="result-probabilities"', "Calibrated probabilities", "overlay.png",
+              "operating threshold", "P(malignant)", "p(malignant)", 'id="heatmap"', "heatmap.npy",
+              'id="series-1-headline"', 'id="strip-', "Key slices", 'class="keys"')
 
 
 def ai_values(sessions, study_id: str) -> list[str]:
@@ -128,7 +129,8 @@ def test_unaided_read_before_reveal_then_final_read_with_history(site):
                     follow_redirects=False)
     assert r.status_code == 303
     page = client.get(r.headers["location"]).text
-    assert 'id="pred-label">malignant' in page and "heatmap.npy" in page and values[0] in page
+    assert 'id="result-headline">malignant' in page and "heatmap.npy" in page
+    assert all(v in page for v in values[2:])  # the calibrated probabilities (the result panel's bars)
     assert 'id="unaided-summary"' in page and "checked" not in form_section(page, "aided-form")
     assert client.get(f"{url}/overlay.png").status_code == 200 and client.get(f"{url}/heatmap.npy").status_code == 200
     assert client.get(f"/api/studies/{study_id}").json()["label"] == "malignant"
@@ -223,10 +225,17 @@ def wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float,
 
 
 def make_study(s, owner: User, sid: str, ai_label: str) -> Study:
-    st = Study(id=sid, user_id=owner.id, kind="png", input_sha256="0" * 64, group_key=sid, image_file="x.png",
-               width=8, height=8, label=ai_label, decision=ai_label, malignant_probability=0.5,
-               probabilities={c: 1 / 3 for c in CLASSES}, model_sha256="f" * 64)
+    """An exam of one series of one image whose AI result (the series', hence the exam's) is `ai_label`."""
+    from lungcad.web.db import Image, Series
+
+    result = dict(label=ai_label, decision=ai_label, malignant_probability=0.5,
+                  probabilities={c: 1 / 3 for c in CLASSES}, model_sha256="f" * 64)
+    st = Study(id=sid, user_id=owner.id, kind="png", group_key=sid, model_sha256="f" * 64)
     s.add(st)
+    s.add(Series(id=f"{sid}-s", study_id=sid, series_key="case", number=1, images_count=1,
+                 key_images=[f"{sid}-i"], **result))
+    s.add(Image(id=f"{sid}-i", series_id=f"{sid}-s", study_id=sid, user_id=owner.id, kind="png",
+                input_sha256="0" * 64, image_file="x.png", width=8, height=8, **result))
     return st
 
 

@@ -105,7 +105,8 @@ def test_reading_flow_and_dashboard_in_a_browser_at_three_widths(live):
             study_path = page.url.split(base, 1)[1]
             # step 1: the AI result is not on the page
             assert page.locator("#ai-hidden").is_visible()
-            assert page.locator("#pred-label").count() == 0 and page.locator("#heatmap").count() == 0
+            assert page.locator("#result-headline").count() == 0 and page.locator("#heatmap").count() == 0
+            assert page.locator("#series-1-headline").count() == 0 and page.locator(".strip, .keys").count() == 0
             assert "Calibrated probabilities" not in page.content()
             page.screenshot(path=str(shots / "reading-1-unaided.png"), full_page=True)
             page.check("#unaided-form input[name=label][value=benign]")
@@ -113,7 +114,7 @@ def test_reading_flow_and_dashboard_in_a_browser_at_three_widths(live):
             page.click("#unaided-form button[type=submit]")
             page.wait_for_selector("#read-saved")
             # step 2: revealed; the final decision
-            assert page.inner_text("#pred-label") == "malignant"
+            assert page.inner_text("#result-headline").split(":")[0] == "malignant"  # the decision rule in words
             assert "benign" in page.inner_text("#unaided-summary")
             page.check("#aided-form input[name=label][value=malignant]")
             page.check("#aided-form input[name=confidence][value='4']")

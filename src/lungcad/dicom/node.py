@@ -400,42 +400,74 @@ class DicomNode:
         return user
 
     def _record(self, session, series, ok: list, keys: list, key: str) -> str:
-        """The worklist study: the de-identified key slice (PNG + DICOM) with the series result."""
-        from PIL import Image
+        """The worklist exam (found by its Study UID, or new) and series with the series result, and the
+        de-identified key slice (PNG + DICOM) as its one stored image."""
+        from PIL import Image as PILImage
+        from sqlalchemy import select
 
-        from lungcad.web.db import Study, audit, new_id
-        from lungcad.web.uploads import deidentify_upload
+        from lungcad.web.db import ExamIdentifiers, Image, Series, Study, audit, new_id
+        from lungcad.web.uploads import deidentify_upload, inspect_upload
 
         raw = Path(keys[0].source.split("#")[0]).read_bytes()
+        info = inspect_upload(raw, "key slice")
         clean, meta = deidentify_upload(raw, self.secret, "key slice")
         pixels, _ = self.predictor.load_pixels(clean, name="key slice", frame=keys[0].dicom.get("frame"))
-        study_id = new_id()
-        image_file, dicom_file = f"images/{study_id}.png", f"dicom/{study_id}.dcm"
-        with atomic_path(self.data_dir / image_file) as tmp:
-            Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG", compress_level=1)
-        with atomic_path(self.data_dir / dicom_file) as tmp:
-            tmp.write_bytes(clean)
         user = self._node_user(session)
         caller = self._callers.pop(key, "")
-        study = Study(
-            id=study_id, user_id=user.id, kind="dicom", input_sha256=sha256_bytes(raw),
-            group_key=keyed_hash(self.secret, meta.get("study_uid") or key), image_file=image_file,
-            dicom_file=dicom_file, width=int(pixels.shape[1]), height=int(pixels.shape[0]), label=series.label,
-            decision=series.decision, malignant_probability=float(series.malignant_probability),
-            probabilities={k: float(v) for k, v in series.probabilities.items()}, ood=bool(series.ood),
-            ood_score=None if series.ood_score is None else float(series.ood_score),
-            ood_reasons=list(series.ood_reasons or []), error="",
-            model_sha256=series.model_sha256 or self.predictor.model_sha256,
-            dicom_meta={**{k: v for k, v in meta.items() if v}, "source": "dicom-node", "level": "series",
-                        "slices": len(ok), "key_slices": len(keys), **({"calling_ae": caller} if caller else {})},
-            feedback=[],
-        )
-        session.add(study)
-        audit(session, "dicom-series", user, target=study_id, input_sha256=study.input_sha256, slices=len(ok),
+        exam_key = keyed_hash(self.secret, "study:" + (info.study_uid or key))
+        exam = session.scalar(select(Study).where(Study.exam_key == exam_key))
+        if exam is None:
+            exam = Study(id=new_id(), user_id=user.id, kind="dicom", group_key=exam_key, exam_key=exam_key,
+                         model_sha256=series.model_sha256 or self.predictor.model_sha256, series=[], feedback=[])
+            exam.identifiers = ExamIdentifiers(**info.identifiers, case_label="")
+            session.add(exam)
+            session.flush()
+        series_key = keyed_hash(self.secret, "series:" + (info.series_uid or key))
+        row = session.scalar(select(Series).where(Series.study_id == exam.id, Series.series_key == series_key))
+        if row is None:
+            number = 1 + len(session.scalars(select(Series.id).where(Series.study_id == exam.id)).all())
+            row = Series(id=new_id(), study_id=exam.id, series_key=series_key, number=number, images=[])
+            session.add(row)
+        image_id = new_id()
+        image_file, dicom_file = f"images/{image_id}.png", f"dicom/{image_id}.dcm"
+        sop_key = keyed_hash(self.secret, "sop:" + info.sop_uid) if info.sop_uid else None
+        image = session.scalar(select(Image).where(Image.sop_key == sop_key)) if sop_key else None
+        if image is None:
+            with atomic_path(self.data_dir / image_file) as tmp:
+                PILImage.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG", compress_level=1)
+            with atomic_path(self.data_dir / dicom_file) as tmp:
+                tmp.write_bytes(clean)
+            k = keys[0]
+            image = Image(
+                id=image_id, series_id=row.id, study_id=exam.id, user_id=user.id, kind="dicom",
+                input_sha256=sha256_bytes(raw), sop_key=sop_key, instance_number=info.instance_number,
+                position=float(info.instance_number or 0), image_file=image_file, dicom_file=dicom_file,
+                width=int(pixels.shape[1]), height=int(pixels.shape[0]), label=k.label, decision=k.decision,
+                malignant_probability=float(k.malignant_probability),
+                probabilities={c: float(v) for c, v in k.probabilities.items()}, ood=bool(k.ood),
+                ood_score=None if k.ood_score is None else float(k.ood_score), ood_reasons=list(k.ood_reasons or []),
+                error="", model_sha256=k.model_sha256 or self.predictor.model_sha256,
+                dicom_meta={**{k: v for k, v in meta.items() if v}, "source": "dicom-node", "slices": len(ok),
+                            "key_slices": len(keys), **({"calling_ae": caller} if caller else {})},
+            )
+            session.add(image)
+        # the series result is the node's (all slices); only the key slice is kept as an image
+        row.modality = info.modality[:16] or "CT"
+        row.images_count, row.label, row.decision = len(ok), series.label, series.decision
+        row.malignant_probability = float(series.malignant_probability)
+        row.probabilities = {c: float(v) for c, v in series.probabilities.items()}
+        row.ood, row.ood_score = bool(series.ood), None if series.ood_score is None else float(series.ood_score)
+        row.ood_reasons = list(series.ood_reasons or [])
+        row.key_images = [image.id]
+        key_sop = keys[0].dicom.get("SOPInstanceUID")
+        row.slice_scores = [[image.id if p.dicom.get("SOPInstanceUID") == key_sop else None,
+                             round(float(p.malignant_probability), 4), bool(p.ood)] for p in ok]
+        row.model_sha256 = series.model_sha256 or self.predictor.model_sha256
+        audit(session, "dicom-series", user, target=exam.id, input_sha256=image.input_sha256, slices=len(ok),
               calling_ae=caller)
-        audit(session, "prediction", user, target=study_id, input_sha256=study.input_sha256,
-              model_sha256=study.model_sha256, label=study.label, decision=study.decision, ood=study.ood)
-        return study_id
+        audit(session, "prediction", user, target=exam.id, input_sha256=image.input_sha256,
+              model_sha256=row.model_sha256, label=row.label, decision=row.decision, ood=row.ood)
+        return exam.id
 
     @staticmethod
     def _discard(files: list[Path], folder: Path) -> None:

@@ -42,13 +42,21 @@ from lungcad.data.transforms import normalise, prepare, to_source_geometry
 from lungcad.dicom.reader import read_dicom
 from lungcad.dicom.writer import write_secondary_capture
 from lungcad.errors import LungcadError, first_line
-from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.appearance import check as appearance_check
 from lungcad.inference.engine_factory import make_engine
 from lungcad.inference.explain import Explanation, grad_cam
 from lungcad.inference.inputs import HEAD_BYTES, _common_source, is_dicom, iter_inputs, sniff
 from lungcad.inference.ood import load_ood_detector
-from lungcad.inference.results import Prediction, add_to_series, prediction_columns, write_predictions
+from lungcad.inference.results import (
+    SERIES_TOP_K,
+    Prediction,
+    add_to_series,
+    aggregate_series,
+    decide,
+    prediction_columns,
+    series_key_indices,
+    write_predictions,
+)
 from lungcad.models.contract import load_model
 from lungcad.models.factory import logits_to_probs
 
@@ -58,7 +66,6 @@ __all__ = ["SERIES_TOP_K", "Prediction", "Predictor", "iter_inputs", "sniff", "w
 
 log = logging.getLogger(__name__)
 
-SERIES_TOP_K = 3  # slices averaged for a series' probabilities (see the module docstring)
 
 
 @dataclass
@@ -178,9 +185,7 @@ class Predictor:
 
     def _decide(self, probs: np.ndarray) -> tuple[str, float, str]:
         """(label, p(malignant), decision) under the one decision rule at the contract's threshold."""
-        label = self.classes[int(predict_labels(probs[None, :], self.contract.task, self.threshold, self.classes)[0])]
-        return label, float(probs[self.classes.index("malignant")]), (
-            "malignant" if label == "malignant" else "not malignant")
+        return decide(probs, self.classes, self.contract.task, self.threshold)
 
     def _prediction(self, item: _Item, probs: np.ndarray, flag, score) -> Prediction:
         label, p_mal, decision = self._decide(probs)
@@ -339,32 +344,16 @@ class Predictor:
 
     def _top(self, preds: list[Prediction]) -> np.ndarray:
         """Indices of the SERIES_TOP_K slices the series result is the mean of (module docstring)."""
-        flags = np.array([p.ood for p in preds])
-        use = np.flatnonzero(~flags) if (~flags).any() else np.arange(len(preds))
-        p_mal = np.array([p.malignant_probability for p in preds])
-        return use[np.argsort(-p_mal[use], kind="stable")[:SERIES_TOP_K]]
+        return series_key_indices(preds)
 
     def key_slices(self, preds: list[Prediction]) -> list[Prediction]:
         """The slices a series result rests on (its key images), most malignant first."""
         return [preds[i] for i in self._top(preds)]
 
     def _aggregate(self, source: str, preds: list[Prediction]) -> Prediction:
-        """One series-level Prediction from its slices (rule in the module docstring)."""
-        probs = np.array([[p.probabilities[c] for c in self.classes] for p in preds])
-        flags = np.array([p.ood for p in preds])
-        agg = probs[self._top(preds)].mean(axis=0)
-        scores = [p.ood_score for p in preds if p.ood_score is not None]
-        label, p_mal, decision = self._decide(agg)
-        dicom = {k: preds[0].dicom[k] for k in ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
-                 if k in preds[0].dicom}
-        ood = bool(flags.mean() > 0.5)
-        return Prediction(
-            source=source, probabilities={c: float(p) for c, p in zip(self.classes, agg)}, label=label,
-            malignant_probability=p_mal, decision=decision, ood=ood,
-            ood_score=float(np.median(scores)) if scores else None, model_sha256=self.model_sha256,
-            dicom=dicom, level="series", slices=len(preds),
-            ood_reasons=[f"{int(flags.sum())} of {len(preds)} slices out of distribution"] if ood else [],
-        )
+        """One series-level Prediction from its slices (rule in the module docstring;
+        `lungcad.inference.results.aggregate_series`, which the web app uses too)."""
+        return aggregate_series(source, preds, self.classes, self.contract.task, self.threshold, self.model_sha256)
 
     # ------------------------------------------------------------------------------ explanation
 

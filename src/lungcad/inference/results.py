@@ -17,8 +17,12 @@ from pathlib import Path
 from lungcad.errors import LungcadError
 from lungcad.utils import atomic_path
 
-__all__ = ["DICOM_COLUMNS", "Prediction", "add_to_series", "prediction_columns", "write_predictions"]
+__all__ = [
+    "DICOM_COLUMNS", "SERIES_TOP_K", "Prediction", "add_to_series", "aggregate_series", "decide", "prediction_columns",
+    "series_key_indices", "write_predictions",
+]
 
+SERIES_TOP_K = 3  # slices averaged for a series' probabilities (see lungcad.inference.predictor's docstring)
 DICOM_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "InstanceNumber", "frame")
 
 
@@ -94,6 +98,57 @@ def add_to_series(series: dict[str, dict[tuple, Prediction]], pred: Prediction) 
     uid = pred.dicom.get("SeriesInstanceUID")
     if uid and not pred.error and pred.level != "series":
         series.setdefault(uid, {})[(pred.dicom.get("SOPInstanceUID"), pred.dicom.get("frame"))] = pred
+
+
+def decide(probs: Sequence[float], classes: Sequence[str], task: str, threshold: float | None) -> tuple[str, float, str]:
+    """(label, p(malignant), decision) under the one decision rule (`lungcad.evaluation.metrics.predict_labels`)
+    at `threshold` (the contract's `decision_threshold()`)."""
+    import numpy as np
+
+    from lungcad.evaluation.metrics import predict_labels
+
+    probs = np.asarray(probs, dtype=float)
+    classes = list(classes)
+    label = classes[int(predict_labels(probs[None, :], task, threshold, classes)[0])]
+    return label, float(probs[classes.index("malignant")]), "malignant" if label == "malignant" else "not malignant"
+
+
+def series_key_indices(preds: Sequence[Prediction]):
+    """Indices of the SERIES_TOP_K slices a series result is the mean of (the series rule in
+    lungcad.inference.predictor's docstring): the highest p(malignant) among the slices that are
+    not out of distribution (all slices if every one is), most malignant first."""
+    import numpy as np
+
+    flags = np.array([p.ood for p in preds], dtype=bool)
+    use = np.flatnonzero(~flags) if (~flags).any() else np.arange(len(preds))
+    p_mal = np.array([p.malignant_probability for p in preds], dtype=float)
+    return use[np.argsort(-p_mal[use], kind="stable")[:SERIES_TOP_K]]
+
+
+def aggregate_series(source: str, preds: Sequence[Prediction], classes: Sequence[str], task: str,
+                     threshold: float | None, model_sha256: str = "") -> Prediction:
+    """One series-level Prediction from its slices: what `lungcad predict` and the web app both use.
+
+    Probabilities: the mean over `series_key_indices`; label and decision by `decide`; flagged OOD
+    when more than half of the slices are; ood_score the median slice score.
+    """
+    import numpy as np
+
+    classes = list(classes)
+    probs = np.array([[p.probabilities[c] for c in classes] for p in preds], dtype=float)
+    flags = np.array([p.ood for p in preds], dtype=bool)
+    agg = probs[series_key_indices(preds)].mean(axis=0)
+    scores = [p.ood_score for p in preds if p.ood_score is not None]
+    label, p_mal, decision = decide(agg, classes, task, threshold)
+    dicom = {k: preds[0].dicom[k] for k in ("StudyInstanceUID", "SeriesInstanceUID", "Modality") if k in preds[0].dicom}
+    ood = bool(flags.mean() > 0.5)
+    return Prediction(
+        source=source, probabilities={c: float(p) for c, p in zip(classes, agg)}, label=label,
+        malignant_probability=p_mal, decision=decision, ood=ood,
+        ood_score=float(np.median(scores)) if scores else None, model_sha256=model_sha256,
+        dicom=dicom, level="series", slices=len(preds),
+        ood_reasons=[f"{int(flags.sum())} of {len(preds)} slices out of distribution"] if ood else [],
+    )
 
 
 def write_predictions(predictions: Iterable[Prediction], out: str | Path | None, columns: list[str]

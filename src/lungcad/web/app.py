@@ -183,7 +183,7 @@ def create_app(
     )
     # What lungcad.web.deps hands to the routes.
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__)
+    templates.env.globals.update(disclaimer=DISCLAIMER, version=lungcad.__version__, exam_result=service.exam_result)
     templates.env.filters.update(flatten=display.flatten, show=display.show, nopath=display.nopath)
     # the image viewer (templates/_viewer.html): its frame list and whether its script was built
     templates.env.globals.update(viewer_config=viewer.viewer_config, viewer_built=viewer.bundle_built)

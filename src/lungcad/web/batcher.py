@@ -63,10 +63,23 @@ class MicroBatcher:
                 results = self.run_batch([item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
-            except Exception as exc:  # delivered to every waiting request, which turns it into a 500 page
-                log.exception("batch prediction failed")
-                for _, future in batch:
-                    future.set_exception(exc)
+            except Exception as exc:
+                if len(batch) == 1:  # delivered to the waiting request, which turns it into a 500 page
+                    log.exception("batch prediction failed")
+                    batch[0][1].set_exception(exc)
+                    continue
+                # one item's failure must not fail the others batched with it (another upload's
+                # files, or the other slices of a series): run them one by one
+                log.warning("batch of %d failed (%s: %s); running its items one by one", len(batch),
+                            type(exc).__name__, exc)
+                for item, future in batch:
+                    try:
+                        (result,) = self.run_batch([item])
+                    except Exception as one:
+                        log.exception("batch prediction failed")
+                        future.set_exception(one)
+                    else:
+                        future.set_result(result)
                 continue
             for (_, future), result in zip(batch, results):
                 future.set_result(result)

@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, object_session, relationship, sessionmaker
 
 from lungcad.errors import LungcadError
 
@@ -40,7 +41,10 @@ __all__ = [
     "AuditEvent",
     "Base",
     "DicomOutbox",
+    "ExamResult",
+    "ExamIdentifiers",
     "Feedback",
+    "Image",
     "LoginSession",
     "PilotSetting",
     "Read",
@@ -48,9 +52,11 @@ __all__ = [
     "ReferenceDiagnosis",
     "SusResponse",
     "LoginThrottle",
+    "Series",
     "Study",
     "User",
     "as_utc",
+    "exam_result",
     "audit",
     "database_url",
     "make_db_engine",
@@ -134,15 +140,110 @@ class LoginThrottle(Base):
 
 
 class Study(Base):
-    """One uploaded image and the model's result on it (pixels stored de-identified on disk)."""
+    """An exam: the worklist row and the unit a clinician reads (a DICOM study, or a JPG/PNG case).
+
+    It holds one or more `Series`, each of one or more `Image`s. The exam's AI result is not a
+    column: it is `lungcad.web.service.exam_result(study)`, derived from its series. What
+    identifies the patient's exam (accession number, original Study UID, the uploader's case
+    label) is in `ExamIdentifiers`, its own table, and nowhere else.
+    """
 
     __tablename__ = "studies"
+    __table_args__ = (Index("uq_studies_exam_key", "exam_key", unique=True),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(8))  # png / jpeg / dicom (sniffed from content)
-    input_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    group_key: Mapped[str] = mapped_column(String(64))  # hashed study UID (DICOM) or upload batch id
+    kind: Mapped[str] = mapped_column(String(8))  # png / jpeg / dicom (sniffed from content; "image" for a mixed case)
+    group_key: Mapped[str] = mapped_column(String(64))  # keyed hash of the study UID (DICOM) or of the case
+    # keyed hash naming the exam for later uploads to find it (DICOM: Study UID; JPG/PNG: user + case label);
+    # NULL for exams migrated from one-image studies (0005)
+    exam_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    user: Mapped[User] = relationship()
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.number")
+    identifiers: Mapped[ExamIdentifiers | None] = relationship(back_populates="study")
+    feedback: Mapped[list[Feedback]] = relationship(back_populates="study", order_by="Feedback.id")
+
+    # Read-only conveniences for code that reads an exam like the one-image study it used to be
+    # (templates, the DICOM node's tests): the exam-level result comes from service.exam_result,
+    # the one place it is derived; file fields are those of its key image.
+    def _result(self) -> ExamResult:
+        return exam_result(self)
+
+    def _key_image(self, name: str, default: Any = None) -> Any:
+        key = self._result().key_image
+        return getattr(key, name) if key is not None else default
+
+    label = property(lambda self: self._result().label)
+    decision = property(lambda self: self._result().decision)
+    malignant_probability = property(lambda self: self._result().malignant_probability)
+    probabilities = property(lambda self: self._result().probabilities)
+    ood = property(lambda self: self._result().ood)
+    ood_score = property(lambda self: self._result().ood_score)
+    ood_reasons = property(lambda self: self._result().ood_reasons)
+    input_sha256 = property(lambda self: self._key_image("input_sha256", ""))
+    image_file = property(lambda self: self._key_image("image_file", ""))
+    dicom_file = property(lambda self: self._key_image("dicom_file"))
+    width = property(lambda self: self._key_image("width", 0))
+    height = property(lambda self: self._key_image("height", 0))
+    dicom_meta = property(lambda self: self._key_image("dicom_meta", {}) or {})
+
+
+class ExamIdentifiers(Base):
+    """IDENTIFYING: how clinicians find the exam in the PACS. Shown only on the worklist and exam page
+    to users allowed to see the exam; never exported, logged, audited or written into stored files."""
+
+    __tablename__ = "exam_identifiers"
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_uid: Mapped[str] = mapped_column(String(64), default="")  # the original Study Instance UID
+    case_label: Mapped[str] = mapped_column(String(128), default="")  # the uploader's name for a JPG/PNG case
+    study: Mapped[Study] = relationship(back_populates="identifiers")
+
+
+class Series(Base):
+    """A DICOM series (or the one implicit series of a JPG/PNG case) and its series-level result,
+    computed by the rule `lungcad predict` uses (`lungcad.inference.results.aggregate_series`)."""
+
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_study_key", "study_id", "series_key", unique=True),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    series_key: Mapped[str] = mapped_column(String(64))  # keyed hash of the Series UID ("case" for a JPG/PNG case)
+    number: Mapped[int] = mapped_column(Integer, default=1)  # order within the exam
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    images_count: Mapped[int] = mapped_column(Integer, default=0)
+    label: Mapped[str] = mapped_column(String(32), default="")
+    decision: Mapped[str] = mapped_column(String(32), default="")
+    malignant_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
+    ood: Mapped[bool] = mapped_column(Boolean, default=False)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ood_reasons: Mapped[list] = mapped_column(JSON, default=list)
+    key_images: Mapped[list] = mapped_column(JSON, default=list)  # image ids the result rests on, most malignant first
+    # per-slice score strip: [[image id, p(malignant), ood], ...] in slice order (InstanceNumber, then upload order)
+    slice_scores: Mapped[list] = mapped_column(JSON, default=list)
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    study: Mapped[Study] = relationship(back_populates="series")
+    images: Mapped[list[Image]] = relationship(back_populates="series", order_by="Image.position")
+
+
+class Image(Base):
+    """One uploaded image or DICOM instance and the model's result on it (pixels stored de-identified)."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_sop_key", "sop_key", unique=True),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    series_id: Mapped[str] = mapped_column(ForeignKey("series.id"), index=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    input_sha256: Mapped[str] = mapped_column(String(64), index=True)  # of the bytes as uploaded (idempotency)
+    sop_key: Mapped[str | None] = mapped_column(String(64), nullable=True)  # keyed hash of the SOP UID
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    position: Mapped[float] = mapped_column(Float, default=0.0)  # slice order in its series
     image_file: Mapped[str] = mapped_column(String(128))  # relative to the data folder
     dicom_file: Mapped[str | None] = mapped_column(String(128), nullable=True)  # de-identified copy
     width: Mapped[int] = mapped_column(Integer)
@@ -153,13 +254,67 @@ class Study(Base):
     probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
     ood: Mapped[bool] = mapped_column(Boolean, default=False)
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # why `ood` is set (lungcad.inference.predictor.Prediction.ood_reasons); NULL for studies before 0002
     ood_reasons: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)
     error: Mapped[str] = mapped_column(Text, default="")
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
     dicom_meta: Mapped[dict] = mapped_column(JSON, default=dict)  # hashed UIDs, modality: no PHI
-    user: Mapped[User] = relationship()
-    feedback: Mapped[list[Feedback]] = relationship(back_populates="study", order_by="Feedback.id")
+    series: Mapped[Series] = relationship(back_populates="images")
+
+
+# ------------------------------------------------------------------------------------ exam result
+
+
+@dataclass
+class ExamResult:
+    """The AI result of an exam: what pages, the API and the dashboard show (`exam_result`)."""
+
+    label: str = ""
+    decision: str = ""
+    malignant_probability: float | None = None
+    probabilities: dict = field(default_factory=dict)
+    ood: bool = False
+    ood_score: float | None = None
+    ood_reasons: list = field(default_factory=list)
+    model_sha256: str = ""
+    series: Series | None = None  # the series the result is taken from
+    key_image_id: str = ""  # its most malignant key image
+    series_count: int = 0
+    images_count: int = 0
+
+    @property
+    def key_image(self) -> Image | None:
+        if self.series is None or not self.key_image_id:
+            return None
+        session = object_session(self.series)
+        if session is None:
+            return next((im for im in self.series.images if im.id == self.key_image_id), None)
+        return session.get(Image, self.key_image_id)
+
+
+def exam_result(study: Study) -> ExamResult:
+    """The exam's AI result: the series result (the `lungcad predict` series rule, see
+    `refresh_series`) of its most suspicious series, i.e. the highest p(malignant) among the
+    series that are not out of distribution (all series when every one is).
+
+    The one function that derives an exam-level result: pages, the API, the dashboard, the reading
+    pilot and the exports call it (as `lungcad.web.service.exam_result`) instead of reading columns.
+    Defined here, next to the tables it reads, so that `Study`'s read-only properties can use it
+    without an import cycle.
+    """
+    series = list(study.series)
+    images = sum(s.images_count for s in series)
+    scored = [s for s in series if s.label]
+    if not scored:
+        return ExamResult(model_sha256=study.model_sha256, series_count=len(series), images_count=images)
+    pool = [s for s in scored if not s.ood] or scored
+    top = max(pool, key=lambda s: -1.0 if s.malignant_probability is None else s.malignant_probability)
+    return ExamResult(
+        label=top.label, decision=top.decision, malignant_probability=top.malignant_probability,
+        probabilities=dict(top.probabilities or {}), ood=top.ood, ood_score=top.ood_score,
+        ood_reasons=list(top.ood_reasons or []), model_sha256=top.model_sha256 or study.model_sha256, series=top,
+        key_image_id=(top.key_images or [""])[0], series_count=len(series), images_count=images,
+    )
+
 
 
 class Feedback(Base):

@@ -176,10 +176,11 @@ def page(request: Request, name: str, user: User | None, code: int = 200, **ctx:
 
 
 def get_study(session: Session, study_id: str) -> Study:
-    """The study with its reads (and their users) loaded; 404 when there is none."""
+    """The study (exam) with its reads (and their users), series and identifiers loaded; 404 when there is none."""
     study = session.scalar(
         select(Study).where(Study.id == study_id)
-        .options(selectinload(Study.reads).selectinload(Read.user), selectinload(Study.user))
+        .options(selectinload(Study.reads).selectinload(Read.user), selectinload(Study.user),
+                 selectinload(Study.series), selectinload(Study.identifiers))
     )
     if study is None:
         raise HTTPException(404, "no such study")

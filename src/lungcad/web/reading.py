@@ -34,11 +34,10 @@ from lungcad.web.db import (
     Study,
     SusResponse,
     User,
-    as_utc,
     audit,
     utcnow,
 )
-from lungcad.web.service import study_ai_result, wilson
+from lungcad.web.service import exam_result, read_dict, study_ai_result, wilson  # read_dict: re-exported
 
 __all__ = [
     "REFERENCE_SOURCES",
@@ -46,6 +45,7 @@ __all__ = [
     "SUS_SCALE",
     "ReadConflict",
     "ai_hidden",
+    "ai_hidden_id",
     "current_period",
     "get_read",
     "grouped_proportion_ci",
@@ -100,6 +100,11 @@ def _read_started(session: Session, user: User, study_ids: Iterable[str]) -> set
 def ai_hidden(session: Session, user: User, study: Study) -> bool:
     """True while `user` is in reading mode and has not saved their unaided read of `study`."""
     return bool(user.reading_mode) and study.id not in _read_started(session, user, [study.id])
+
+
+def ai_hidden_id(session: Session, user: User, study_id: str) -> bool:
+    """`ai_hidden` for a study id (an image's or a series' exam)."""
+    return bool(user.reading_mode) and study_id not in _read_started(session, user, [study_id])
 
 
 def hidden_study_ids(session: Session, user: User, study_ids: Iterable[str]) -> set[str]:
@@ -183,21 +188,6 @@ def save_read(session: Session, study: Study, user: User, stage: str, label: str
 
 def revisions_of(session: Session, read: Read) -> list[ReadRevision]:
     return list(session.scalars(select(ReadRevision).where(ReadRevision.read_id == read.id).order_by(ReadRevision.id)))
-
-
-def read_dict(read: Read) -> dict:
-    """A read as the API returns it (`agree` derived from the labels)."""
-    def iso(t: dt.datetime | None) -> str | None:
-        return as_utc(t).isoformat() if t else None
-
-    return {
-        "id": read.id, "study_id": read.study_id, "user": read.user.username if read.user else "",
-        "mode": read.mode, "created_at": iso(read.created_at), "updated_at": iso(read.updated_at),
-        "unaided_label": read.unaided_label, "unaided_confidence": read.unaided_confidence,
-        "label": read.final_label, "confidence": read.final_confidence, "model_label": read.model_label,
-        "agree": read.agree, "changed": read.changed, "comment": read.comment, "revisions": read.revisions,
-        "model_sha256": read.model_sha256,
-    }
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -379,7 +369,10 @@ def pilot_stats(session: Session, classes: list[str]) -> dict:
         periods.setdefault(s.period, []).append(s.score)
     sus_periods = [{"period": p, "n": len(v), "mean": float(np.mean(v)), "ci": _mean_ci(v)} for p, v in periods.items()]
     legacy = [f.usability for f in session.scalars(select(Feedback).where(Feedback.usability.is_not(None)))]
+    exams = [exam_result(e) for e in session.scalars(select(Study).options(selectinload(Study.series)))]
     return {
+        "exams_flagged": sum(r.decision == "malignant" for r in exams),  # the AI's exam-level decisions
+        "exams_ood": sum(r.ood for r in exams),
         "reads": n,
         "readers": len({r.user_id for r in reads}),
         "studies_read": len({r.study_id for r in reads}),

@@ -1,15 +1,26 @@
-"""What happens to an upload before it is stored: validation and DICOM de-identification.
+"""What happens to an upload before it is stored: validation, modality check, zip expansion and
+DICOM de-identification.
 
 Validation: type by content (never by name or Content-Type), size and dimension caps.
+Modality: a DICOM whose Modality is not the model's (CT for a greyscale model), or a colour image
+given to a greyscale model (and the reverse), is refused with that reason, before it is scored.
+Zips: members are read one at a time (never the whole archive), each under the per-file cap.
 De-identification: the profile itself is `lungcad.dicom.deid.deidentify` (PS3.15 basic profile);
 here UIDs are always hashed with the site secret, and a PHI-free summary comes back for the database.
+The identifiers clinicians need to find the exam in the PACS (`UploadInfo.identifiers`) are read
+from the original header and go only to the `exam_identifiers` table.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
 
+import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
@@ -20,11 +31,13 @@ from lungcad.errors import LungcadError, first_line
 from lungcad.inference.inputs import file_kind
 
 __all__ = [
-    "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "check_upload", "deidentify_upload", "sniff",
+    "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "MAX_ZIP_BYTES", "UploadInfo", "check_modality",
+    "check_upload", "deidentify_upload", "expand_upload", "inspect_upload", "is_zip", "sniff",
 ]
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one file: a 512x512 CT slice is ~0.5 MB; a large DICOM ~30 MB
-MAX_FILES = 50  # per upload form / request
+MAX_FILES = 1000  # files (or zip members) per upload: a 300-slice series with room for a few more
+MAX_ZIP_BYTES = 1024 * 1024 * 1024  # uncompressed total of one zip (members are also capped one by one)
 # Decoded dimensions are checked from the header, before decoding, with the rules `lungcad predict`
 # applies (lungcad.data.images: MAX_PIXELS, aspect ratio, minimum side).
 
@@ -62,6 +75,132 @@ def check_upload(raw: bytes, label: str = "upload") -> tuple[str, int, int]:
     check_size(width, height, label)
     check_min_side(width, height, label)
     return kind, width, height
+
+
+@dataclass
+class UploadInfo:
+    """What an acceptable upload is, from its header: kind, size and (DICOM) the original UIDs.
+
+    The UIDs and `identifiers` are the ORIGINAL values: they are hashed before anything is stored,
+    except `identifiers`, which only the exam_identifiers table receives.
+    """
+
+    kind: str
+    width: int
+    height: int
+    modality: str = ""
+    photometric: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    instance_number: int | None = None
+    identifiers: dict = field(default_factory=dict)  # accession_number, study_uid
+
+
+def inspect_upload(raw: bytes, label: str = "upload") -> UploadInfo:
+    """`check_upload` plus what grouping and the modality check need (one header read for DICOM)."""
+    kind, width, height = check_upload(raw, label)
+    info = UploadInfo(kind, width, height)
+    if kind == "dicom":
+        ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+        text = lambda key: str(ds.get(key, "") or "").strip()  # noqa: E731
+        info.modality, info.photometric = text("Modality").upper(), text("PhotometricInterpretation").upper()
+        info.study_uid, info.series_uid, info.sop_uid = text("StudyInstanceUID"), text("SeriesInstanceUID"), text(
+            "SOPInstanceUID")
+        try:
+            info.instance_number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+        except (TypeError, ValueError):
+            info.instance_number = None
+        info.identifiers = {"accession_number": text("AccessionNumber")[:64], "study_uid": info.study_uid[:64]}
+    return info
+
+
+def check_modality(info: UploadInfo, raw: bytes, colour: str, label: str = "upload") -> None:
+    """Refuse an input whose modality is not the model's (LungcadError with the reason).
+
+    `colour` is the contract's `preprocessing.colour`: "grey" is a CT model (DICOM Modality must be
+    CT; a colour photograph is refused), "rgb" a histopathology model (DICOM must be slide
+    microscopy, SM; a greyscale image is refused). The colour rule is the appearance check's
+    (`lungcad.inference.appearance.CHROMA`, `CHROMA_SHARE`).
+    """
+    expected = "CT" if colour == "grey" else "SM"
+    if info.kind == "dicom":
+        if info.modality and info.modality != expected:
+            raise LungcadError(f"modality {info.modality} does not match the model ({expected}): refused, not scored",
+                               label)
+        if colour == "grey" and info.photometric and not info.photometric.startswith("MONOCHROME"):
+            raise LungcadError(f"colour DICOM ({info.photometric}) given to a greyscale CT model: refused, not scored",
+                               label)
+        return
+    share = _colour_share(raw)
+    from lungcad.inference.appearance import CHROMA_SHARE
+
+    if colour == "grey" and share > CHROMA_SHARE:
+        raise LungcadError(f"colour image ({share:.0%} of its pixels are coloured) given to a greyscale CT model: "
+                           "refused, not scored", label)
+    if colour == "rgb" and share <= 0.01:
+        raise LungcadError("greyscale image given to a colour (histopathology) model: refused, not scored", label)
+
+
+def _colour_share(raw: bytes) -> float:
+    """Share of pixels whose channels differ by more than the appearance check's CHROMA (0 for grey modes)."""
+    from lungcad.inference.appearance import CHROMA
+
+    with Image.open(io.BytesIO(raw)) as im:
+        if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+            return 0.0
+        im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale
+        im = im.convert("RGB")
+        im.thumbnail((256, 256))
+        arr = np.asarray(im)
+    chroma = arr.max(axis=2).astype(np.int16) - arr.min(axis=2)
+    return float((chroma > CHROMA).mean())
+
+
+def is_zip(head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04"
+
+
+def expand_upload(name: str, fh: IO[bytes], label: str) -> Iterator[tuple[str, str, bytes | LungcadError]]:
+    """(display name, error label, bytes or the reason it is unusable) for an uploaded file, or for each
+    member of an uploaded zip, read one at a time and each bounded by MAX_UPLOAD_BYTES.
+
+    `fh` must be seekable (FastAPI spools uploads to a temporary file). Folders, dot-files and macOS
+    resource forks in a zip are skipped; a zip inside a zip is not opened (an unusable member).
+    """
+    head = fh.read(4)
+    fh.seek(0)
+    if not is_zip(head):
+        yield name, label, fh.read(MAX_UPLOAD_BYTES + 1)
+        return
+    try:
+        archive = zipfile.ZipFile(fh)
+        members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        yield name, label, LungcadError(f"not a readable zip ({first_line(exc, 120)})", label)
+        return
+    total = 0
+    for i, member in enumerate(m for m in members if not m.is_dir()):
+        base = member.filename.rsplit("/", 1)[-1]
+        if not base or base.startswith(".") or member.filename.startswith("__MACOSX/"):
+            continue
+        shown, where = f"{name}/{member.filename}"[:200], f"{label}, member {i + 1}"
+        if member.file_size > MAX_UPLOAD_BYTES:
+            yield shown, where, LungcadError(
+                f"file too large ({member.file_size // 1024} KiB, limit {MAX_UPLOAD_BYTES // 1024 // 1024} MiB)", where)
+            continue
+        total += member.file_size
+        if total > MAX_ZIP_BYTES:
+            yield shown, where, LungcadError(f"zip too large (over {MAX_ZIP_BYTES // 1024 // 1024} MiB uncompressed)",
+                                             where)
+            return
+        try:
+            with archive.open(member) as src:
+                data = src.read(MAX_UPLOAD_BYTES + 1)  # bounded even if the declared size lies
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
+            yield shown, where, LungcadError(f"unreadable zip member ({first_line(exc, 120)})", where)
+            continue
+        yield shown, where, data
 
 
 def _dicom_size(raw: bytes, label: str) -> tuple[int, int]:

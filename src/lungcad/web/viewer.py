@@ -30,7 +30,9 @@ __all__ = [
     "BUNDLE",
     "LUNG",
     "MEDIASTINUM",
+    "base_url",
     "bundle_built",
+    "heatmap_target",
     "heatmap_array",
     "npy_bytes",
     "pixel_array",
@@ -81,10 +83,30 @@ def presets(store: Any, unit: str) -> list[dict]:
     ]
 
 
-def viewer_config(request: Any, studies: list[Any], labels: list[str] | None = None, ai_hidden: bool = False) -> dict:
-    """The viewer's JSON configuration for a list of frames (one per study today; a series is a longer list).
+def base_url(frame: Any) -> str:
+    """Where a frame's data lives: /images/{id} for an image of a series (the exam page's frames),
+    /studies/{id} for an exam (its display image: see routes.pages.display_image)."""
+    from lungcad.web.db import Image as ImageRow
 
-    Jinja global: templates call `viewer_config(request, [study])`. `labels` name the frames (default:
+    return f"/images/{frame.id}" if isinstance(frame, ImageRow) else f"/studies/{frame.id}"
+
+
+def heatmap_target(frame: Any) -> str:
+    """The class a frame's heatmap explains and the legend names: for an image of a series, the series'
+    label (every slice of the series explains the same class, so one legend is true for all of them);
+    otherwise the frame's own label."""
+    from lungcad.web.db import Image as ImageRow
+
+    if isinstance(frame, ImageRow) and frame.series is not None and frame.series.label:
+        return frame.series.label
+    return frame.label
+
+
+def viewer_config(request: Any, studies: list[Any], labels: list[str] | None = None, ai_hidden: bool = False) -> dict:
+    """The viewer's JSON configuration for a list of frames (a series' images in slice order on the exam
+    page; any objects with the fields `pixel_array` reads).
+
+    Jinja global: templates call `viewer_config(request, frames)`. `labels` name the frames (default:
     "Image" for one frame, "Image k" for several). `ai_hidden` (a reader in reading mode before their
     unaided read): no heatmap, and no class named.
     """
@@ -92,10 +114,14 @@ def viewer_config(request: Any, studies: list[Any], labels: list[str] | None = N
     unit = unit_of(studies[0]) if studies else "grey"
     if labels is None:
         labels = ["Image"] if len(studies) == 1 else [f"Image {k}" for k in range(1, len(studies) + 1)]
-    frames = [{"pixels": f"/studies/{s.id}/pixels.npy", "heatmap": None if ai_hidden else f"/studies/{s.id}/heatmap.npy",
-               "label": label} for s, label in zip(studies, labels)]
+    frames = []
+    for s, label in zip(studies, labels):
+        base = base_url(s)
+        png = f"{base}.png" if base.startswith("/images/") else f"{base}/image.png"
+        frames.append({"pixels": f"{base}/pixels.npy", "heatmap": None if ai_hidden else f"{base}/heatmap.npy",
+                       "image": png, "label": label})
     return {"frames": frames, "presets": presets(store, unit), "initial": "model", "unit": unit,
-            "target": "" if ai_hidden or not studies else studies[0].label, "ai_hidden": ai_hidden}
+            "target": "" if ai_hidden or not studies else heatmap_target(studies[0]), "ai_hidden": ai_hidden}
 
 
 # ------------------------------------------------------------------------------------------ arrays
@@ -151,13 +177,14 @@ def heatmap_array(store: Any, study: Any) -> np.ndarray:
     (r, c) describes image pixel (r, c), which is also pixel (r, c) of `pixel_array`.
     """
     # per model: a server restarted on another run must not show the previous model's map
-    cached = store.path(f"explain/{study.id}_{store.model_sha256[:12] or 'model'}_heatmap.npy")
+    # the label the page's legend names (`heatmap_target`: the series' label for an image of a series)
+    label = heatmap_target(study)
+    target = label if label in store.classes else None
+    cached = store.path(f"explain/{study.id}_{store.model_sha256[:12] or 'model'}_{target or 'top'}_heatmap.npy")
     if cached.is_file():
         return np.load(cached, allow_pickle=False)
     source = store.path(study.image_file)
     pixels, _ = store.predictor.load_pixels(source)
-    # the study's recorded label, which the page's legend names (the model's own label unless it changed)
-    target = study.label if study.label in store.classes else None
     with store.lock:  # Grad-CAM runs one at a time (see service.Store)
         exp = store.predictor.explain(source, target=target)
     heat = to_source_geometry(np.asarray(exp.heatmap, dtype=np.float32), pixels, _preprocessing(store))

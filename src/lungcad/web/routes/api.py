@@ -10,28 +10,28 @@ problem documents (see lungcad.web.app).
 
 import io
 import os
-import secrets
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import selectinload, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import lungcad
 from lungcad.errors import LungcadError
 from lungcad.web import reading, service
-from lungcad.web.db import ApiToken, Study, User, as_utc, audit, utcnow
-from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study
-from lungcad.web.routes.pages import owned_token
+from lungcad.web.db import ApiToken, Image, Read, Series, Study, User, as_utc, audit, utcnow
+from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf
+from lungcad.web.routes.pages import owned_token, upload_items
+from lungcad.web.schemas import ImageOut, ReadOut, SeriesOut, StudyOut, UploadOut
 from lungcad.web.security import revoke_token
-from lungcad.web.uploads import MAX_UPLOAD_BYTES
+from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES
 
 __all__ = ["PROBLEM", "SECURITY", "SECURITY_SCHEMES", "FeedbackIn", "Problem", "problems", "router", "token_dict"]
 
@@ -125,30 +125,93 @@ def openapi_schema(request: Request, user: CurrentUser) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
-@router.post("/api/predict", status_code=201, tags=["api"], responses=problems(400, 403, 413, 422))
-async def api_predict(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep,
-                      file: Annotated[UploadFile, File()]) -> dict:
-    """Upload one PNG/JPEG/DICOM image (multipart field `file`): the stored study with its prediction."""
+@router.post("/api/predict", status_code=201, tags=["api"], response_model=StudyOut,
+             responses={200: {"model": StudyOut, "description": "the same image (SOP Instance UID or bytes) was "
+                              "already stored: nothing was stored again; the exam holding it is returned"},
+                        201: {"description": "stored and scored: the exam holding the new image"},
+                        **problems(400, 403, 413, 422)})
+async def api_predict(request: Request, response: Response, user: CurrentUser, sessions: Sessions, store: StoreDep,
+                      file: Annotated[UploadFile, File()],
+                      case_label: Annotated[str, Form(max_length=128)] = "") -> dict:
+    """Upload one PNG/JPEG/DICOM image (multipart field `file`): the exam it went into, with its result.
+
+    Idempotent: the same SOP Instance UID or the same bytes give 200 and the exam already holding
+    it. An image whose modality is not the model's (DICOM Modality not CT, a colour photograph) is
+    refused with 422 and the reason.
+    """
     check_csrf(request, None)
     raw = await file.read(MAX_UPLOAD_BYTES + 1)
-    return await run_in_threadpool(_api_store, sessions, store, user, raw)
+    results = await run_in_threadpool(service.ingest, sessions, store, user, [("file", "file", raw)], case_label,
+                                      "api")
+    (result,) = results
+    _raise_for(result)
+    response.status_code = 201 if result.status == "created" else 200
+    response.headers["Location"] = f"/api/studies/{result.study_id}"
+    with sessions() as session:
+        study = _exam(session, result.study_id)
+        return service.study_dict(study, hide_ai=reading.ai_hidden(session, user, study))  # reading mode
 
 
-def _api_store(sessions: sessionmaker, store: service.Store, user: User, raw: bytes) -> dict:
-    with sessions() as session:  # its own session: see routes.pages._store_one
-        try:
-            study = service.record_upload(session, store, user, raw, secrets.token_hex(8), "file")
-            hidden = bool(user.reading_mode)  # a reader in reading mode has not read this new study yet
-        except LungcadError as exc:
-            session.rollback()
-            audit(session, "upload_rejected", user, reason=str(exc)[:200], via="api")
-            session.commit()
-            raise
-        return service.study_dict(study, hide_ai=hidden)
+@router.post("/api/uploads", status_code=201, tags=["api"], response_model=UploadOut,
+             responses={200: {"model": UploadOut, "description": "nothing new: every usable file was already stored "
+                              "(status `existing`, with the stored image's ids)"},
+                        201: {"description": "at least one image stored; per-file outcomes in `files`"},
+                        **problems(400, 403, 413, 422)})
+async def api_upload(request: Request, response: Response, user: CurrentUser, sessions: Sessions, store: StoreDep,
+                     files: Annotated[list[UploadFile], File(description="DICOM, PNG, JPEG files or zips of them")],
+                     case_label: Annotated[str, Form(max_length=128)] = "") -> dict:
+    """Upload several files or zips: DICOM grouped into exams and series by Study and Series Instance
+    UID, PNG/JPEG into one case (named by `case_label`). Bad files are per-file results; 422 when no
+    file was usable. Idempotent per image (SOP Instance UID or bytes)."""
+    check_csrf(request, None)
+    if len(files) > MAX_FILES:
+        raise HTTPException(413, f"at most {MAX_FILES} files per upload")
+    results = await run_in_threadpool(service.ingest, sessions, store, user, upload_items(files), case_label, "api")
+    body = {"files": [{"index": i, "status": r.status, "study_id": r.study_id or None, "series_id": r.series_id or None,
+                       "image_id": r.image_id or None, "error": r.error} for i, r in enumerate(results, 1)]}
+    counts = {k: sum(r.status == k for r in results) for k in ("created", "existing", "rejected")}
+    if not counts["created"] and not counts["existing"]:
+        if any(r.storage for r in results):
+            return _storage_problem(next(r for r in results if r.storage))
+        detail = "; ".join(r.error for r in results[:5]) or "no files"
+        return JSONResponse({"type": "about:blank", "title": "Unusable input", "status": 422, "detail": detail,
+                             **body}, status_code=422, media_type=PROBLEM)
+    response.status_code = 201 if counts["created"] else 200
+    with sessions() as session:
+        ids = list(dict.fromkeys(r.study_id for r in results if r.study_id))
+        hidden = reading.hidden_study_ids(session, user, ids)  # reading mode: exams not read yet
+        return {**body, **counts, "studies": [service.study_dict(_exam(session, i), hide_ai=i in hidden) for i in ids]}
 
 
-@router.post("/api/feedback", status_code=201, tags=["api"], responses={
-    200: {"description": "the existing read, revised (or unchanged when the same read is posted again)"},
+def _raise_for(result: service.FileResult) -> None:
+    """A failed single-file upload as the API's error: 422 (unusable), 503 (storage) or 500."""
+    if result.status in ("created", "existing"):
+        return
+    if result.storage:
+        raise HTTPException(503, f"Nothing was saved: {result.error.removeprefix('not saved: ')}. "
+                                 "Tell the administrator; /health shows the state.", headers={"Retry-After": "60"})
+    if result.internal:
+        raise HTTPException(500, result.error)
+    raise LungcadError(result.error)
+
+
+def _storage_problem(result: service.FileResult) -> JSONResponse:
+    detail = f"Nothing was saved: {result.error.removeprefix('not saved: ')}. Tell the administrator; /health shows the state."
+    return JSONResponse({"type": "about:blank", "title": "Storage unavailable", "status": 503, "detail": detail},
+                        status_code=503, media_type=PROBLEM, headers={"Retry-After": "60"})
+
+
+def _exam(session: Session, study_id: str) -> Study:
+    study = session.scalar(select(Study).where(Study.id == study_id).options(
+        selectinload(Study.series), selectinload(Study.identifiers),
+        selectinload(Study.reads).selectinload(Read.user)))
+    if study is None:
+        raise HTTPException(404, "no such study")
+    return study
+
+
+@router.post("/api/feedback", status_code=201, tags=["api"], response_model=ReadOut, responses={
+    200: {"model": ReadOut, "description": "the existing read, revised (or unchanged when the same read is posted again)"},
     **problems(400, 403, 404, 409, 413, 422)})
 def api_feedback(request: Request, response: Response, session: DB, user: CurrentUser, store: StoreDep,
                  body: FeedbackIn) -> dict:
@@ -175,12 +238,13 @@ def api_feedback(request: Request, response: Response, session: DB, user: Curren
     return reading.read_dict(read)
 
 
-@router.get("/api/studies", tags=["api"], responses=problems(422))
+@router.get("/api/studies", tags=["api"], response_model=list[StudyOut], responses=problems(422))
 def api_studies(session: DB, user: CurrentUser, status: Literal["all", "pending", "reviewed", "disagree"] = "all",
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> list[dict]:
-    """Recent studies, newest first; status = all / pending (no final read) / reviewed / disagree.
-    For a reader in reading mode, studies not yet read have `ai_hidden` true and no AI result."""
+    """Recent exams, newest first; status = all / pending (no final read) / reviewed / disagree.
+    `limit` 1-1000 and `offset` 0-2^31 (422 outside). For a reader in reading mode, exams not yet
+    read have `ai_hidden` true and no AI result (nor do their series)."""
     studies = service.list_studies(session, status, limit, offset)
     hidden = reading.hidden_study_ids(session, user, [s.id for s in studies])
     if status == "disagree":
@@ -188,13 +252,41 @@ def api_studies(session: DB, user: CurrentUser, status: Literal["all", "pending"
     return [service.study_dict(s, hide_ai=s.id in hidden) for s in studies]
 
 
-@router.get("/api/studies/{study_id}", tags=["api"], responses=problems(404, 422))
+@router.get("/api/studies/{study_id}", tags=["api"], response_model=StudyOut, responses=problems(404, 422))
 def api_study(session: DB, user: CurrentUser, study_id: str) -> dict:
-    study = get_study(session, study_id)
+    """One exam with its series (results, key images, per-slice scores) and its reads. Reading mode,
+    before the caller's unaided read: `ai_hidden` true, no AI result, no reads."""
+    study = _exam(session, study_id)
     hidden = reading.ai_hidden(session, user, study)
     audit(session, "study_view", user, target=study.id, via="api", ai_hidden=hidden)  # who looked at which image
     session.commit()
     return service.study_dict(study, with_feedback=True, hide_ai=hidden)
+
+
+@router.get("/api/series/{series_id}", tags=["api"], response_model=SeriesOut, responses=problems(404, 422))
+def api_series(session: DB, user: CurrentUser, series_id: str) -> dict:
+    """One series with its result and its images (in slice order). Reading mode, before the caller's
+    unaided read of the exam: `ai_hidden` true and no AI result (nor on its images)."""
+    series = session.scalar(select(Series).where(Series.id == series_id).options(selectinload(Series.images)))
+    if series is None:
+        raise HTTPException(404, "no such series")
+    hidden = reading.ai_hidden_id(session, user, series.study_id)
+    audit(session, "study_view", user, target=series.study_id, via="api", series=series.id, ai_hidden=hidden)
+    session.commit()
+    return service.series_dict(series, with_images=True, hide_ai=hidden)
+
+
+@router.get("/api/images/{image_id}", tags=["api"], response_model=ImageOut, responses=problems(404, 422))
+def api_image(session: DB, user: CurrentUser, image_id: str) -> dict:
+    """One image with the model's result on it (null, `ai_hidden` true: reading mode, before the
+    caller's unaided read of the exam)."""
+    image = session.get(Image, image_id)
+    if image is None:
+        raise HTTPException(404, "no such image")
+    hidden = reading.ai_hidden_id(session, user, image.study_id)
+    audit(session, "study_view", user, target=image.study_id, via="api", image=image.id, ai_hidden=hidden)
+    session.commit()
+    return service.image_dict(image, hide_ai=hidden)
 
 
 def token_dict(token: ApiToken) -> dict:
@@ -241,9 +333,10 @@ _STOW_FAILED = 0xC000  # PS3.18 Table I.2-3 / PS3.4 C-STORE: "cannot understand"
 async def stow_rs(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep) -> Response:
     """DICOMweb STOW-RS (PS3.18 10.5): a `multipart/related; type="application/dicom"` body of instances.
 
-    Each instance is stored and scored as an upload is (de-identified first); the response is the
-    Store Instances Response Module in DICOM JSON: referenced instances, and failed ones with a reason.
-    Series-level results come from `lungcad dicom-node`; this endpoint scores instance by instance.
+    Each instance is stored and scored as an upload is (de-identified first, grouped into exams and
+    series by its UIDs, series results recomputed; an instance already stored is not stored again);
+    the response is the Store Instances Response Module in DICOM JSON: referenced instances, and
+    failed ones with a reason.
     """
     check_csrf(request, None)
     content_type = request.headers.get("content-type", "")
@@ -270,8 +363,7 @@ def _stow_store(sessions: sessionmaker, store: service.Store, user: User, parts:
     import pydicom
     from pydicom.dataset import Dataset
 
-    stored, failed = [], []
-    batch = secrets.token_hex(8)
+    stored, failed, items, refs = [], [], [], []
     for i, raw in enumerate(parts):
         ref = Dataset()
         try:
@@ -282,15 +374,15 @@ def _stow_store(sessions: sessionmaker, store: service.Store, user: User, parts:
             ref.FailureReason = _STOW_FAILED
             failed.append(ref)
             continue
-        with sessions() as session:
-            try:
-                service.record_upload(session, store, user, raw, batch, f"instance {i + 1}")
-            except LungcadError:
-                session.rollback()
-                ref.FailureReason = _STOW_FAILED
-                failed.append(ref)
-                continue
-        stored.append(ref)
+        items.append((f"instance {i + 1}", f"instance {i + 1}", raw))
+        refs.append(ref)
+    # grouped into exams and series like any upload; an instance already stored counts as stored
+    for ref, result in zip(refs, service.ingest(sessions, store, user, items, via="stow-rs")):
+        if result.status in ("created", "existing"):
+            stored.append(ref)
+        else:
+            ref.FailureReason = _STOW_FAILED
+            failed.append(ref)
     response = Dataset()
     if stored:
         response.ReferencedSOPSequence = stored

@@ -3,21 +3,21 @@
 # No `from __future__ import annotations`: FastAPI resolves the Annotated parameters at runtime.
 
 import logging
-import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
 from lungcad.run import RunFolder
-from lungcad.web import reading, service, throttle
-from lungcad.web.db import ApiToken, ReferenceDiagnosis, SusResponse, User, audit, utcnow
+from lungcad.web import reading, service, throttle, viewer
+from lungcad.web.db import ApiToken, Image, ReferenceDiagnosis, Study, SusResponse, User, audit, utcnow
 from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study, page
 from lungcad.web.security import (
     DEFAULT_TOKEN_DAYS,
@@ -27,9 +27,9 @@ from lungcad.web.security import (
     create_token,
     revoke_token,
 )
-from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES
+from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES, expand_upload
 
-__all__ = ["owned_token", "router"]
+__all__ = ["display_image", "get_image", "owned_token", "result_panel", "router", "series_viewers", "upload_items"]
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -44,62 +44,71 @@ def upload_page(request: Request, session: DB, user: CurrentUser) -> HTMLRespons
 
 @router.post("/upload", include_in_schema=False)
 async def upload(request: Request, user: CurrentUser, sessions: Sessions, store: StoreDep,
-                 files: Annotated[list[UploadFile], File()], csrf_token: Annotated[str, Form()] = "") -> Response:
+                 files: Annotated[list[UploadFile], File()], csrf_token: Annotated[str, Form()] = "",
+                 case_label: Annotated[str, Form(max_length=128)] = "") -> Response:
+    """Several files, a folder or zips: DICOM grouped by Study and Series UID, JPG/PNG into one case."""
     check_csrf(request, csrf_token)
+    files = [f for f in files if f.filename or f.size]  # an empty second picker sends one nameless part
     if len(files) > MAX_FILES:
         raise HTTPException(413, f"at most {MAX_FILES} files per upload")
-    batch = secrets.token_hex(8)
-    results = []
+    if not files:
+        raise HTTPException(422, "no files")
+    results = await run_in_threadpool(
+        service.ingest, sessions, store, user, upload_items(files), case_label)
+    created = [r for r in results if r.study_id]
+    if len(results) == 1 and created:
+        return RedirectResponse(f"/studies/{created[0].study_id}", status_code=303)
+    status = 200 if created else 503 if any(r.storage for r in results) else (
+        500 if any(r.internal for r in results) else 422)
+    with sessions() as session:
+        me = session.get(User, user.id)
+        hidden = reading.hidden_study_ids(session, me, [r.study_id for r in created])  # reading mode: not read yet
+        return page(request, "upload_result.html", me, code=status, results=results, hidden=hidden)
+
+
+def upload_items(files: list[UploadFile]) -> Iterator[tuple[str, str, Any]]:
+    """(display name, error label, bytes or error) for each uploaded file or zip member, read one at a
+    time from the spooled uploads (a zip is never read whole). Original file names are shown back to
+    the person who uploaded them, never stored."""
+    count = 0
     for i, up in enumerate(files, 1):
-        raw = await up.read(MAX_UPLOAD_BYTES + 1)
-        results.append(await run_in_threadpool(_store_one, sessions, store, user, raw, batch, f"file {i}"))
-    ok = [r for r in results if r["study_id"]]
-    if len(results) == 1 and ok:
-        return RedirectResponse(f"/studies/{ok[0]['study_id']}", status_code=303)
-    # Original file names are shown back to the person who uploaded them, never stored.
-    for r, up in zip(results, files):
-        r["name"] = (up.filename or "")[:120]
-    status = 200 if ok else 503 if any(r.get("storage") for r in results) else (
-        500 if any(r.get("internal") for r in results) else 422)
-    with sessions() as session:
-        return page(request, "upload_result.html", session.get(User, user.id), code=status, results=results)
-
-
-def _store_one(sessions: sessionmaker, store: service.Store, user: User, raw: bytes, batch: str, label: str) -> dict:
-    # Its own session: the request's connection went back to the pool while the upload waits
-    # for the model. `user` was loaded by the request's session; only its id and name are read.
-    with sessions() as session:
-        try:
-            study = service.record_upload(session, store, user, raw, batch, label)
-            return {"study_id": study.id, "label": study.label, "decision": study.decision, "error": ""}
-        except LungcadError as exc:
-            session.rollback()
-            audit(session, "upload_rejected", user, reason=str(exc)[:200])
-            session.commit()
-            return {"study_id": "", "error": str(exc)}
-        except Exception as exc:
-            # One file's unexpected failure must not drop the files after it (nor hide the ones before):
-            # it gets a per-file result with a reference; the traceback goes to the server log only.
-            session.rollback()
-            if reason := service.storage_problem(exc):
-                log.error("storage unavailable storing %s of an upload: %s", label, exc)
-                return {"study_id": "", "error": f"not saved: {reason}", "storage": True}
-            ref = secrets.token_hex(4)
-            log.error("unhandled error %s storing %s of an upload", ref, label, exc_info=exc)
-            return {"study_id": "", "error": f"Something went wrong (reference {ref}).", "internal": True}
+        for item in expand_upload((up.filename or "")[:160], up.file, f"file {i}"):
+            count += 1
+            if count > MAX_FILES:
+                yield item[0], item[1], LungcadError(f"over {MAX_FILES} files in one upload: not read", item[1])
+                return
+            yield item
 
 
 @router.get("/studies/{study_id}", response_class=HTMLResponse, include_in_schema=False)
 def study_page(request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
                saved: str = "") -> HTMLResponse:
     study = get_study(session, study_id)
-    order = {c: i for i, c in enumerate(store.classes)}
-    probs = sorted(study.probabilities.items(), key=lambda kv: order.get(kv[0], 99))
-    threshold = _threshold(store)
+    result = service.exam_result(study)
     reading_ctx = _reading_context(session, user, study)
-    audit(session, "study_view", user, target=study.id, ai_hidden=reading_ctx["ai_hidden"])  # who looked at which image
+    hidden = reading_ctx["ai_hidden"]
+    audit(session, "study_view", user, target=study.id, ai_hidden=hidden)  # who looked at which image
     session.commit()
-    return page(request, "study.html", user, study=study, probs=probs, saved=saved, threshold=threshold, **reading_ctx)
+    return page(request, "study.html", user, study=study, result=result, panel=result_panel(store, result),
+                series_panels=[(s, result_panel(store, s)) for s in study.series], saved=saved,
+                viewers=series_viewers(request, study, hidden), **reading_ctx)
+
+
+def series_viewers(request: Request, study: Study, ai_hidden: bool) -> list[tuple[Any, dict]]:
+    """One image viewer per series of the exam: its images as the frame list, in slice order
+    (Series.images: InstanceNumber, then upload order), each frame on the per-image routes."""
+    out = []
+    for s in study.series:
+        images = list(s.images)
+        if not images:
+            continue
+        word = "Slice" if s.modality and s.modality != "image" else "Image"
+        labels = [f"{word} {im.instance_number}" if im.instance_number is not None else f"{word} {k}"
+                  for k, im in enumerate(images, 1)]
+        if len(images) == 1:
+            labels = ["Image"]
+        out.append((s, viewer.viewer_config(request, images, labels, ai_hidden=ai_hidden)))
+    return out
 
 
 def _reading_context(session: Session, user: User, study: Any) -> dict:
@@ -117,9 +126,22 @@ def _reading_context(session: Session, user: User, study: Any) -> dict:
     }
 
 
+def result_panel(store: service.Store, result: Any) -> dict:
+    """What the result panel (templates/_result_panel.html) shows for an exam's or a series' result."""
+    order = {c: i for i, c in enumerate(store.classes)}
+    probs = sorted((result.probabilities or {}).items(), key=lambda kv: order.get(kv[0], 99))
+    threshold = _threshold(store)
+    return {"headline": service.headline(result, store.predictor.contract), "probs": probs,
+            "threshold": threshold, "label": result.label, "ood": result.ood,
+            "ood_reasons": list(result.ood_reasons or []), "ood_score": result.ood_score}
+
+
 @router.get("/studies/{study_id}/image.png", include_in_schema=False)
 def study_image(session: DB, user: CurrentUser, store: StoreDep, study_id: str) -> FileResponse:
-    return FileResponse(store.path(get_study(session, study_id).image_file), media_type="image/png")
+    """The exam's image (`display_image`: its key image, or its first for a reader who may not see the AI result yet)."""
+    study = get_study(session, study_id)
+    image = display_image(study, reading.ai_hidden(session, user, study))
+    return FileResponse(store.path(image.image_file), media_type="image/png")
 
 
 @router.get("/studies/{study_id}/{which}.png", include_in_schema=False)
@@ -127,9 +149,49 @@ def study_explain(session: DB, user: CurrentUser, store: StoreDep, study_id: str
     if which not in ("input", "overlay"):
         raise HTTPException(404, "no such image")
     study = get_study(session, study_id)
-    if which == "overlay" and reading.ai_hidden(session, user, study):  # the heatmap shows what the AI found
+    hidden = reading.ai_hidden(session, user, study)
+    if which == "overlay" and hidden:  # the heatmap shows what the AI found
         raise HTTPException(403, "reading mode: the heatmap is shown after your unaided read")
-    inp, overlay = service.explain_images(store, study)
+    inp, overlay = service.explain_images(store, display_image(study, hidden))
+    return FileResponse(inp if which == "input" else overlay, media_type="image/png")
+
+
+def display_image(study: Study, ai_hidden: bool = False) -> Image:
+    """The image that stands for the exam on its one-image routes (/studies/{id}/image.png, pixels.npy,
+    ...): its key image (the most malignant key slice of the series its result comes from); for a
+    reader in reading mode before their unaided read, the first image of its first series instead
+    (which slice is key is part of the AI result)."""
+    if ai_hidden:
+        first = next((s.images[0] for s in study.series if s.images), None)
+        if first is None:
+            raise HTTPException(404, "this exam has no image")
+        return first
+    key = service.exam_result(study).key_image
+    if key is None:
+        raise HTTPException(404, "this exam has no scored image")
+    return key
+
+
+def get_image(session: Session, image_id: str) -> Image:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise HTTPException(404, "no such image")
+    return image
+
+
+@router.get("/images/{image_id}.png", include_in_schema=False)
+def image_png(session: DB, user: CurrentUser, store: StoreDep, image_id: str) -> FileResponse:
+    return FileResponse(store.path(get_image(session, image_id).image_file), media_type="image/png")
+
+
+@router.get("/images/{image_id}/{which}.png", include_in_schema=False)
+def image_explain(session: DB, user: CurrentUser, store: StoreDep, image_id: str, which: str) -> FileResponse:
+    if which not in ("input", "overlay"):
+        raise HTTPException(404, "no such image")
+    image = get_image(session, image_id)
+    if which == "overlay" and reading.ai_hidden_id(session, user, image.study_id):
+        raise HTTPException(403, "reading mode: the heatmap is shown after your unaided read")
+    inp, overlay = service.explain_images(store, image)
     return FileResponse(inp if which == "input" else overlay, media_type="image/png")
 
 

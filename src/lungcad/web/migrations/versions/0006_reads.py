@@ -2,7 +2,7 @@
 diagnoses, System Usability Scale questionnaires, pilot settings and the per-user reading mode.
 
 Revision ID: 0006
-Revises: 0004 (re-pointed to 0005 when merged after the studies/series migration; 0006 uses no 0005 table)
+Revises: 0005 (the studies/series migration; 0006 uses no 0005 table, and reads stay per study, i.e. per exam)
 
 Old feedback rows are copied, not moved: each becomes a `read_revisions` row (stage "aided",
 source "legacy", its time kept) and the latest row per reader and study becomes that reader's read
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
@@ -23,8 +23,9 @@ TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("users") as batch:
-        batch.add_column(sa.Column("reading_mode", sa.Boolean, nullable=False, server_default="0"))
+    # Plain ALTER TABLE, as 0005: a batch copy of `users` would drop the table studies, series, images
+    # and reads point at (refused under SQLite's foreign keys).
+    op.add_column("users", sa.Column("reading_mode", sa.Boolean, nullable=False, server_default="0"))
     op.create_table(
         "reads",
         sa.Column("id", sa.Integer, primary_key=True),
@@ -145,5 +146,4 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION IF EXISTS read_revisions_append_only()")
     for table in ("pilot_settings", "sus_responses", "reference_diagnoses", "read_revisions", "reads"):
         op.drop_table(table)
-    with op.batch_alter_table("users") as batch:
-        batch.drop_column("reading_mode")
+    op.drop_column("users", "reading_mode")  # plain ALTER TABLE (SQLite >= 3.35), see upgrade
