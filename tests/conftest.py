@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny synthetic lung-like datasets and run folders written to tmp folders.
+"""Shared fixtures: tiny synthetic lung-like datasets and run folders written to tmp folders, and
+DICOM series built from pydicom's CT test slice (`ct_slice`).
 
 Run folders come two ways: `make_run` writes a random-init model and its contract (no training:
 predict, explain and the OOD and appearance checks need only the contract), and the
@@ -8,6 +9,7 @@ read-only (a test that writes into a run folder copies it first).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -35,6 +37,27 @@ FOLDERS = {"normal": "Normal cases", "benign": "Bengin cases", "malignant": "Mal
 CLASSES = ["normal", "benign", "malignant"]
 # `lungcad train` options for the tiny test runs: random init, 64 px, no progress bars
 TRAIN_FAST = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--no-progress"]
+ACCESSION = "ACC-7734-SECRET"  # ct_slice's Accession Number: an identifier that must not leave the system
+
+
+def ct_slice(study: str, series: str, number: int, *, sop: str | None = None, modality: str = "CT",
+             accession: str = ACCESSION, bright: int = 0) -> bytes:
+    """pydicom's CT_small.dcm as slice `number` of `series` in `study` (distinct pixels per slice): a
+    multi-slice series is `[ct_slice(study, series, i) for i in 1..n]` with `generate_uid()` UIDs."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceNumber, ds.Modality, ds.AccessionNumber = number, modality, accession
+    arr = ds.pixel_array.astype(np.int32) + number * 7 + bright
+    ds.PixelData = np.clip(arr, 0, 4000).astype(ds.pixel_array.dtype).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def synthetic_slice(rng: np.random.Generator, label: str, patient_seed: int, slice_no: int, size: int = 64) -> np.ndarray:

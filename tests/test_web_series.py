@@ -22,10 +22,10 @@ pytest.importorskip("fastapi")
 pydicom = pytest.importorskip("pydicom")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import func, select, text  # noqa: E402
 
+from conftest import ACCESSION, ct_slice  # noqa: E402
 from test_web import (  # noqa: E402
     FakePrediction,
     FakePredictor,
@@ -40,24 +40,8 @@ from lungcad.web.db import AuditEvent, Image, Series, Study, User, make_db_engin
 from lungcad.web.migrate import upgrade_database  # noqa: E402
 from lungcad.web.security import create_token  # noqa: E402
 
-ACCESSION = "ACC-7734-SECRET"
 CASE = "Jane Doe left lung"
 ISO_OFFSET = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?\+00:00$")
-
-
-def ct_slice(study: str, series: str, number: int, *, sop: str | None = None, modality: str = "CT",
-             accession: str = ACCESSION, bright: int = 0) -> bytes:
-    """pydicom's CT_small.dcm as slice `number` of `series` in `study` (distinct pixels per slice)."""
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.SOPInstanceUID = sop or generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.InstanceNumber, ds.Modality, ds.AccessionNumber = number, modality, accession
-    arr = ds.pixel_array.astype(np.int32) + number * 7 + bright
-    ds.PixelData = np.clip(arr, 0, 4000).astype(ds.pixel_array.dtype).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def colour_png() -> bytes:
