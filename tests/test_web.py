@@ -168,7 +168,7 @@ def test_health_and_authentication_required(web):
     client, _, _ = web
     r = client.get("/health")
     assert r.status_code == 200 and r.json()["model_sha256"] == "f" * 64
-    for path in ("/", "/worklist", "/model", "/dashboard", "/studies/abc"):
+    for path in ("/", "/worklist", "/model", "/dashboard", "/studies/abc", "/docs"):
         r = client.get(path, follow_redirects=False)
         assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
     for method, path in (("get", "/api/studies"), ("get", "/openapi.json"), ("post", "/api/feedback")):
@@ -272,6 +272,10 @@ def test_api_token_predict_feedback_and_problems(web):
     assert client.get("/api/studies?status=disagree", headers=h).json() == []
     schema = client.get("/openapi.json", headers=h).json()
     assert {"/health", "/api/predict", "/api/feedback", "/api/studies"} <= set(schema["paths"])
+    # /docs: Swagger UI served by the app itself (offline), started by a script file (the CSP allows no inline one)
+    docs = client.get("/docs", headers=h)
+    assert docs.status_code == 200 and "/static/viewer/swagger-ui-bundle.js" in docs.text and "<script>" not in docs.text
+    assert '"/openapi.json"' in client.get("/static/api-docs.js").text
     # cookie-authenticated API calls need the CSRF header (a foreign page cannot forge them)
     client.headers.pop("Authorization", None)
     login(client)

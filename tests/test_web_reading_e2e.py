@@ -302,3 +302,29 @@ def test_reading_a_five_slice_dicom_series_through_the_viewer(live):
         assert f"/studies/{read.study_id}" == exam_path
         assert (read.unaided_label, read.final_label, read.revisions) == ("normal", final, 2)
     assert len(list(shots.glob("*.png"))) == 6
+
+
+@pytest.mark.slow
+def test_api_documentation_renders_offline_in_a_browser(live):
+    """/docs draws the API's operations from the app's own files: no request leaves the server and the
+    Content-Security-Policy is not violated."""
+    from playwright.sync_api import sync_playwright
+
+    base, _, tmp = live
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors, foreign = [], []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
+            sign_in(page, base, "alice")
+            page.goto(f"{base}/docs")
+            page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+            summaries = page.locator(".opblock-summary-path").all_inner_texts()
+            assert "/api/predict" in " ".join(summaries) and "/api/uploads" in " ".join(summaries)
+            page.screenshot(path=str(tmp / "api-docs.png"), full_page=True)
+            assert not foreign, foreign
+            assert not [e for e in errors if "Content Security Policy" in e], errors
+        finally:
+            browser.close()

@@ -1,6 +1,7 @@
 // Bundle the viewer (src/index.js + Cornerstone3D) into one offline script shipped inside the Python package.
 // Run by `npm run build` (the Makefile's install rule runs `npm ci` then this). The output is generated: not tracked.
 import { build } from "esbuild";
+import { copyFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 
@@ -22,3 +23,9 @@ await build({
   logLevel: "warning",
 });
 console.log(`viewer bundle: ${path.relative(process.cwd(), out)}`);
+
+// The API documentation page (/docs, lungcad.web.routes.api) uses Swagger UI's prebuilt files, copied as
+// they are (swagger-ui-dist 5 reads OpenAPI 3.1, which FastAPI writes).
+for (const name of ["swagger-ui-bundle.js", "swagger-ui.css", "LICENSE"]) {
+  copyFileSync(path.join(here, "node_modules/swagger-ui-dist", name), path.join(path.dirname(out), name === "LICENSE" ? "swagger-ui.LICENSE.txt" : name));
+}

@@ -15,7 +15,7 @@ from email.policy import HTTP
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -123,6 +123,22 @@ def health(session: DB, store: StoreDep, settings: SettingsDep) -> JSONResponse:
 @router.get("/openapi.json", include_in_schema=False)
 def openapi_schema(request: Request, user: CurrentUser) -> JSONResponse:
     return JSONResponse(request.app.openapi())
+
+
+# Swagger UI, offline: swagger-ui-dist's files, copied into static/viewer/ by the web build (web/viewer,
+# `make install`), started by static/api-docs.js because the Content-Security-Policy allows no inline script.
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lungcad API</title>
+<link rel="stylesheet" href="/static/viewer/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/static/viewer/swagger-ui-bundle.js"></script><script src="/static/api-docs.js"></script></body></html>
+"""
+
+
+@router.get("/docs", include_in_schema=False)
+def api_docs(user: CurrentUser) -> HTMLResponse:
+    """Interactive API documentation of /openapi.json (signed-in users, like the schema itself)."""
+    return HTMLResponse(DOCS_PAGE)
 
 
 @router.post("/api/predict", status_code=201, tags=["api"], response_model=StudyOut,
