@@ -381,20 +381,26 @@ def _check_migrated(sessions) -> None:
         assert [f.label for f in a.feedback] == ["malignant"] and a.exam_key is None
 
 
-def test_migration_0005_moves_old_rows_into_exams_series_and_images(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+def _migrate_up_and_back(url: str, tmp_path):
+    """Old (0004) rows, upgraded to the head and checked, then downgraded to 0004 again; returns the
+    engine and the database's session factory."""
+    from alembic import command
+
+    from lungcad.web.migrate import alembic_config
+
     engine = make_db_engine(url)
     upgrade_database(engine, "0004")
     _old_rows(engine)
     upgrade_database(engine)
     _, sessions = open_database(url, tmp_path)
     _check_migrated(sessions)
-    # and back: each exam keeps its key image's columns
-    from alembic import command
+    command.downgrade(alembic_config(engine), "0004")  # back through 0006 (reads) and 0005
+    return engine, sessions
 
-    from lungcad.web.migrate import alembic_config
 
-    command.downgrade(alembic_config(engine), "0004")
+def test_migration_0005_moves_old_rows_into_exams_series_and_images(tmp_path):
+    engine, _ = _migrate_up_and_back(f"sqlite:///{tmp_path / 'old.sqlite3'}", tmp_path)
+    # each exam keeps its key image's columns
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT id, label, image_file FROM studies ORDER BY id")).all()
     assert [tuple(r) for r in rows] == [("a" * 24, "malignant", f"images/{'a' * 24}.png"),
@@ -404,19 +410,7 @@ def test_migration_0005_moves_old_rows_into_exams_series_and_images(tmp_path):
 
 @pytest.mark.slow  # a throw-away PostgreSQL cluster: a few seconds
 def test_migration_0005_on_postgresql(postgres_server, tmp_path):  # noqa: F811
-    url = postgres_server().replace("postgresql://", "postgresql+psycopg://")
-    engine = make_db_engine(url)
-    upgrade_database(engine, "0004")
-    _old_rows(engine)
-    upgrade_database(engine)
-    _, sessions = open_database(url, tmp_path)
-    _check_migrated(sessions)
-    # and back through 0006 (reads) and 0005, then up again
-    from alembic import command
-
-    from lungcad.web.migrate import alembic_config
-
-    command.downgrade(alembic_config(engine), "0004")
+    engine, sessions = _migrate_up_and_back(postgres_server().replace("postgresql://", "postgresql+psycopg://"), tmp_path)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM studies")).scalar() == 2
     upgrade_database(engine)

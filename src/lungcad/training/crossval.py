@@ -271,12 +271,13 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
 
 
 def _ensemble_ood(members: list[ModelContract], oof: list[dict]) -> dict:
+    entries = [(f"fold-{k}", m.ood) for k, m in enumerate(members, start=1)]
     scores = np.array([o["ood_score"] for o in oof])
     if np.isnan(scores).any():  # a member without a detector: ensemble_ood_entry warns and returns {}
-        return ensemble_ood_entry([(f"fold-{k}", m.ood) for k, m in enumerate(members, start=1)])
+        return ensemble_ood_entry(entries)
     pooled = OutOfFoldScores(scores, np.array([o["fold"] for o in oof]), np.array([o["group"] for o in oof]),
                              np.array([o["appearance_flag"] for o in oof]))
-    entry = ensemble_ood_entry([(f"fold-{k}", m.ood) for k, m in enumerate(members, start=1)], pooled)
+    entry = ensemble_ood_entry(entries, pooled)
     rates = entry["calibration"]["cross_fitted_false_flags"]
     log.info("out-of-distribution: threshold %.3g (%.2f quantile of %d out-of-fold scores); in-distribution "
              "images flagged on new patients (cross-fitted): feature %.1f %%, appearance %.1f %%, either %.1f %% "
