@@ -42,6 +42,7 @@ __all__ = [
     "Base",
     "DicomOutbox",
     "ExamResult",
+    "ModelResult",
     "ExamIdentifiers",
     "Feedback",
     "Image",
@@ -201,7 +202,18 @@ class ExamIdentifiers(Base):
     study: Mapped[Study] = relationship(back_populates="identifiers")
 
 
-class Series(Base):
+class ModelResult:
+    """The model's result columns, the same on a series (its aggregate) and on an image."""
+
+    label: Mapped[str] = mapped_column(String(32), default="")
+    decision: Mapped[str] = mapped_column(String(32), default="")
+    malignant_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
+    ood: Mapped[bool] = mapped_column(Boolean, default=False)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Series(ModelResult, Base):
     """A DICOM series (or the one implicit series of a JPG/PNG case) and its series-level result,
     computed by the rule `lungcad predict` uses (`lungcad.inference.results.aggregate_series`)."""
 
@@ -214,12 +226,6 @@ class Series(Base):
     number: Mapped[int] = mapped_column(Integer, default=1)  # order within the exam
     modality: Mapped[str] = mapped_column(String(16), default="")
     images_count: Mapped[int] = mapped_column(Integer, default=0)
-    label: Mapped[str] = mapped_column(String(32), default="")
-    decision: Mapped[str] = mapped_column(String(32), default="")
-    malignant_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
-    probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
-    ood: Mapped[bool] = mapped_column(Boolean, default=False)
-    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     ood_reasons: Mapped[list] = mapped_column(JSON, default=list)
     key_images: Mapped[list] = mapped_column(JSON, default=list)  # image ids the result rests on, most malignant first
     # per-slice score strip: [[image id, p(malignant), ood], ...] in slice order (InstanceNumber, then upload order)
@@ -229,7 +235,7 @@ class Series(Base):
     images: Mapped[list[Image]] = relationship(back_populates="series", order_by="Image.position")
 
 
-class Image(Base):
+class Image(ModelResult, Base):
     """One uploaded image or DICOM instance and the model's result on it (pixels stored de-identified)."""
 
     __tablename__ = "images"
@@ -248,12 +254,6 @@ class Image(Base):
     dicom_file: Mapped[str | None] = mapped_column(String(128), nullable=True)  # de-identified copy
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    label: Mapped[str] = mapped_column(String(32), default="")
-    decision: Mapped[str] = mapped_column(String(32), default="")
-    malignant_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
-    probabilities: Mapped[dict] = mapped_column(JSON, default=dict)
-    ood: Mapped[bool] = mapped_column(Boolean, default=False)
-    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     ood_reasons: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)
     error: Mapped[str] = mapped_column(Text, default="")
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
