@@ -11,13 +11,20 @@ images, pooled over the inner folds, with 95 % group-bootstrap intervals:
 
 - the member on the site's images as they were (no shift: the ceiling),
 - the member on the shifted images (no adaptation: what a site would get out of the box),
-- the fine-tuned member on the shifted images (adaptation), one row per patient budget.
+- the fine-tuned member on the shifted images (adaptation), one row per patient budget;
+- with `--adapt-bn`: also the member with its BatchNorm statistics re-estimated on the other inner
+  folds' shifted images and nothing else (AdaBN: no labels at all), and every fine-tuning starts
+  with that re-estimation (`lungcad train --adapt-bn`).
+
+The fine-tuning recipe is `lungcad train --init-from`'s default (all layers, AdamW 3e-4) unless
+`--finetune fc|layer4` and/or `--lr` say otherwise: a few patients can overfit all layers.
 
 Decisions are argmax of the three classes for every arm (the fine-tuned runs have no validation
 images to calibrate on); the malignant ROC-AUC does not depend on a threshold.
 
     python benchmarks/site_adaptation.py RUN --data DATA [--member 1] [--shift NAME]
-        [--patients 4 8 all] [--inner-folds 5] [--epochs 8] [--work DIR] [--json FILE]
+        [--patients 4 8 all] [--inner-folds 5] [--epochs 8] [--finetune all|layer4|fc] [--lr LR]
+        [--adapt-bn] [--work DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from lungcad.inference.engines import TorchEngine
 from lungcad.inference.forward import run_engine
 from lungcad.models.contract import load_model
 from lungcad.models.factory import logits_to_probs
+from lungcad.training.init_from import adapt_batchnorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_shifts import SHIFTS  # noqa: E402
@@ -50,12 +58,19 @@ from ood_shifts import SHIFTS  # noqa: E402
 from _machine import detect  # noqa: E402
 
 
-def _probs(run_dir: Path, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
-    model, contract = load_model(run_dir)
+def _cache(paths: list[Path], contract) -> torch.Tensor:
     cache, bad = load_cache(paths, contract.preprocessing, progress=False)
     if bad:
         raise SystemExit(f"unreadable: {bad[0]}")
-    logits, _ = run_engine(TorchEngine(model), cache, contract.preprocessing)
+    return cache
+
+
+def _probs(run_dir: Path, paths: list[Path], adapt_on: list[Path] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The run's calibrated probabilities on `paths`; first AdaBN on `adapt_on` when given."""
+    model, contract = load_model(run_dir)
+    if adapt_on is not None:
+        adapt_batchnorm(model, _cache(adapt_on, contract), contract.preprocessing)
+    logits, _ = run_engine(TorchEngine(model), _cache(paths, contract), contract.preprocessing)
     return logits_to_probs(torch.as_tensor(logits), contract.task, contract.temperature).numpy(), contract.classes
 
 
@@ -77,7 +92,9 @@ def _budget_groups(train_groups: np.ndarray, labels: np.ndarray, n: int, rng) ->
 
 
 def measure(run: Path, data: Path, member: int, shift: str, budgets: list[str], inner_folds: int, epochs: int,
-            work: Path) -> dict:
+            work: Path, recipe: list[str] = ()) -> dict:
+    """The arms (module docstring) on member `member`'s held-out patients; `recipe`: extra
+    `lungcad train` options of every fine-tuning (e.g. ["--finetune", "layer4", "--adapt-bn"])."""
     member_dir = run / f"fold-{member}"
     rows = [r for r in csv.DictReader(open(run / f"fold-{member}.split.csv")) if r["subset"] == "test"]
     contract = load_model(member_dir)[1]
@@ -100,11 +117,19 @@ def measure(run: Path, data: Path, member: int, shift: str, budgets: list[str], 
         inner[test] = j
     out = {"run": str(run), "member": member, "shift": shift, "images": len(rows),
            "patients": int(len(np.unique(groups))), "inner_folds": inner_folds, "epochs": epochs,
-           "cpu": detect().cpu, "arms": []}
+           "recipe": " ".join(recipe) or "default (all layers, AdamW 3e-4)", "cpu": detect().cpu, "arms": []}
     p_clean, _ = _probs(member_dir, [data / r["path"] for r in rows])
     out["arms"].append({"arm": "no shift (ceiling)", **_summary(y, p_clean, groups, classes, task)})
     p_shift, _ = _probs(member_dir, [site / p for p in rel])
     out["arms"].append({"arm": "shifted, no adaptation", **_summary(y, p_shift, groups, classes, task)})
+    if "--adapt-bn" in recipe:  # no labels: BatchNorm statistics of the other inner folds' images only
+        probs = np.zeros_like(p_shift)
+        for j in range(inner_folds):
+            test = inner == j
+            probs[test], _ = _probs(member_dir, [site / p for p, t in zip(rel, test) if t],
+                                    adapt_on=[site / p for p, t in zip(rel, test) if not t])
+        out["arms"].append({"arm": "shifted, BatchNorm re-estimated (AdaBN, no labels)",
+                            **_summary(y, probs, groups, classes, task)})
     for budget in budgets:
         t0 = time.perf_counter()
         probs = np.zeros_like(p_shift)
@@ -121,10 +146,12 @@ def measure(run: Path, data: Path, member: int, shift: str, budgets: list[str], 
                 w.writerow(["path", "label", "group", "subset"])
                 w.writerows([p, lab, g, s] for p, lab, g, s in zip(rel, labels, groups, subset) if s != "unused")
             n_train.append(int((subset == "train").sum()))
-            out_dir = work / f"adapt-{budget}-{j}"
+            tag = "".join(a.lstrip("-")[:8] for a in recipe)
+            out_dir = work / f"adapt-{tag + '-' if tag else ''}{budget}-{j}"
             if not (out_dir / "model.json").is_file():
                 code = lungcad_main(["train", "--init-from", str(member_dir), "--data", str(site), "--split", str(split),
-                                     "--out", str(out_dir), "--epochs", str(epochs), "--no-progress", "--threads", "1"])
+                                     "--out", str(out_dir), "--epochs", str(epochs), "--no-progress", "--threads", "1",
+                                     *recipe])
                 if code != 0:
                     raise SystemExit(f"fine-tuning failed for budget {budget}, inner fold {j}")
             test = inner == j
@@ -143,7 +170,8 @@ def markdown(result: dict) -> str:
 
     lines = [f"Member {result['member']} of `{result['run']}`: its {result['images']} held-out images "
              f"({result['patients']} patients), shift: {result['shift']}; {result['inner_folds']} grouped inner folds, "
-             f"{result['epochs']} epochs; CPU: {result['cpu']}.", "",
+             f"{result['epochs']} epochs; fine-tuning recipe: {result.get('recipe', 'default')}; CPU: {result['cpu']}.",
+             "",
              "| arm | train images per inner fold | balanced accuracy | macro-F1 | malignant ROC-AUC |", "|---|---|---|---|---|"]
     for a in result["arms"]:
         n = "–" if "train_images_per_fold" not in a else f"{min(a['train_images_per_fold'])}-{max(a['train_images_per_fold'])}"
@@ -161,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patients", nargs="+", default=["4", "8", "all"], help="labelled patients per fine-tuning")
     ap.add_argument("--inner-folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--finetune", choices=["all", "layer4", "fc"], default="all", help="layers the fine-tuning trains")
+    ap.add_argument("--lr", type=float, help="fine-tuning learning rate (default: lungcad train's)")
+    ap.add_argument("--adapt-bn", action="store_true", help="AdaBN first (and a no-label AdaBN arm)")
     ap.add_argument("--work", type=Path, help="working folder (kept; default: a temporary one)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -168,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = measure(args.run, args.data, args.member, args.shift, args.patients, args.inner_folds, args.epochs, work)
+        recipe = ([] if args.finetune == "all" else ["--finetune", args.finetune]) + \
+            ([] if args.lr is None else ["--lr", str(args.lr)]) + (["--adapt-bn"] if args.adapt_bn else [])
+        result = measure(args.run, args.data, args.member, args.shift, args.patients, args.inner_folds, args.epochs,
+                         work, recipe)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))

@@ -123,3 +123,45 @@ def test_folds_start_from_the_source_and_an_ensemble_source_gives_its_first_memb
     assert init["source_member"] == "fold-1" and init["source_ensemble_sha256"] == ensemble.model_sha256
     assert init["source_model_sha256"] == RunFolder(cv / "fold-1").contract().model_sha256
     assert _same_weights(out, cv / "fold-1")
+
+
+def test_adapt_bn_re_estimates_only_the_batchnorm_statistics(source, tmp_path, capsys):
+    """--adapt-bn with nothing else able to move: every weight is the source's, every BatchNorm
+    running statistic is the site's; the contract says how many images they came from."""
+    src, site = source
+    out = tmp_path / "adabn"
+    assert main(["train", "--init-from", str(src), "--data", str(site), "--out", str(out), "--adapt-bn",
+                 *FROZEN, *FAST]) == 0
+    new, old = load_file(str(out / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    stats = [k for k in new if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not new[k].equal(old[k]) for k in stats)
+    assert all(new[k].equal(old[k]) for k in new if k not in stats and not k.endswith("num_batches_tracked"))
+    train_images = json.loads((out / "data.json").read_text())["split"]["train"]["images"]
+    assert RunFolder(out).contract().init["adapt_bn_images"] == train_images
+    # without a source there is nothing to adapt
+    capsys.readouterr()
+    assert main(["train", "--data", str(site), "--out", str(tmp_path / "no-source"), "--pretrained", "none",
+                 "--adapt-bn", *FAST]) == 1
+    assert "--adapt-bn re-estimates a trained model's BatchNorm statistics on a new site: it needs --init-from" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "no-source").exists()
+
+
+def test_adapt_batchnorm_gives_the_first_layer_the_mean_of_the_site_images():
+    """The first BatchNorm's running mean is the mean of conv1's output over the images (equal-size
+    batches: the cumulative average of batch means is the overall mean)."""
+    import torch
+
+    from lungcad.data.transforms import Preprocessing, normalise
+    from lungcad.models.factory import create_model
+    from lungcad.training.init_from import adapt_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model(outputs=3)[0].eval()
+    pp = Preprocessing(image_size=32)
+    cache = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    assert adapt_batchnorm(model, cache, pp, batch_size=4) == 12
+    with torch.no_grad():
+        expected = model.conv1(torch.stack([normalise(x, pp) for x in cache])).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.bn1.running_mean, expected, rtol=1e-4, atol=1e-5)
+    assert not model.training  # the mode it came in

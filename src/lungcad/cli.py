@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "image size, colour and window are the source's unless given here; task and classes must match")
     p.add_argument("--finetune", choices=["fc", "layer4", "all"], default="all")
     p.add_argument("--head-epochs", type=int, default=0, help="staged: train only the head first for N epochs")
+    p.add_argument("--adapt-bn", action="store_true",
+                   help="with --init-from: re-estimate every BatchNorm layer's statistics on the site's training "
+                        "images before fine-tuning (AdaBN; with --finetune fc/layer4 the frozen layers keep them)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -205,7 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=str(args.data or ""), out=args.out, task=args.task, pretrained=args.pretrained or TrainConfig.pretrained,
         weights=args.weights, init_from=args.init_from,
-        finetune=args.finetune, head_epochs=args.head_epochs, optimizer=args.optimizer, lr=args.lr,
+        finetune=args.finetune, head_epochs=args.head_epochs, adapt_bn=args.adapt_bn, optimizer=args.optimizer,
+        lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs if args.epochs is not None else 20,
         patience=args.patience, image_size=args.image_size if args.image_size is not None else TrainConfig.image_size,
         batch_size=args.batch_size, seed=args.seed, split=args.split, label_map=args.label_map,
@@ -222,6 +226,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.val_fraction = 0.0  # cross-validation chooses the recipe; members train on every other fold
     if not 0.0 < cfg.target_sensitivity <= 1.0:
         raise LungcadError(f"--target-sensitivity must be in (0, 1], not {cfg.target_sensitivity}")
+    if cfg.adapt_bn and not cfg.init_from:
+        raise LungcadError("--adapt-bn re-estimates a trained model's BatchNorm statistics on a new site: it needs "
+                           "--init-from RUNDIR")
     if cfg.init_from and not args.resume:  # the source's preprocessing where the command line says nothing
         from lungcad.training.init_from import inherit
 

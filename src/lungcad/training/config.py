@@ -22,6 +22,7 @@ class TrainConfig:
     init_from: str | None = None
     finetune: str = "all"  # which layers train: fc, layer4 (+fc) or all
     head_epochs: int = 0  # staged fine-tuning: train only the head for this many epochs first
+    adapt_bn: bool = False  # with init_from: re-estimate BatchNorm statistics on the site's images first (AdaBN)
     optimizer: str = "adamw"  # adamw or sgd (momentum 0.9, Nesterov)
     lr: float | None = None  # None: 1e-3 for AdamW from scratch, 3e-4 AdamW pretrained, 1e-2 SGD
     weight_decay: float = 1e-4
@@ -79,4 +80,5 @@ class TrainConfig:
 
 # TrainConfig fields that make up the training recipe (recorded in the contract, compared in ablations)
 RECIPE_KEYS = ("image_size", "epochs", "batch_size", "optimizer", "weight_decay", "augment", "augment_policy",
-               "balance", "label_smoothing", "ema_decay", "amp", "finetune", "head_epochs")
+               "balance", "label_smoothing", "ema_decay", "amp", "finetune", "head_epochs",
+               "adapt_bn")

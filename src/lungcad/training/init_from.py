@@ -10,6 +10,12 @@
   starting weights were trained. The rest of the preprocessing (geometry, foreground threshold,
   normalisation) is what `lungcad train` always uses; a source that differs there is refused.
 - **Task and classes** must be the source's (a clear error otherwise): the head is kept.
+- **AdaBN** (`--adapt-bn`, Li et al., "Revisiting batch normalization for practical domain
+  adaptation", 2016): before the first epoch, every BatchNorm layer's running mean and variance are
+  re-estimated on the site's training images (no augmentation, no labels used;
+  `torch.optim.swa_utils.update_bn`). A scanner or export that shifts intensities shifts every
+  layer's activation statistics; re-estimating them needs no labels, and with `--finetune fc` or
+  `layer4` the frozen layers then keep the site's statistics instead of the source's.
 - **Lineage**: the new contract's `init` (and init.json) records the source run, the member, the
   source's weights sha256, its training-data fingerprint and what the source itself started from.
 """
@@ -21,8 +27,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from lungcad.data.dataset import CachedImageDataset
 from lungcad.data.transforms import Preprocessing
 from lungcad.errors import LungcadError
 from lungcad.models.contract import ModelContract, ensemble_members, load_model, read_contract
@@ -30,7 +39,7 @@ from lungcad.models.factory import ARCHITECTURES
 from lungcad.training.config import TrainConfig
 from lungcad.training.data import output_classes
 
-__all__ = ["SOURCE_KIND", "Source", "inherit", "load_source", "open_source"]
+__all__ = ["SOURCE_KIND", "Source", "adapt_batchnorm", "inherit", "load_source", "open_source"]
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +133,22 @@ def load_source(cfg: TrainConfig) -> tuple[nn.Module, dict]:
             "source_init": contract.init}
     log.info("fine-tuning from %s (weights sha256 %s)", source.model_dir, contract.model_sha256[:16])
     return model, init
+
+
+def adapt_batchnorm(model: nn.Module, cache: torch.Tensor, pp: Preprocessing, batch_size: int = 32,
+                    device: torch.device | str = "cpu") -> int:
+    """AdaBN: re-estimate every BatchNorm layer's running statistics on `cache` (uint8 images of the
+    new site, preprocessed as the model expects, no augmentation); returns the number of images.
+
+    Running statistics are reset and replaced by the cumulative average over all images
+    (`update_bn` sets momentum None for the pass), so the order and batch size barely matter; the
+    learnt scale and shift stay. The model comes back in the mode it was in.
+    """
+    if len(cache) < 2:
+        raise LungcadError(f"--adapt-bn needs at least 2 training images to estimate statistics (got {len(cache)})")
+    dataset = CachedImageDataset(cache, [0] * len(cache), pp)
+    loader = DataLoader(dataset, batch_size=batch_size, drop_last=len(cache) > batch_size)
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn(loader, model, device=torch.device(device))
+    log.info("AdaBN: BatchNorm statistics re-estimated on %d site image(s)", len(cache))
+    return len(cache)

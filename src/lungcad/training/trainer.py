@@ -312,6 +312,11 @@ def _train(ctx: DistContext, cfg: TrainConfig, resume: bool, resume_epochs: int 
     if ctx.is_main:  # everything validated: only now does the run folder appear (the other ranks wait)
         _write_run_start(out, cfg, plan, init, resume)
     prepared = load_data(plan, cfg, progress=cfg.progress and ctx.is_main)
+    if cfg.adapt_bn and state is None:  # before the trunk is folded; a resumed run has them in its checkpoint
+        from lungcad.training.init_from import adapt_batchnorm
+
+        init["adapt_bn_images"] = adapt_batchnorm(model.to(ctx.device), prepared.caches["train"], prepared.pp,
+                                                  cfg.batch_size, ctx.device)
     loop = _build_loop(ctx, cfg, model, prepared)
     progress = _restore(ctx, loop, state)
     del state
