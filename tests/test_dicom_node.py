@@ -539,8 +539,11 @@ def test_a_retried_rescore_writes_the_same_amended_sr(direct_node, tmp_path):
     node._record = record
     assert len(list(node.spool.rglob("*.dcm"))) == 1  # the late instance stays in the spool
     node.process_series(key)  # the retry: the same instances, so the same amended SR
-    srs = [pydicom.dcmread(p) for p in (node.results / key).glob("*_lungcad_sr*.dcm")]
-    assert len(srs) == 2 and len({ds.SOPInstanceUID for ds in srs}) == 2
+    first, amended = sorted((pydicom.dcmread(p) for p in (node.results / key).glob("*_lungcad_sr*.dcm")),
+                            key=lambda ds: int(ds.InstanceNumber))  # two SRs, not three
+    assert first.SOPInstanceUID != amended.SOPInstanceUID and int(amended.InstanceNumber) == 2
+    ref = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID  # not itself
     assert _series_row(node).images_count == 3
 
 
