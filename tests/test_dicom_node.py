@@ -20,7 +20,7 @@ from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # noqa: E402
 
 from conftest import make_run  # noqa: E402
-from test_dicom_results import ct_series  # noqa: E402
+from test_dicom_results import DCIODVFY, ct_series, dciodvfy_errors  # noqa: E402
 
 from lungcad.cli import main  # noqa: E402
 from lungcad.dicom.node import NODE_USER, DicomNode, NodeOptions  # noqa: E402
@@ -495,6 +495,8 @@ def test_late_instances_rescore_the_whole_series_and_amend_the_sr(direct_node, p
     ref = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
     assert read_series_probability(amended) == pytest.approx(row.malignant_probability, abs=1e-6)
+    if DCIODVFY:  # the amended report is a valid Comprehensive 3D SR (Predecessor Documents Sequence included)
+        assert dciodvfy_errors(next((node.results / key).glob("*_lungcad_sr_*.dcm"))) == []
     assert "supersedes the earlier report" in caplog.text
     queued = [r for r in _outbox(node) if r.sop_class_uid.endswith(".88.34")]
     assert len(queued) == 2  # both SRs wait for the PACS; unchanged key-slice captures are not queued twice
