@@ -600,7 +600,7 @@ def test_late_instances_after_the_retention_do_not_shrink_the_series(direct_node
     assert len(_outbox(node)) == queued  # nothing sent for a result that was not recorded
     (event,) = _audits(node, "dicom-series-late-instances")
     assert event.detail["slices"] == 1 and event.detail["recorded_slices"] == 3 and event.target == study_id
-    assert "late slice(s) arrived after the earlier instances were pruned" in caplog.text
+    assert "late slice(s) arrived after the earlier instances were deleted" in caplog.text
     assert pydicom.dcmread(paths[0]).SeriesInstanceUID not in caplog.text
     assert len(list((node.scored / key).glob("*.dcm"))) == 1  # kept: more late instances may join it
 

@@ -42,7 +42,9 @@ from lungcad.dicom.queue import Destination, Outbox, WebDestination, parse_desti
 from lungcad.errors import LungcadError, first_line
 from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 
-__all__ = ["DEFAULT_PORT", "KEEP_HOURS", "NODE_USER", "QUIET_SECONDS", "DicomNode", "NodeOptions", "storage_contexts"]
+__all__ = [
+    "DEFAULT_PORT", "KEEP_HOURS", "NODE_USER", "QUIET_SECONDS", "DicomNode", "NodeOptions", "storage_contexts",
+]
 
 log = logging.getLogger(__name__)
 # pynetdicom logs every association and DIMSE message at INFO; lungcad logs what matters itself.
@@ -387,8 +389,8 @@ class DicomNode:
                  " (OUT OF DISTRIBUTION)" if series.ood else "", study_id,
                  f"; {len(results)} result object(s) queued for {self.destination}" if results else "",
                  extra={"event": "series-scored", "series": tag, "instances": len(files), "slices": len(ok),
-                        "unreadable": len(slices) - len(ok), "seconds": round(seconds, 3), "late": len(spooled)
-                        if earlier else 0, "decision": series.decision,
+                        "unreadable": len(slices) - len(ok), "seconds": round(seconds, 3),
+                        "late": len(spooled) if earlier else 0, "decision": series.decision,
                         "probability": round(float(series.malignant_probability), 4),
                         "ood": bool(series.ood), "study": study_id, "queued": len(results)})
         if sr_uid and report["revision"]:
@@ -485,7 +487,8 @@ class DicomNode:
         now = time.time() if now is None else now
         pruned = 0
         for kept in sorted(d for d in self.scored.iterdir() if d.is_dir()):
-            if now - self._scored_at(kept) < self.opts.keep_hours * 3600 or any((self.spool / kept.name).glob("*.dcm")):
+            waiting = any((self.spool / kept.name).glob("*.dcm"))  # late instances of it, not scored yet
+            if waiting or now - self._scored_at(kept) < self.opts.keep_hours * 3600:
                 continue
             for path in kept.glob("*.dcm"):
                 path.unlink(missing_ok=True)
@@ -506,8 +509,8 @@ class DicomNode:
     def _prune_quietly(self) -> None:
         try:
             self.prune_scored()
-        except OSError as exc:  # a full or read-only disk must not stop the worker; the next round retries
-            log.error("scored instances not pruned (%s)", exc.strerror or exc)
+        except Exception as exc:  # a full or read-only disk must not stop the worker; the next round retries
+            log.error("scored instances not pruned (%s)", first_line(exc, 200))
 
     def _recorded(self, pred) -> tuple[int, str | None]:
         """Slices and exam id of the result the worklist already holds for this slice's series (0, None)."""
@@ -534,7 +537,7 @@ class DicomNode:
         from lungcad.web.db import audit
 
         tag = key[:12]
-        log.warning("series %s: %d late slice(s) arrived after the earlier instances were pruned (--keep-hours "
+        log.warning("series %s: %d late slice(s) arrived after the earlier instances were deleted (--keep-hours "
                     "%g); the worklist keeps its result over %d slice(s); the late result (%s, p(malignant) %.3f) "
                     "is audited, not recorded", tag, len(ok), self.opts.keep_hours, recorded, series.decision,
                     series.malignant_probability,

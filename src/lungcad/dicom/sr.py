@@ -197,7 +197,8 @@ def write_series_report(series_pred: Prediction, slices: list[Prediction], key_s
         except Exception as exc:
             raise LungcadError(f"cannot re-read the DICOM header ({first_line(exc, 120)})", path) from None
     sr = build_series_report(series_pred, key_images, info)
-    amended = f"_{info['amendment'][:12]}" if info.get("amendment") else ""  # the report it supersedes may wait to be sent
+    # an amended report gets its own file: the one it supersedes may still wait in the outbound queue
+    amended = f"_{info['amendment'][:12]}" if info.get("amendment") else ""
     out = Path(out_dir) / f"{series_pred.dicom.get('SeriesInstanceUID', sr.SeriesInstanceUID)}_lungcad_sr{amended}.dcm"
     with atomic_path(out) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
