@@ -20,7 +20,7 @@ from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # noqa: E402
 
 from conftest import make_run  # noqa: E402
-from test_dicom_results import ct_series  # noqa: E402
+from test_dicom_results import DCIODVFY, ct_series, dciodvfy_errors  # noqa: E402
 
 from lungcad.cli import main  # noqa: E402
 from lungcad.dicom.node import NODE_USER, DicomNode, NodeOptions  # noqa: E402
@@ -419,3 +419,208 @@ def test_web_app_receives_studies_by_stow_rs(tmp_path):
         r = client.post("/api/dicomweb/studies", content=b"x", headers={"Authorization": f"Bearer {token}",
                                                                          "Content-Type": "application/dicom"})
         assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json")
+
+
+# ------------------------------------------------------------------------------- late instances (issue 14)
+
+
+@pytest.fixture
+def direct_node(run_dir, predictor, tmp_path):
+    """A node that is not listening: the tests spool instances and call `process_series` themselves."""
+
+    def make(**kw) -> DicomNode:
+        opts = NodeOptions(run=str(run_dir), port=free_port(), data_dir=str(kw.pop("data_dir", tmp_path / "data")),
+                           **kw)
+        return DicomNode(opts, predictor=predictor)
+
+    return make
+
+
+def spool(node: DicomNode, paths: list[Path]) -> str:
+    """Put instances into the spool as C-STORE does; returns the series' spool key."""
+    import shutil
+
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        target = node.spool_path(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return target.parent.name
+
+
+def _series_row(node: DicomNode):
+    from sqlalchemy import select
+
+    from lungcad.web.db import Series
+
+    with node.sessions() as session:
+        (row,) = session.scalars(select(Series))
+        return row
+
+
+def _audits(node: DicomNode, action: str) -> list:
+    from sqlalchemy import select
+
+    from lungcad.web.db import AuditEvent
+
+    with node.sessions() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+
+
+def test_late_instances_rescore_the_whole_series_and_amend_the_sr(direct_node, predictor, tmp_path, caplog):
+    from lungcad.dicom.sr import read_series_probability
+
+    caplog.set_level(logging.INFO)
+    paths = ct_series(tmp_path / "ct", n=4)
+    node = direct_node(forward="PACS@127.0.0.1:1")  # the outbox is not started: results wait in the queue
+    key = spool(node, paths[:2])
+    study_id = node.process_series(key)
+    assert _series_row(node).images_count == 2
+    assert spool(node, paths[2:]) == key  # the rest of the series, after its quiet period
+    assert node.process_series(key) == study_id
+    row = _series_row(node)
+    preds = list(predictor.predict_paths(paths, progress=False, series_rows=False))
+    expected = next(iter(predictor.series_predictions([preds])))  # all the slices scored at once
+    assert row.images_count == 4 and len(row.slice_scores) == 4
+    assert sorted(s[1] for s in row.slice_scores) == sorted(round(float(p.malignant_probability), 4) for p in preds)
+    assert row.malignant_probability == pytest.approx(expected.malignant_probability, abs=1e-6)
+    assert (row.label, row.decision) == (expected.label, expected.decision)
+    assert row.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+    assert len(list((node.scored / key).glob("*.dcm"))) == 4 and not list(node.spool.rglob("*.dcm"))
+    # the amended SR: a new instance in the same SR series, superseding the first one
+    first, amended = sorted((pydicom.dcmread(p) for p in (node.results / key).glob("*_lungcad_sr*.dcm")),
+                            key=lambda ds: int(ds.InstanceNumber))
+    assert first.SeriesInstanceUID == amended.SeriesInstanceUID and first.SOPInstanceUID != amended.SOPInstanceUID
+    assert (int(first.InstanceNumber), int(amended.InstanceNumber)) == (1, 2)
+    ref = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert read_series_probability(amended) == pytest.approx(row.malignant_probability, abs=1e-6)
+    if DCIODVFY:  # the amended report is a valid Comprehensive 3D SR (Predecessor Documents Sequence included)
+        assert dciodvfy_errors(next((node.results / key).glob("*_lungcad_sr_*.dcm"))) == []
+    assert "supersedes the earlier report" in caplog.text
+    queued = [r for r in _outbox(node) if r.sop_class_uid.endswith(".88.34")]
+    assert len(queued) == 2  # both SRs wait for the PACS; unchanged key-slice captures are not queued twice
+    assert len({r.file for r in _outbox(node)}) == len(_outbox(node))
+    for phi in (paths[0].name, pydicom.dcmread(paths[0]).SeriesInstanceUID):
+        assert phi not in caplog.text
+
+
+def _outbox(node: DicomNode) -> list:
+    from sqlalchemy import select
+
+    from lungcad.web.db import DicomOutbox
+
+    with node.sessions() as session:
+        return list(session.scalars(select(DicomOutbox)))
+
+
+def test_a_resent_instance_is_not_counted_twice(direct_node, tmp_path):
+    paths = ct_series(tmp_path / "ct", n=4)
+    node = direct_node()
+    key = spool(node, paths)
+    node.process_series(key)
+    before = _series_row(node)
+    spool(node, paths[:1])  # the modality sends the first slice again
+    node.process_series(key)
+    row = _series_row(node)
+    assert row.images_count == 4 and len(row.slice_scores) == 4
+    assert row.malignant_probability == pytest.approx(before.malignant_probability, abs=1e-9)
+    assert len(list((node.scored / key).glob("*.dcm"))) == 4
+
+
+def test_a_retried_rescore_writes_the_same_amended_sr(direct_node, tmp_path):
+    paths = ct_series(tmp_path / "ct", n=3)
+    node = direct_node(forward="PACS@127.0.0.1:1")
+    key = spool(node, paths[:2])
+    node.process_series(key)
+    spool(node, paths[2:])
+    record = node._record
+    node._record = lambda *a, **kw: (_ for _ in ()).throw(OSError("database gone"))  # fails after the SR is written
+    with pytest.raises(OSError):
+        node.process_series(key)
+    node._record = record
+    assert len(list(node.spool.rglob("*.dcm"))) == 1  # the late instance stays in the spool
+    node.process_series(key)  # the retry: the same instances, so the same amended SR
+    first, amended = sorted((pydicom.dcmread(p) for p in (node.results / key).glob("*_lungcad_sr*.dcm")),
+                            key=lambda ds: int(ds.InstanceNumber))  # two SRs, not three
+    assert first.SOPInstanceUID != amended.SOPInstanceUID and int(amended.InstanceNumber) == 2
+    ref = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID  # not itself
+    assert _series_row(node).images_count == 3
+
+
+def test_scored_instances_are_pruned_after_the_retention(direct_node, tmp_path):
+    paths = ct_series(tmp_path / "ct", n=3)
+    node = direct_node(keep_hours=2.0)
+    key = spool(node, paths)
+    node.process_series(key)
+    assert node.prune_scored() == 0 and (node.scored / key).is_dir()  # within the retention: kept
+    later = time.time() + 2.0 * 3600 + 1
+    spool(node, paths[:1])  # a late instance waits in the spool: its series is not pruned under it
+    assert node.prune_scored(now=later) == 0
+    node.process_series(key)
+    assert node.prune_scored(now=time.time() + 2.0 * 3600 + 1) == 1
+    assert not (node.scored / key).exists() and not list(node.scored.iterdir())
+
+
+def test_the_node_prunes_on_its_own_and_a_restart_does_not_rescore_kept_series(node_factory, tmp_path, monkeypatch,
+                                                                               caplog):
+    import json
+
+    import lungcad.dicom.node as node_mod
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(node_mod, "PRUNE_EVERY", 0.2)
+    data = tmp_path / "data" / "dicom-node" / "scored"
+    old, fresh = data / "old", data / "fresh"
+    for folder, age in ((old, 3600.0), (fresh, 0.0)):
+        folder.mkdir(parents=True)
+        (folder / "instance.dcm").write_bytes(b"kept")
+        (folder / "state.json").write_text(json.dumps({"scored_at": time.time() - age, "revision": 0}))
+    node = node_factory(keep_hours=0.5)
+    wait_for(lambda: not old.exists(), timeout=10, what="the old scored series to be pruned")
+    assert (fresh / "instance.dcm").is_file()  # within the retention
+    assert "left in the spool" not in caplog.text and node.processed == 0  # kept series are not new work
+
+
+def test_late_instances_after_the_retention_do_not_shrink_the_series(direct_node, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    paths = ct_series(tmp_path / "ct", n=4)
+    node = direct_node(forward="PACS@127.0.0.1:1")
+    key = spool(node, paths[:3])
+    study_id = node.process_series(key)
+    before = _series_row(node)
+    queued = len(_outbox(node))
+    assert node.prune_scored(now=time.time() + 25 * 3600) == 1  # the earlier instances are gone
+    spool(node, paths[3:])
+    assert node.process_series(key) == study_id
+    row = _series_row(node)
+    assert row.images_count == 3 and len(row.slice_scores) == 3  # the earlier result stands
+    assert row.malignant_probability == before.malignant_probability and row.slice_scores == before.slice_scores
+    assert len(_outbox(node)) == queued  # nothing sent for a result that was not recorded
+    (event,) = _audits(node, "dicom-series-late-instances")
+    assert event.detail["slices"] == 1 and event.detail["recorded_slices"] == 3 and event.target == study_id
+    assert "late slice(s) arrived after the earlier instances were deleted" in caplog.text
+    assert pydicom.dcmread(paths[0]).SeriesInstanceUID not in caplog.text
+    assert len(list((node.scored / key).glob("*.dcm"))) == 1  # kept: more late instances may join it
+
+
+def test_keep_hours_option(run_dir, predictor, tmp_path):
+    from lungcad.cli import build_parser
+
+    assert build_parser().parse_args(["dicom-node", "RUN"]).keep_hours == 24.0
+    assert build_parser().parse_args(["dicom-node", "RUN", "--keep-hours", "0.5"]).keep_hours == 0.5
+    with pytest.raises(LungcadError, match="--keep-hours must be 0 or more"):
+        DicomNode(NodeOptions(run=str(run_dir), data_dir=str(tmp_path), keep_hours=-1), predictor=predictor)
+
+
+def test_a_series_sent_in_two_parts_is_one_series_of_all_its_slices(node_factory, tmp_path):
+    node = node_factory(quiet_seconds=0.5)
+    paths = ct_series(tmp_path / "ct", n=5)
+    assert send(paths[:3], node.opts.port) == [0x0000] * 3
+    wait_for(lambda: node.processed >= 1, what="the first part")
+    assert send(paths[3:], node.opts.port) == [0x0000] * 2  # after the quiet period: late instances
+    wait_for(lambda: _studies(node)[0].series[0].images_count == 5, timeout=30, what="the series of all 5 slices")
+    (study,) = _studies(node)
+    (series,) = study.series
+    assert len(series.slice_scores) == 5 and study.dicom_meta["slices"] == 5

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calling AE titles allowed to associate (default: any, with a warning)")
     p.add_argument("--quiet-seconds", type=float, default=10.0,
                    help="a series is complete when no instance of it arrived for this long (default 10)")
+    p.add_argument("--keep-hours", type=float, default=24.0,
+                   help="keep a scored series' instances this long, so that late instances re-score the whole "
+                        "series (default 24; 0: delete them once scored)")
     p.add_argument("--engine", default="torch", help="torch (default), onnx, openvino, onnx-int8, openvino-int8")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per line (event, series hash, counts, durations; no PHI) for a log "
@@ -347,7 +350,7 @@ def cmd_dicom_node(args: argparse.Namespace) -> int:
         parse_destination(args.forward)  # refuse a malformed address before loading the model
     opts = NodeOptions(run=args.run, ae_title=args.ae_title, host=args.host, port=args.port, forward=args.forward,
                        data_dir=args.data_dir, db=args.db, allow_ae=args.allow_ae, quiet_seconds=args.quiet_seconds,
-                       engine=args.engine)
+                       engine=args.engine, keep_hours=args.keep_hours)
     DicomNode(opts).serve_forever()
     return 0
 

@@ -10,7 +10,11 @@
 Acknowledged means on disk: an instance is fsync'd into the spool before the node answers
 success, and the spool is scanned at start, so a node killed mid-series completes the series
 after a restart. The spool holds the original instances (the results go back to the PACS under
-the patient's identity) and is emptied once a series is processed; the database and the web
+the patient's identity). Once a series is scored its instances move (a rename) to
+`dicom-node/scored/<series hash>/`, kept `--keep-hours` (default 24) after the series was last
+scored: late instances of the series (a modality sending the rest after the quiet period) are
+scored together with them, so the series result always rests on every slice received, and an
+amended SR supersedes the earlier one (`DicomNode.process_series`). The database and the web
 app's folders only ever hold de-identified data. Logs name series by a keyed hash, never by
 patient, UID or accession number. Non-CT series are accepted (a PACS may route a whole study),
 stored de-identified under `dicom-node/not-scored/`, not scored, and the reason is logged and audited.
@@ -19,10 +23,13 @@ stored de-identified under `dicom-node/not-scored/`, not scored, and the reason 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import queue as queue_mod
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -35,7 +42,9 @@ from lungcad.dicom.queue import Destination, Outbox, WebDestination, parse_desti
 from lungcad.errors import LungcadError, first_line
 from lungcad.utils import atomic_path, keyed_hash, sha256_bytes
 
-__all__ = ["DEFAULT_PORT", "NODE_USER", "QUIET_SECONDS", "DicomNode", "NodeOptions", "storage_contexts"]
+__all__ = [
+    "DEFAULT_PORT", "KEEP_HOURS", "NODE_USER", "QUIET_SECONDS", "DicomNode", "NodeOptions", "storage_contexts",
+]
 
 log = logging.getLogger(__name__)
 # pynetdicom logs every association and DIMSE message at INFO; lungcad logs what matters itself.
@@ -45,6 +54,10 @@ DEFAULT_PORT = 11112  # the registered DICOM port for non-privileged use (104 ne
 QUIET_SECONDS = 10.0  # a series is complete when no instance of it arrived for this long
 NODE_USER = "dicom-node"  # the (inactive, no-login) account that received studies are filed under
 SCORED_MODALITIES = ("CT",)
+KEEP_HOURS = 24.0  # scored instances are kept this long for late instances of their series to join
+PRUNE_EVERY = 60.0  # seconds between two looks for scored series past --keep-hours
+STATE = "state.json"  # in a scored folder: when the series was last scored and its last SR
+_PRUNE = "\0prune"  # a work item: prune the scored folders (on the worker, never beside a series being scored)
 
 
 @dataclass
@@ -59,6 +72,7 @@ class NodeOptions:
     allow_ae: list[str] = field(default_factory=list)
     quiet_seconds: float = QUIET_SECONDS
     engine: str = "torch"
+    keep_hours: float = KEEP_HOURS
 
 
 def storage_contexts() -> list[tuple[str, list[str]]]:
@@ -133,6 +147,8 @@ class DicomNode:
             raise LungcadError(f"--port must be 1-65535, not {opts.port}")
         if not opts.quiet_seconds > 0:
             raise LungcadError(f"--quiet-seconds must be positive, not {opts.quiet_seconds}")
+        if not opts.keep_hours >= 0:
+            raise LungcadError(f"--keep-hours must be 0 or more, not {opts.keep_hours}")
         self.destination: Destination | WebDestination | None = (parse_destination(opts.forward) if opts.forward
                                                                    else None)
         from lungcad.web.db import open_database
@@ -144,7 +160,9 @@ class DicomNode:
         self.spool = self.data_dir / "dicom-node" / "spool"
         self.results = self.data_dir / "dicom-node" / "results"
         self.not_scored = self.data_dir / "dicom-node" / "not-scored"  # de-identified non-CT series, kept
-        for folder in (self.spool, self.results, self.not_scored, self.data_dir / "images", self.data_dir / "dicom"):
+        self.scored = self.data_dir / "dicom-node" / "scored"  # original instances of scored series, --keep-hours
+        for folder in (self.spool, self.results, self.not_scored, self.scored, self.data_dir / "images",
+                       self.data_dir / "dicom"):
             folder.mkdir(parents=True, exist_ok=True)
         if predictor is None:
             from lungcad.inference.predictor import Predictor
@@ -232,6 +250,12 @@ class DicomNode:
 
     # ----------------------------------------------------------------------------- receiving
 
+    def spool_path(self, series_uid: str, sop_uid: str) -> Path:
+        """Where an instance is spooled: a folder per series, a file per SOP instance (keyed hashes), so a
+        re-sent instance replaces its earlier copy."""
+        folder = keyed_hash(self.secret, f"series:{series_uid}")
+        return self.spool / folder / f"{keyed_hash(self.secret, f'sop:{sop_uid}')}.dcm"
+
     def _on_store(self, event) -> int:
         """C-STORE: the instance is on disk (fsync'd) before success is answered."""
         try:
@@ -241,8 +265,8 @@ class DicomNode:
             log.warning("C-STORE from %s refused: no readable Series/SOP Instance UID (%s)",
                         event.assoc.requestor.ae_title, first_line(exc, 120))
             return 0xC000  # cannot understand
-        folder = keyed_hash(self.secret, f"series:{series_uid}")
-        path = self.spool / folder / f"{keyed_hash(self.secret, f'sop:{sop_uid}')}.dcm"
+        path = self.spool_path(series_uid, sop_uid)
+        folder = path.parent.name
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
@@ -259,8 +283,12 @@ class DicomNode:
         return 0x0000
 
     def _watch(self) -> None:
+        next_prune = 0.0
         while not self._stop.wait(0.2):
             now = time.monotonic()
+            if now >= next_prune:
+                self._work.put(_PRUNE)
+                next_prune = now + PRUNE_EVERY
             with self._lock:
                 done = [k for k, t in self._last_seen.items() if now - t >= self.opts.quiet_seconds]
                 for key in done:
@@ -276,6 +304,9 @@ class DicomNode:
             key = self._work.get()
             if key is None or self._stop.is_set():
                 return
+            if key == _PRUNE:
+                self._prune_quietly()
+                continue
             try:
                 self.process_series(key)
             except Exception as exc:  # one bad series must not stop the node; it stays in the spool
@@ -288,26 +319,37 @@ class DicomNode:
     # ----------------------------------------------------------------------------- processing
 
     def process_series(self, key: str) -> str | None:
-        """Score one complete series from the spool; returns the worklist study id (None if not scored)."""
+        """Score one complete series; returns the worklist study id (None if not scored).
+
+        The series is its new instances in the spool together with those scored before and still
+        kept (`scored/<key>/`, one file per SOP Instance UID: a re-sent instance replaces its copy),
+        so late instances re-score the whole series: the worklist row is updated over all slices
+        and, with --forward, an amended SR (a new instance in the same SR series, referencing the
+        one it supersedes) is queued. A result never replaces one over more slices: late instances
+        whose earlier ones are gone leave the earlier result in place (`_keep_earlier_result`).
+        """
         import pydicom
 
         folder = self.spool / key
-        files = sorted(folder.glob("*.dcm"))
-        if not files:
+        spooled = sorted(folder.glob("*.dcm"))
+        if not spooled:
             return None
         tag = key[:12]
-        head = pydicom.dcmread(files[0], stop_before_pixels=True)
+        head = pydicom.dcmread(spooled[0], stop_before_pixels=True)
         modality = str(head.get("Modality", "") or "?")
         if modality not in SCORED_MODALITIES:
-            stored = self._store_not_scored(files, key, modality)
+            stored = self._store_not_scored(spooled, key, modality)
             log.warning("series %s: not CT: modality %s, not scored; %d of %d instance(s) stored de-identified "
-                        "under %s", tag, modality, stored, len(files), self.not_scored / key,
+                        "under %s", tag, modality, stored, len(spooled), self.not_scored / key,
                         extra={"event": "series-not-scored", "series": tag, "modality": modality,
-                               "reason": f"not CT: modality {modality}, not scored", "instances": len(files),
+                               "reason": f"not CT: modality {modality}, not scored", "instances": len(spooled),
                                "stored": stored})
-            self._discard(files, folder)
+            self._discard(spooled, folder)
             return None
         t0 = time.perf_counter()
+        kept = self.scored / key
+        files = self._series_files(spooled, kept)
+        earlier = len(files) - len(spooled)  # instances scored before, not re-sent
         p = self.predictor
         slices = list(p.predict_paths(files, progress=False, series_rows=False))
         ok = [s for s in slices if not s.error]
@@ -317,32 +359,200 @@ class DicomNode:
             log.warning("series %s: no readable slice among %d; not scored", tag, len(files),
                         extra={"event": "series-not-scored", "series": tag, "reason": "no readable slice",
                                "instances": len(files)})
-            self._discard(files, folder)
+            self._discard(spooled, folder)
             return None
         series = next(iter(p.series_predictions([ok])), None) if len(ok) >= 2 else ok[0]
+        state = self._scored_state(kept)
+        recorded, recorded_study = self._recorded(ok[0])
+        if len(ok) < recorded:
+            self._keep_earlier_result(key, series, ok, recorded, recorded_study)
+            self._save_state(kept, {**(state or {"revision": 0, "sr": "", "predecessor": ""}), "digest": ""})
+            self._keep_scored(spooled, kept, folder)
+            return recorded_study
         keys = p.key_slices(ok)
-        results = self._write_results(key, series, ok, keys) if self.destination else []
-        with self.sessions() as session:
+        report = self._report_plan(state, self._digest(files), recorded)
+        results = self._write_results(key, series, ok, keys, report) if self.destination else []
+        sr_uid = self._sr_uid(results)
+        self._save_state(kept, {**report, "sr": sr_uid or (state or {}).get("sr", "")})  # before the commit: a retry
+        with self.sessions() as session:  # after a crash finds the same revision, so writes the same objects
             study_id = self._record(session, series, ok, keys, key)
             if self.outbox is not None and results:
                 self.outbox.enqueue(session, self.destination, results, study_id)
             session.commit()
-        self._discard(files, folder)
+        self._keep_scored(spooled, kept, folder)
         if self.outbox is not None:
             self.outbox.wake()
         seconds = time.perf_counter() - t0
-        log.info("series %s: %d slice(s) scored in %.1f s: %s, p(malignant) %.3f%s; study %s%s", tag, len(ok),
-                 seconds, series.decision, series.malignant_probability,
+        log.info("series %s: %d slice(s) scored in %.1f s%s: %s, p(malignant) %.3f%s; study %s%s", tag, len(ok),
+                 seconds, f" ({len(spooled)} late instance(s) with {earlier} scored before)" if earlier else "",
+                 series.decision, series.malignant_probability,
                  " (OUT OF DISTRIBUTION)" if series.ood else "", study_id,
                  f"; {len(results)} result object(s) queued for {self.destination}" if results else "",
                  extra={"event": "series-scored", "series": tag, "instances": len(files), "slices": len(ok),
                         "unreadable": len(slices) - len(ok), "seconds": round(seconds, 3),
-                        "decision": series.decision, "probability": round(float(series.malignant_probability), 4),
+                        "late": len(spooled) if earlier else 0, "decision": series.decision,
+                        "probability": round(float(series.malignant_probability), 4),
                         "ood": bool(series.ood), "study": study_id, "queued": len(results)})
+        if sr_uid and report["revision"]:
+            log.info("series %s: amended SR (revision %d, over %d slices) supersedes the earlier report%s", tag,
+                     report["revision"], len(ok), "" if report["predecessor"] else " (not referenced: unknown)",
+                     extra={"event": "sr-amended", "series": tag, "revision": report["revision"], "slices": len(ok)})
         return study_id
 
-    def _write_results(self, key: str, series, ok: list, keys: list) -> list[Path]:
-        """SR of the series + a Secondary Capture per key slice, under the data folder (until sent)."""
+    # ----------------------------------------------------------------------------- scored instances
+
+    @staticmethod
+    def _series_files(spooled: list[Path], kept: Path) -> list[Path]:
+        """The series' instances: those kept from earlier scoring and those just received, one per SOP
+        Instance UID (the file name is its keyed hash: a re-sent instance replaces its earlier copy), in
+        name order, as if one folder held them all (so the result equals the one of a single sending)."""
+        by_name = {path.name: path for path in kept.glob("*.dcm")}
+        by_name.update({path.name: path for path in spooled})
+        return [by_name[name] for name in sorted(by_name)]
+
+    @staticmethod
+    def _digest(files: list[Path]) -> str:
+        """Names what a result was computed from (instance names, sizes and times; no PHI): the same
+        instances give the same digest, so a retried series writes the same amended SR."""
+        h = hashlib.sha256()
+        for path in files:
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:32]
+
+    @staticmethod
+    def _report_plan(state: dict | None, digest: str, recorded: int) -> dict:
+        """Revision, amendment (the SR UID's salt) and predecessor of the series' SR.
+
+        The first result is revision 0 (the SR UID `lungcad predict` gives the series). The same
+        instances as last time (a retry after a crash or a failure) keep their revision; new ones
+        amend the last SR. With no state but a result on the worklist (instances pruned), it is an
+        amendment whose predecessor is not known.
+        """
+        if state and state.get("digest") == digest:
+            revision, predecessor = int(state["revision"]), state.get("predecessor", "")
+        elif state:
+            revision, predecessor = int(state["revision"]) + 1, state.get("sr", "")
+        else:
+            revision, predecessor = (1 if recorded else 0), ""
+        return {"revision": revision, "amendment": digest if revision else "", "predecessor": predecessor,
+                "digest": digest}
+
+    @staticmethod
+    def _sr_uid(results: list[Path]) -> str:
+        """SOP Instance UID of the SR just written (the last result file), "" without --forward."""
+        if not results:
+            return ""
+        import pydicom
+
+        return str(pydicom.dcmread(results[-1], stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                   .SOPInstanceUID)
+
+    @staticmethod
+    def _scored_state(kept: Path) -> dict | None:
+        try:
+            return json.loads((kept / STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _save_state(self, kept: Path, state: dict) -> None:
+        """When the series was scored (the retention counts from it) and its last SR (the next one's predecessor)."""
+        if self.opts.keep_hours <= 0:
+            return
+        kept.mkdir(parents=True, exist_ok=True)
+        with atomic_path(kept / STATE) as tmp:
+            tmp.write_text(json.dumps({**state, "scored_at": time.time()}), encoding="utf-8")
+
+    def _keep_scored(self, files: list[Path], kept: Path, folder: Path) -> None:
+        """Move scored instances out of the spool into the series' scored folder (a rename on the same
+        file system: each file is in one folder or the other, even if the node is killed meanwhile)."""
+        if self.opts.keep_hours <= 0:
+            self._discard(files, folder)
+            return
+        kept.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            try:
+                os.replace(path, kept / path.name)
+            except FileNotFoundError:
+                pass
+        try:
+            folder.rmdir()  # only if nothing new arrived meanwhile
+        except OSError:
+            pass
+
+    def prune_scored(self, now: float | None = None) -> int:
+        """Delete the kept instances (they carry the patient's identity) of series last scored more than
+        --keep-hours ago, except where late instances of the series wait in the spool; returns how many
+        series were pruned. The worker runs it between series, so it never pulls files from under one."""
+        now = time.time() if now is None else now
+        pruned = 0
+        for kept in sorted(d for d in self.scored.iterdir() if d.is_dir()):
+            waiting = any((self.spool / kept.name).glob("*.dcm"))  # late instances of it, not scored yet
+            if waiting or now - self._scored_at(kept) < self.opts.keep_hours * 3600:
+                continue
+            for path in kept.glob("*.dcm"):
+                path.unlink(missing_ok=True)
+            shutil.rmtree(kept, ignore_errors=True)  # the state goes last: an interrupted prune is redone
+            pruned += 1
+        if pruned:
+            log.info("%d scored series older than %g h pruned", pruned, self.opts.keep_hours,
+                     extra={"event": "scored-pruned", "series_count": pruned})
+        return pruned
+
+    def _scored_at(self, kept: Path) -> float:
+        state = self._scored_state(kept)
+        try:
+            return float(state["scored_at"]) if state else kept.stat().st_mtime
+        except (KeyError, TypeError, ValueError):
+            return kept.stat().st_mtime
+
+    def _prune_quietly(self) -> None:
+        try:
+            self.prune_scored()
+        except Exception as exc:  # a full or read-only disk must not stop the worker; the next round retries
+            log.error("scored instances not pruned (%s)", first_line(exc, 200))
+
+    def _recorded(self, pred) -> tuple[int, str | None]:
+        """Slices and exam id of the result the worklist already holds for this slice's series (0, None)."""
+        from sqlalchemy import select
+
+        from lungcad.web.db import Series
+
+        series_uid = pred.dicom.get("SeriesInstanceUID")
+        if not series_uid:
+            return 0, None
+        series_key = keyed_hash(self.secret, f"series:{series_uid}")
+        with self.sessions() as session:
+            row = session.scalars(select(Series).where(Series.series_key == series_key)
+                                  .order_by(Series.images_count.desc())).first()
+            return (int(row.images_count or 0), row.study_id) if row is not None else (0, None)
+
+    def _keep_earlier_result(self, key: str, series, ok: list, recorded: int, study_id: str | None) -> None:
+        """Late instances whose earlier ones are gone (pruned after --keep-hours, or never kept with
+        --keep-hours 0) give a result over fewer slices than the one on the worklist. Replacing it
+        would make a 300-slice series read as a 3-slice one, and a separate series row would split
+        one acquisition in two; so the earlier result stays, nothing is sent to the PACS, the late
+        result is audited (`dicom-series-late-instances`, with its slices and decision) and a warning
+        logged. The late instances are kept like scored ones: more of them may follow."""
+        from lungcad.web.db import audit
+
+        tag = key[:12]
+        log.warning("series %s: %d late slice(s) arrived after the earlier instances were deleted (--keep-hours "
+                    "%g); the worklist keeps its result over %d slice(s); the late result (%s, p(malignant) %.3f) "
+                    "is audited, not recorded", tag, len(ok), self.opts.keep_hours, recorded, series.decision,
+                    series.malignant_probability,
+                    extra={"event": "series-late-not-recorded", "series": tag, "slices": len(ok),
+                           "recorded_slices": recorded, "study": study_id})
+        with self.sessions() as session:
+            audit(session, "dicom-series-late-instances", self._node_user(session), target=study_id or "",
+                  slices=len(ok), recorded_slices=recorded, label=series.label, decision=series.decision,
+                  malignant_probability=round(float(series.malignant_probability), 4), ood=bool(series.ood),
+                  calling_ae=self._callers.pop(key, ""))
+            session.commit()
+
+    def _write_results(self, key: str, series, ok: list, keys: list, report: dict) -> list[Path]:
+        """SR of the series + a Secondary Capture per key slice, under the data folder (until sent);
+        `report`: revision, amendment and predecessor of the SR (`_report_plan`)."""
         from lungcad.dicom.sr import write_series_report
         from lungcad.dicom.writer import write_secondary_capture
 
@@ -356,7 +566,8 @@ class DicomNode:
             exp = p.explain(path, target=pred.label, frame=frame)
             files.append(write_secondary_capture(path, pixels, p.source_heatmap(exp, pixels), pred, out, frame=frame,
                                                  threshold=p.threshold))
-        files.append(write_series_report(series, ok, keys, out, p.report_info()))
+        info = {**p.report_info(), **{k: report[k] for k in ("revision", "amendment", "predecessor")}}
+        files.append(write_series_report(series, ok, keys, out, info))
         return files
 
     def _store_not_scored(self, files: list[Path], key: str, modality: str) -> int:
@@ -451,6 +662,8 @@ class DicomNode:
                             "key_slices": len(keys), **({"calling_ae": caller} if caller else {})},
             )
             session.add(image)
+        else:  # the key slice of an earlier result: it now stands for more slices
+            image.dicom_meta = {**(image.dicom_meta or {}), "slices": len(ok), "key_slices": len(keys)}
         # the series result is the node's (all slices); only the key slice is kept as an image
         row.modality = info.modality[:16] or "CT"
         row.images_count, row.label, row.decision = len(ok), series.label, series.decision

@@ -206,12 +206,22 @@ class Outbox:
         self._thread: threading.Thread | None = None
 
     def enqueue(self, session, destination: Destination | WebDestination, files: list[Path], study_id: str | None = None) -> None:
-        """Add result files (under the data folder) to the session; committed with the caller's change."""
+        """Add result files (under the data folder) to the session; committed with the caller's change.
+
+        A file already waiting for the same destination is not queued twice: a re-scored series rewrites
+        its unchanged key-slice captures in place, and two rows for one file would send it, delete it and
+        then fail on the missing file.
+        """
         import pydicom
+        from sqlalchemy import select
 
         from lungcad.web.db import DicomOutbox
 
+        waiting = set(session.scalars(select(DicomOutbox.file).where(DicomOutbox.status == "pending",
+                                                                     DicomOutbox.destination == str(destination))))
         for path in files:
+            if str(Path(path).relative_to(self.root)) in waiting:
+                continue
             sop_class = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
             session.add(DicomOutbox(destination=str(destination), file=str(Path(path).relative_to(self.root)),
                                     sop_class_uid=sop_class, study_id=study_id, status="pending", attempts=0,

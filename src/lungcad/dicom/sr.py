@@ -16,7 +16,11 @@ them (observation context -> measurement group -> `MeasurementReport` -> `Compre
 
 The decision and the threshold use a local coding scheme (99LUNGCAD: DICOM has no standard code
 for a model's operating point); everything else is DCM or SNOMED CT. UIDs derive from the source
-series and the model sha256, so a rerun rewrites the same object. `read_series_probability` reads
+series and the model sha256, so a rerun rewrites the same object. An amended report (the DICOM node
+re-scoring a series after late instances) is a new instance in the same SR series: `info["amendment"]`
+(a digest of the instances it was computed from) makes its SOP Instance UID distinct, its Instance
+Number is `info["revision"]` + 1, and the report it supersedes, when known (`info["predecessor"]`),
+is referenced in the Predecessor Documents Sequence (PS3.3 C.17.2). `read_series_probability` reads
 the probability back with highdicom's TID 1500 parser (what a downstream consumer would do).
 """
 
@@ -74,17 +78,34 @@ def _codes():
     }
 
 
-def report_uids(series_uid: str, model_sha256: str) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID) of the SR for a source series: stable per series and model."""
+def report_uids(series_uid: str, model_sha256: str, amendment: str = "") -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SR for a source series: stable per series and model.
+
+    An amended report keeps the series and gets its own instance UID (a PACS ignores or rejects a
+    known UID with new content), stable per `amendment` so that a retried write gives the same object.
+    """
     key = model_sha256 or "lungcad"
-    return hashed_uid(key, f"sr-series:{series_uid}"), hashed_uid(key, f"sr:{series_uid}")
+    sop = f"sr:{series_uid}:{amendment}" if amendment else f"sr:{series_uid}"
+    return hashed_uid(key, f"sr-series:{series_uid}"), hashed_uid(key, sop)
+
+
+def _predecessor(study_uid: str, sr_series: str, sop_uid: str):
+    """The minimal header highdicom needs to reference a superseded report (Predecessor Documents Sequence)."""
+    from pydicom import Dataset
+    from pydicom.uid import Comprehensive3DSRStorage
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = Comprehensive3DSRStorage, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, sr_series
+    return ds
 
 
 def build_series_report(series_pred: Prediction, key_images: list[tuple], info: dict):
     """The Comprehensive 3D SR of one series result.
 
     `key_images`: (pydicom header, frame index or None) of the key slices, most malignant first;
-    the first one's patient and study are the SR's. `info`: model_sha256, threshold (None = argmax).
+    the first one's patient and study are the SR's. `info`: model_sha256, threshold (None = argmax);
+    for an amended report also amendment, revision and predecessor (module docstring).
     """
     hd, pydicom = _hd()
     if not key_images:
@@ -93,7 +114,9 @@ def build_series_report(series_pred: Prediction, key_images: list[tuple], info: 
     sha = info.get("model_sha256") or series_pred.model_sha256 or ""
     threshold = info.get("threshold")
     series_uid = str(key_images[0][0].SeriesInstanceUID)
-    sr_series, sr_sop = report_uids(series_uid, sha)
+    sr_series, sr_sop = report_uids(series_uid, sha, info.get("amendment", ""))
+    predecessor = info.get("predecessor")
+    previous = [_predecessor(str(key_images[0][0].StudyInstanceUID), sr_series, predecessor)] if predecessor else None
     parameters = [f"model sha256 {sha}",
                   f"malignant threshold {threshold:.4f}" if threshold is not None else "decision: argmax"]
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM, version=lungcad.__version__, parameters=parameters)
@@ -139,8 +162,8 @@ def build_series_report(series_pred: Prediction, key_images: list[tuple], info: 
     evidence = _unique([ds for ds, _ in key_images])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=sr_series, series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sr_sop, instance_number=1, manufacturer="lungcad", is_complete=True, is_final=False,
-        is_verified=False,
+        sop_instance_uid=sr_sop, instance_number=1 + int(info.get("revision", 0)), manufacturer="lungcad",
+        is_complete=True, is_final=False, is_verified=False, previous_versions=previous,
     )
     scheme = pydicom.Dataset()  # declare the local coding scheme (PS3.3 C.12.1.1.2.1)
     scheme.CodingSchemeDesignator = _LOCAL
@@ -174,7 +197,9 @@ def write_series_report(series_pred: Prediction, slices: list[Prediction], key_s
         except Exception as exc:
             raise LungcadError(f"cannot re-read the DICOM header ({first_line(exc, 120)})", path) from None
     sr = build_series_report(series_pred, key_images, info)
-    out = Path(out_dir) / f"{series_pred.dicom.get('SeriesInstanceUID', sr.SeriesInstanceUID)}_lungcad_sr.dcm"
+    # an amended report gets its own file: the one it supersedes may still wait in the outbound queue
+    amended = f"_{info['amendment'][:12]}" if info.get("amendment") else ""
+    out = Path(out_dir) / f"{series_pred.dicom.get('SeriesInstanceUID', sr.SeriesInstanceUID)}_lungcad_sr{amended}.dcm"
     with atomic_path(out) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
     return out
