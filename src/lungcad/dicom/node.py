@@ -405,7 +405,7 @@ class DicomNode:
         from PIL import Image as PILImage
         from sqlalchemy import select
 
-        from lungcad.web.db import ExamIdentifiers, Image, Series, Study, audit, new_id
+        from lungcad.web.db import ExamIdentifiers, Image, ImageIdentifiers, Series, Study, audit, new_id
         from lungcad.web.uploads import deidentify_upload, inspect_upload
 
         raw = Path(keys[0].source.split("#")[0]).read_bytes()
@@ -451,6 +451,7 @@ class DicomNode:
                             "key_slices": len(keys), **({"calling_ae": caller} if caller else {})},
             )
             session.add(image)
+            session.add(ImageIdentifiers(image_id=image_id, **info.image_identifiers()))  # original UIDs
         # the series result is the node's (all slices); only the key slice is kept as an image
         row.modality = info.modality[:16] or "CT"
         row.images_count, row.label, row.decision = len(ok), series.label, series.decision
