@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import func, select, text  # noqa: E402
 
-from conftest import ACCESSION, ct_slice  # noqa: E402
+from conftest import ACCESSION, PATIENT, ct_slice  # noqa: E402
 from test_web import (  # noqa: E402
     FakePrediction,
     FakePredictor,
@@ -278,8 +278,18 @@ def test_identifiers_shown_to_clinicians_but_absent_from_exports_logs_audit_and_
     client, bearer, sessions, data = site
     caplog.set_level("DEBUG")
     study_uid = generate_uid()
-    r = form_upload(client, [(f"{i}.dcm", ct_slice(study_uid, generate_uid(), i)) for i in (1, 2)])
+    slices = [ct_slice(study_uid, generate_uid(), i) for i in (1, 2)]
+    r = form_upload(client, [(f"{i}.dcm", raw) for i, raw in enumerate(slices, 1)])
     assert r.status_code == 200
+    # kept for results sent to the PACS (exam_identifiers, image_identifiers), and shown or sent nowhere else
+    headers = [pydicom.dcmread(io.BytesIO(raw)) for raw in slices]
+    kept = [v for k, v in PATIENT.items() if k != "PatientSex"]  # "F" is no searchable secret
+    kept += [str(ds.SOPInstanceUID) for ds in headers] + [str(ds.SeriesInstanceUID) for ds in headers]
+    with sessions() as s:
+        row = " ".join(map(str, s.execute(text("SELECT * FROM exam_identifiers WHERE study_uid = :u"),
+                                          {"u": study_uid}).one()))
+        images = " ".join(str(r) for r in s.execute(text("SELECT * FROM image_identifiers")).all())
+    assert all(v in row for v in kept[:8]) and all(v in images for v in kept[8:])
     exam_url = re.search(r'href="(/studies/[0-9a-f]+)"', r.text).group(1)
     case_url = form_upload(client, [("slice.png", png_bytes(120))], case_label=CASE).headers["location"]
     worklist = client.get("/worklist").text
@@ -305,7 +315,11 @@ def test_identifiers_shown_to_clinicians_but_absent_from_exports_logs_audit_and_
                               for r in s.execute(text(f"SELECT * FROM {t}")).all())
     stored = b"".join(p.read_bytes() for p in (data / "dicom").iterdir())
     exported_files = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
-    for value in (ACCESSION, study_uid, CASE):
+    assert ACCESSION in client.get(exam_url).text  # an administrator sees the exam's identifiers ...
+    page = client.get(exam_url).text
+    assert not [v for v in kept if v in page]  # ... but not the identity kept for the PACS
+    assert not [v for v in kept if v in client.get(f"/api/studies/{exam_url.rsplit('/', 1)[1]}").text]
+    for value in (ACCESSION, study_uid, CASE, *kept):
         for where, haystack in (("csv", exported), ("manifest", manifest), ("audit", audit_rows),
                                 ("exam tables", image_rows), ("log", caplog.text)):
             assert value not in haystack, (value, where)

@@ -94,6 +94,8 @@ class PredictorLike(Protocol):
 
     def explain(self, data: bytes | Path, target: Any = None) -> Any: ...
 
+    def source_heatmap(self, exp: Any, pixels: np.ndarray) -> np.ndarray: ...  # results for a PACS (web.pacs)
+
 
 @dataclass
 class Store:
