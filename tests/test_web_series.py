@@ -393,6 +393,11 @@ def _check_migrated(sessions) -> None:
         assert (result.label, result.decision, result.malignant_probability) == ("malignant", "malignant", 0.7)
         assert result.key_image.id == img.id and a.series[0].slice_scores == [[img.id, 0.7, False]]
         assert [f.label for f in a.feedback] == ["malignant"] and a.exam_key is None
+        # stored before identities were kept (0007): its results cannot go to a PACS
+        from lungcad.web.pacs import LEGACY, send_refusal
+
+        assert b.identifiers is None and send_refusal(s, b) == LEGACY
+        assert s.execute(text("SELECT count(*) FROM image_identifiers")).scalar() == 0
 
 
 def _migrate_up_and_back(url: str, tmp_path):
@@ -429,6 +434,48 @@ def test_migration_0005_on_postgresql(postgres_server, tmp_path):  # noqa: F811
         assert conn.execute(text("SELECT count(*) FROM studies")).scalar() == 2
     upgrade_database(engine)
     _check_migrated(sessions)
+
+
+def _migrate_0007_up_and_back(url: str) -> None:
+    """An exam stored under 0006 gets empty identity columns (identity_kept false) from 0007, and keeps its
+    identifiers row when 0007 is undone; image_identifiers comes and goes."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from lungcad.web.migrate import alembic_config
+
+    engine = make_db_engine(url)
+    upgrade_database(engine, "0006")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, username, password_hash, role, active, created_at, reading_mode) "
+                          "VALUES (1, 'old', 'x', 'clinician', TRUE, '2025-01-01 00:00:00', FALSE)"))
+        conn.execute(text("INSERT INTO studies (id, created_at, user_id, kind, group_key, exam_key, model_sha256) "
+                          "VALUES ('e1', '2025-01-02 00:00:00', 1, 'dicom', 'g', 'k', '')"))
+        conn.execute(text("INSERT INTO exam_identifiers (study_id, accession_number, study_uid, case_label) "
+                          "VALUES ('e1', 'ACC', '1.2.3', '')"))
+    upgrade_database(engine)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM exam_identifiers")).mappings().one()
+    assert (row["accession_number"], row["identity_kept"], row["patient_id"], row["patient_name"]) == ("ACC", False, "", "")
+    assert "image_identifiers" in inspect(engine).get_table_names()
+    command.downgrade(alembic_config(engine), "0006")
+    insp = inspect(engine)
+    assert "image_identifiers" not in insp.get_table_names()
+    assert {c["name"] for c in insp.get_columns("exam_identifiers")} == {"study_id", "accession_number", "study_uid",
+                                                                         "case_label"}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT study_uid FROM exam_identifiers")).scalar() == "1.2.3"
+    upgrade_database(engine)
+    engine.dispose()
+
+
+def test_migration_0007_adds_empty_identities_and_goes_back(tmp_path):
+    _migrate_0007_up_and_back(f"sqlite:///{tmp_path / 'old.sqlite3'}")
+
+
+@pytest.mark.slow  # a throw-away PostgreSQL cluster: a few seconds
+def test_migration_0007_on_postgresql(postgres_server):  # noqa: F811
+    _migrate_0007_up_and_back(postgres_server().replace("postgresql://", "postgresql+psycopg://"))
 
 
 try:  # the end-to-end tests' throw-away PostgreSQL cluster (skips itself when PostgreSQL is absent)
