@@ -163,6 +163,9 @@ def queue_results(session: Session, store: Any, outbox: Any, destination: Any, s
     The objects go to a folder of their own per request, so that sending again never touches
     files an earlier request still has queued. Nothing is left behind when writing fails.
     """
+    reason = send_refusal(session, study)
+    if reason is not None:  # before any folder is made
+        raise SendRefused(409, reason)
     out = private_dir(store.root / RESULTS_DIR / study.id / secrets.token_hex(6))
     try:
         files = write_results(session, store, study, out)
