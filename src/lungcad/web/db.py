@@ -147,7 +147,8 @@ class Study(Base):
     It holds one or more `Series`, each of one or more `Image`s. The exam's AI result is not a
     column: it is `lungcad.web.service.exam_result(study)`, derived from its series. What
     identifies the patient's exam (accession number, original Study UID, the uploader's case
-    label) is in `ExamIdentifiers`, its own table, and nowhere else.
+    label; the patient and study attributes results for the PACS need) is in `ExamIdentifiers`,
+    its own table, and the original UIDs of its images in `ImageIdentifiers`; nowhere else.
     """
 
     __tablename__ = "studies"
