@@ -38,6 +38,11 @@ CLASSES = ["normal", "benign", "malignant"]
 # `lungcad train` options for the tiny test runs: random init, 64 px, no progress bars
 TRAIN_FAST = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--no-progress"]
 ACCESSION = "ACC-7734-SECRET"  # ct_slice's Accession Number: an identifier that must not leave the system
+# ct_slice's patient module and General Study attributes: kept (ExamIdentifiers) to file results in the
+# PACS, and like the accession number never to leave the system otherwise
+PATIENT = {"PatientName": "Doe^Jane^Quinn-SECRET", "PatientID": "PID-4471-SECRET", "IssuerOfPatientID": "HOSP-SECRET",
+           "PatientBirthDate": "19470312", "PatientSex": "F", "StudyDate": "20240229", "StudyTime": "081502.250",
+           "ReferringPhysicianName": "Welby^Marcus-SECRET", "StudyID": "SID-SECRET"}
 
 
 def ct_slice(study: str, series: str, number: int, *, sop: str | None = None, modality: str = "CT",
@@ -53,6 +58,8 @@ def ct_slice(study: str, series: str, number: int, *, sop: str | None = None, mo
     ds.SOPInstanceUID = sop or generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.InstanceNumber, ds.Modality, ds.AccessionNumber = number, modality, accession
+    for keyword, value in PATIENT.items():
+        setattr(ds, keyword, value)
     arr = ds.pixel_array.astype(np.int32) + number * 7 + bright
     ds.PixelData = np.clip(arr, 0, 4000).astype(ds.pixel_array.dtype).tobytes()
     buf = io.BytesIO()

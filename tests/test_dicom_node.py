@@ -184,6 +184,15 @@ def test_node_scores_a_series_onto_the_worklist_without_phi_in_the_logs(node_fac
     assert (data / study.image_file).is_file() and not list(node.spool.rglob("*.dcm"))  # spool emptied
     for phi in (str(source.PatientName), str(source.PatientID), source.StudyInstanceUID, source.SeriesInstanceUID):
         assert phi not in caplog.text
+    # the original identity is kept in the identifying tables only, so the web app can send results back
+    from lungcad.web.db import ExamIdentifiers, ImageIdentifiers
+
+    with node.sessions() as session:
+        ids, kept = session.get(ExamIdentifiers, study.id), session.get(ImageIdentifiers, study.series[0].key_images[0])
+    assert ids.identity_kept and (ids.patient_name, ids.patient_id, ids.study_uid) == (
+        str(source.PatientName), source.PatientID, source.StudyInstanceUID)
+    assert kept.sop_instance_uid in {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+    assert (kept.series_uid, kept.sop_class_uid) == (source.SeriesInstanceUID, source.SOPClassUID)
 
 
 def test_json_logs_carry_events_counts_and_durations_without_phi(node_factory, tmp_path):

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import func, select, text  # noqa: E402
 
-from conftest import ACCESSION, ct_slice  # noqa: E402
+from conftest import ACCESSION, PATIENT, ct_slice  # noqa: E402
 from test_web import (  # noqa: E402
     FakePrediction,
     FakePredictor,
@@ -278,8 +278,18 @@ def test_identifiers_shown_to_clinicians_but_absent_from_exports_logs_audit_and_
     client, bearer, sessions, data = site
     caplog.set_level("DEBUG")
     study_uid = generate_uid()
-    r = form_upload(client, [(f"{i}.dcm", ct_slice(study_uid, generate_uid(), i)) for i in (1, 2)])
+    slices = [ct_slice(study_uid, generate_uid(), i) for i in (1, 2)]
+    r = form_upload(client, [(f"{i}.dcm", raw) for i, raw in enumerate(slices, 1)])
     assert r.status_code == 200
+    # kept for results sent to the PACS (exam_identifiers, image_identifiers), and shown or sent nowhere else
+    headers = [pydicom.dcmread(io.BytesIO(raw)) for raw in slices]
+    kept = [v for k, v in PATIENT.items() if k != "PatientSex"]  # "F" is no searchable secret
+    kept += [str(ds.SOPInstanceUID) for ds in headers] + [str(ds.SeriesInstanceUID) for ds in headers]
+    with sessions() as s:
+        row = " ".join(map(str, s.execute(text("SELECT * FROM exam_identifiers WHERE study_uid = :u"),
+                                          {"u": study_uid}).one()))
+        images = " ".join(str(r) for r in s.execute(text("SELECT * FROM image_identifiers")).all())
+    assert all(v in row for v in kept[:8]) and all(v in images for v in kept[8:])
     exam_url = re.search(r'href="(/studies/[0-9a-f]+)"', r.text).group(1)
     case_url = form_upload(client, [("slice.png", png_bytes(120))], case_label=CASE).headers["location"]
     worklist = client.get("/worklist").text
@@ -305,7 +315,11 @@ def test_identifiers_shown_to_clinicians_but_absent_from_exports_logs_audit_and_
                               for r in s.execute(text(f"SELECT * FROM {t}")).all())
     stored = b"".join(p.read_bytes() for p in (data / "dicom").iterdir())
     exported_files = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
-    for value in (ACCESSION, study_uid, CASE):
+    assert ACCESSION in client.get(exam_url).text  # an administrator sees the exam's identifiers ...
+    page = client.get(exam_url).text
+    assert not [v for v in kept if v in page]  # ... but not the identity kept for the PACS
+    assert not [v for v in kept if v in client.get(f"/api/studies/{exam_url.rsplit('/', 1)[1]}").text]
+    for value in (ACCESSION, study_uid, CASE, *kept):
         for where, haystack in (("csv", exported), ("manifest", manifest), ("audit", audit_rows),
                                 ("exam tables", image_rows), ("log", caplog.text)):
             assert value not in haystack, (value, where)
@@ -379,6 +393,11 @@ def _check_migrated(sessions) -> None:
         assert (result.label, result.decision, result.malignant_probability) == ("malignant", "malignant", 0.7)
         assert result.key_image.id == img.id and a.series[0].slice_scores == [[img.id, 0.7, False]]
         assert [f.label for f in a.feedback] == ["malignant"] and a.exam_key is None
+        # stored before identities were kept (0007): its results cannot go to a PACS
+        from lungcad.web.pacs import LEGACY, send_refusal
+
+        assert b.identifiers is None and send_refusal(s, b) == LEGACY
+        assert s.execute(text("SELECT count(*) FROM image_identifiers")).scalar() == 0
 
 
 def _migrate_up_and_back(url: str, tmp_path):
@@ -415,6 +434,48 @@ def test_migration_0005_on_postgresql(postgres_server, tmp_path):  # noqa: F811
         assert conn.execute(text("SELECT count(*) FROM studies")).scalar() == 2
     upgrade_database(engine)
     _check_migrated(sessions)
+
+
+def _migrate_0007_up_and_back(url: str) -> None:
+    """An exam stored under 0006 gets empty identity columns (identity_kept false) from 0007, and keeps its
+    identifiers row when 0007 is undone; image_identifiers comes and goes."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from lungcad.web.migrate import alembic_config
+
+    engine = make_db_engine(url)
+    upgrade_database(engine, "0006")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, username, password_hash, role, active, created_at, reading_mode) "
+                          "VALUES (1, 'old', 'x', 'clinician', TRUE, '2025-01-01 00:00:00', FALSE)"))
+        conn.execute(text("INSERT INTO studies (id, created_at, user_id, kind, group_key, exam_key, model_sha256) "
+                          "VALUES ('e1', '2025-01-02 00:00:00', 1, 'dicom', 'g', 'k', '')"))
+        conn.execute(text("INSERT INTO exam_identifiers (study_id, accession_number, study_uid, case_label) "
+                          "VALUES ('e1', 'ACC', '1.2.3', '')"))
+    upgrade_database(engine)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM exam_identifiers")).mappings().one()
+    assert (row["accession_number"], row["identity_kept"], row["patient_id"], row["patient_name"]) == ("ACC", False, "", "")
+    assert "image_identifiers" in inspect(engine).get_table_names()
+    command.downgrade(alembic_config(engine), "0006")
+    insp = inspect(engine)
+    assert "image_identifiers" not in insp.get_table_names()
+    assert {c["name"] for c in insp.get_columns("exam_identifiers")} == {"study_id", "accession_number", "study_uid",
+                                                                         "case_label"}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT study_uid FROM exam_identifiers")).scalar() == "1.2.3"
+    upgrade_database(engine)
+    engine.dispose()
+
+
+def test_migration_0007_adds_empty_identities_and_goes_back(tmp_path):
+    _migrate_0007_up_and_back(f"sqlite:///{tmp_path / 'old.sqlite3'}")
+
+
+@pytest.mark.slow  # a throw-away PostgreSQL cluster: a few seconds
+def test_migration_0007_on_postgresql(postgres_server):  # noqa: F811
+    _migrate_0007_up_and_back(postgres_server().replace("postgresql://", "postgresql+psycopg://"))
 
 
 try:  # the end-to-end tests' throw-away PostgreSQL cluster (skips itself when PostgreSQL is absent)

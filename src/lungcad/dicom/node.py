@@ -14,8 +14,9 @@ the patient's identity). Once a series is scored its instances move (a rename) t
 `dicom-node/scored/<series hash>/`, kept `--keep-hours` (default 24) after the series was last
 scored: late instances of the series (a modality sending the rest after the quiet period) are
 scored together with them, so the series result always rests on every slice received, and an
-amended SR supersedes the earlier one (`DicomNode.process_series`). The database and the web
-app's folders only ever hold de-identified data. Logs name series by a keyed hash, never by
+amended SR supersedes the earlier one (`DicomNode.process_series`). The web app's folders hold
+de-identified data only; the database's identifying tables (`exam_identifiers`, `image_identifiers`)
+keep what returning results to the PACS needs (lungcad.web.pacs). Logs name series by a keyed hash, never by
 patient, UID or accession number. Non-CT series are accepted (a PACS may route a whole study),
 stored de-identified under `dicom-node/not-scored/`, not scored, and the reason is logged and audited.
 """
@@ -616,7 +617,7 @@ class DicomNode:
         from PIL import Image as PILImage
         from sqlalchemy import select
 
-        from lungcad.web.db import ExamIdentifiers, Image, Series, Study, audit, new_id
+        from lungcad.web.db import ExamIdentifiers, Image, ImageIdentifiers, Series, Study, audit, new_id
         from lungcad.web.uploads import deidentify_upload, inspect_upload
 
         raw = Path(keys[0].source.split("#")[0]).read_bytes()
@@ -662,6 +663,7 @@ class DicomNode:
                             "key_slices": len(keys), **({"calling_ae": caller} if caller else {})},
             )
             session.add(image)
+            session.add(ImageIdentifiers(image_id=image_id, **info.image_identifiers()))  # original UIDs
         else:  # the key slice of an earlier result: it now stands for more slices
             image.dicom_meta = {**(image.dicom_meta or {}), "slices": len(ok), "key_slices": len(keys)}
         # the series result is the node's (all slices); only the key slice is kept as an image

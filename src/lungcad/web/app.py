@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -157,14 +159,23 @@ def create_app(
     secure_cookies: bool = False,
     session_policy: SessionPolicy | None = None,
     backoff: BackoffPolicy | None = None,
+    pacs: str | None = None,
+    ae_title: str = "LUNGCAD",
 ) -> FastAPI:
     """The web application for one model (run folder), with its database and data folder.
 
     `predictor` defaults to lungcad.inference.predictor.Predictor(run_dir); tests inject a fake.
     `session_policy` (idle timeout, lifetime) and `backoff` (failed sign-ins) default to their dataclasses' defaults.
+    `pacs` (`AE@HOST:PORT` or a DICOMweb URL): where exams' results may be sent (`lungcad.web.pacs`), by
+    an outbox sender that runs while the app does, calling as `ae_title`.
     """
+    from lungcad.dicom.queue import Outbox, parse_destination, valid_ae_title
+
+    if not valid_ae_title(ae_title):
+        raise LungcadError(f"--ae-title must be 1-16 printable characters without a backslash, not {ae_title!r}")
+    destination = parse_destination(pacs, "--pacs") if pacs else None  # a malformed address fails at start
     settings = Settings(Path(run_dir), Path(data_dir), db, secure_cookies,
-                        session_policy or SessionPolicy(), backoff or BackoffPolicy())
+                        session_policy or SessionPolicy(), backoff or BackoffPolicy(), destination, ae_title)
     private_dir(settings.data_dir)
     if predictor is None:
         from lungcad.inference.predictor import Predictor
@@ -174,8 +185,20 @@ def create_app(
     secret = load_secret(settings.data_dir)
     store = service.Store(settings.data_dir, secret, predictor)
 
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """With --pacs, the outbox sender runs as long as the app (queued results survive a restart)."""
+        if destination is not None:
+            app.state.outbox = Outbox(session_factory, settings.data_dir, ae_title)
+            app.state.outbox.start()
+        try:
+            yield
+        finally:
+            if destination is not None:
+                app.state.outbox.stop()
+
     app = FastAPI(
-        title="lungcad", version=lungcad.__version__, debug=False,
+        title="lungcad", version=lungcad.__version__, debug=False, lifespan=lifespan,
         description="Lung CT decision support: upload images, read predictions, give feedback. " + DISCLAIMER,
         # The interactive docs load scripts from a CDN: off (hospitals are offline). The schema is
         # served by routes.api, behind authentication like everything else.
@@ -189,6 +212,8 @@ def create_app(
     templates.env.globals.update(viewer_config=viewer.viewer_config, viewer_built=viewer.bundle_built)
     app.state.settings, app.state.engine, app.state.sessions, app.state.store = settings, engine, session_factory, store
     app.state.templates = templates
+    # queues results (routes); its sender thread runs under the lifespan above (`send_due` without it, in tests)
+    app.state.outbox = Outbox(session_factory, settings.data_dir, ae_title)
 
     app.add_middleware(SecurityHeaders, always_https=secure_cookies)
     # The signed cookie only carries the session id and the CSRF token; the login_sessions row decides

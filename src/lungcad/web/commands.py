@@ -39,6 +39,12 @@ def add_web_commands(sub: argparse._SubParsersAction, add_common: Callable[[argp
                    help="end a sign-in after this many minutes without a request (default 30)")
     p.add_argument("--session-hours", type=int, default=12, metavar="H",
                    help="end a sign-in this many hours after it started, active or not (default 12: a shift)")
+    p.add_argument("--pacs", metavar="AE@HOST:PORT|URL",
+                   help="let clinicians send an exam's results (series SR, key-slice Secondary Captures, filed under the "
+                        "original patient and study) to this PACS from the exam page or POST /api/studies/{id}/send: "
+                        "C-STORE, or STOW-RS for a DICOMweb URL (bearer token from $LUNGCAD_DICOMWEB_TOKEN); queued "
+                        "in the database, retried with back-off, shown on /dicom-outbox")
+    p.add_argument("--ae-title", default="LUNGCAD", help="the web app's calling AE title for --pacs (default LUNGCAD)")
     _db_args(p)
     add_common(p)
 
@@ -82,9 +88,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lungcad.web.security import SessionPolicy
 
     policy = SessionPolicy(idle_minutes=args.session_idle_minutes, hours=args.session_hours)
+    if args.pacs:
+        from lungcad.dicom.queue import parse_destination
+
+        parse_destination(args.pacs, "--pacs")  # refuse a malformed address before loading the model
     app = create_app(args.run, data_dir=args.data_dir, db=args.db, secure_cookies=args.secure_cookies,
-                     session_policy=policy)
-    log.info("serving on http://%s:%d (data folder %s)", args.host, args.port, Path(args.data_dir).resolve())
+                     session_policy=policy, pacs=args.pacs, ae_title=args.ae_title)
+    log.info("serving on http://%s:%d (data folder %s)%s", args.host, args.port, Path(args.data_dir).resolve(),
+             f"; results may be sent to {args.pacs}" if args.pacs else "")
     # One process: the model is loaded once and inference is serialised anyway (2-core CPU machines).
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False, server_header=False)
     return 0

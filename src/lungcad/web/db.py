@@ -46,6 +46,7 @@ __all__ = [
     "ExamIdentifiers",
     "Feedback",
     "Image",
+    "ImageIdentifiers",
     "LoginSession",
     "PilotSetting",
     "Read",
@@ -146,7 +147,8 @@ class Study(Base):
     It holds one or more `Series`, each of one or more `Image`s. The exam's AI result is not a
     column: it is `lungcad.web.service.exam_result(study)`, derived from its series. What
     identifies the patient's exam (accession number, original Study UID, the uploader's case
-    label) is in `ExamIdentifiers`, its own table, and nowhere else.
+    label; the patient and study attributes results for the PACS need) is in `ExamIdentifiers`,
+    its own table, and the original UIDs of its images in `ImageIdentifiers`; nowhere else.
     """
 
     __tablename__ = "studies"
@@ -191,15 +193,41 @@ class Study(Base):
 
 
 class ExamIdentifiers(Base):
-    """IDENTIFYING: how clinicians find the exam in the PACS. Shown only on the worklist and exam page
-    to users allowed to see the exam; never exported, logged, audited or written into stored files."""
+    """IDENTIFYING: how clinicians find the exam in the PACS, and (DICOM, since 0007) the original patient
+    and General Study attributes a PACS files results under (`lungcad.web.pacs` puts them back into the
+    results it sends). Accession, Study UID and case label are shown only on the worklist and exam page
+    to users allowed to see the exam; the patient attributes are shown nowhere. Never exported, logged,
+    audited or written into stored files."""
 
     __tablename__ = "exam_identifiers"
     study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), primary_key=True)
     accession_number: Mapped[str] = mapped_column(String(64), default="")
     study_uid: Mapped[str] = mapped_column(String(64), default="")  # the original Study Instance UID
     case_label: Mapped[str] = mapped_column(String(128), default="")  # the uploader's name for a JPG/PNG case
+    # False for exams stored before 0007 (and JPG/PNG cases): their results cannot go back to a PACS
+    identity_kept: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    patient_name: Mapped[str] = mapped_column(String(324), default="", server_default="")  # PN: 3 groups of 64 + "="
+    patient_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(16), default="", server_default="")  # DA as received
+    patient_sex: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    study_date: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    study_time: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="", server_default="")
+    dicom_study_id: Mapped[str] = mapped_column(String(16), default="", server_default="")  # (0020,0010) Study ID
     study: Mapped[Study] = relationship(back_populates="identifiers")
+
+
+class ImageIdentifiers(Base):
+    """IDENTIFYING: a stored DICOM image's original UIDs (the stored copy has keyed hashes instead), so that
+    results sent to a PACS reference the instances it holds. Rows exist only for images stored since 0007.
+    Never shown, exported, logged, audited or written into stored files."""
+
+    __tablename__ = "image_identifiers"
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))  # the original Series Instance UID
 
 
 class ModelResult:
@@ -259,6 +287,7 @@ class Image(ModelResult, Base):
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
     dicom_meta: Mapped[dict] = mapped_column(JSON, default=dict)  # hashed UIDs, modality: no PHI
     series: Mapped[Series] = relationship(back_populates="images")
+    identifiers: Mapped[ImageIdentifiers | None] = relationship()  # original UIDs (DICOM, since 0007)
 
 
 # ------------------------------------------------------------------------------------ exam result

@@ -59,6 +59,8 @@ class Settings:
     secure_cookies: bool = False  # set behind HTTPS so the session cookie is never sent in clear
     session_policy: SessionPolicy = field(default_factory=SessionPolicy)  # idle timeout, absolute lifetime
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)  # failed sign-ins (web.throttle)
+    pacs: Any = None  # where exams' results are sent (lungcad.dicom.queue destination; --pacs), None: nowhere
+    ae_title: str = "LUNGCAD"  # calling AE title of those sends (--ae-title)
 
 
 class AuthRequired(Exception):

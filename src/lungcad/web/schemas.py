@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
 
 from lungcad.web.db import as_utc
 
-__all__ = ["FileOut", "Identifiers", "ImageOut", "ReadOut", "SeriesOut", "SliceScore", "StudyOut", "Timestamp",
-           "UploadOut"]
+__all__ = ["FileOut", "Identifiers", "ImageOut", "ReadOut", "SendOut", "SeriesOut", "SliceScore", "StudyOut",
+           "Timestamp", "UploadOut"]
 
 Timestamp = Annotated[
     dt.datetime,
@@ -151,3 +151,13 @@ class UploadOut(BaseModel):
     created: int
     existing: int
     rejected: int
+
+
+class SendOut(BaseModel):
+    """Results of an exam queued for the PACS (`lungcad serve --pacs`): sent in the background, retried
+    with back-off while the PACS is unreachable; administrators see the queue on /dicom-outbox."""
+
+    study_id: str
+    queued: int = Field(description="result objects queued: per scored series, its SR and a Secondary Capture "
+                        "per key slice")
+    destination: str = Field(description="the PACS: AE@HOST:PORT or a DICOMweb URL")

@@ -28,6 +28,7 @@ from lungcad.web.db import (
     ExamIdentifiers,
     ExamResult,
     Image,
+    ImageIdentifiers,
     Read,
     Series,
     Study,
@@ -61,6 +62,7 @@ __all__ = [
     "image_dict",
     "ingest",
     "iso",
+    "keep_identity",
     "read_dict",
     "refresh_series",
     "series_dict",
@@ -91,6 +93,8 @@ class PredictorLike(Protocol):
                          pixels: list[np.ndarray] | None = None) -> list[Any]: ...
 
     def explain(self, data: bytes | Path, target: Any = None) -> Any: ...
+
+    def source_heatmap(self, exp: Any, pixels: np.ndarray) -> np.ndarray: ...  # results for a PACS (web.pacs)
 
 
 @dataclass
@@ -332,10 +336,11 @@ def store_image(session: Session, store: Store, user: User, raw: bytes, label: s
         if exam is None:
             exam = Study(id=new_id(), user_id=user.id, kind=info.kind, group_key=exam_key, exam_key=exam_key,
                          model_sha256=store.model_sha256, series=[], feedback=[])
-            exam.identifiers = ExamIdentifiers(accession_number=info.identifiers.get("accession_number", ""),
-                                               study_uid=info.identifiers.get("study_uid", ""), case_label=case_label)
+            exam.identifiers = ExamIdentifiers(**info.identifiers, case_label=case_label)
             session.add(exam)
             audit(session, "exam_created", user, target=exam.id, kind=info.kind)  # no identifiers: they stay put
+        else:
+            keep_identity(exam, info.identifiers)
         series = session.scalar(select(Series).where(Series.study_id == exam.id, Series.series_key == series_key))
         if series is None:
             number = 1 + (session.scalar(select(func.count()).select_from(Series).where(Series.study_id == exam.id)) or 0)
@@ -356,6 +361,8 @@ def store_image(session: Session, store: Store, user: User, raw: bytes, label: s
             dicom_meta={k: v for k, v in dicom_meta.items() if v},
         )
         session.add(image)
+        if info.kind == "dicom" and info.sop_uid:
+            image.identifiers = ImageIdentifiers(image_id=image_id, **info.image_identifiers())
         audit(session, "upload", user, target=exam.id, input_sha256=input_sha, kind=info.kind, width=info.width,
               height=info.height, image=image_id)
         audit(session, "prediction", user, target=exam.id, input_sha256=input_sha, model_sha256=image.model_sha256,
@@ -367,6 +374,17 @@ def store_image(session: Session, store: Store, user: User, raw: bytes, label: s
         raise
     return FileResult(status="created", study_id=exam.id, series_id=series.id, image_id=image_id,
                       label=image.label, decision=image.decision)
+
+
+def keep_identity(exam: Study, identifiers: dict) -> None:
+    """Fill in the patient and study attributes of an exam stored before they were kept (migration 0007)
+    from a later instance of it, so that its results can go back to the PACS."""
+    ids = exam.identifiers
+    if ids is None or ids.identity_kept or not identifiers.get("identity_kept"):
+        return
+    for column, value in identifiers.items():
+        if column not in ("accession_number", "study_uid"):  # what the exam was found under stays as it is
+            setattr(ids, column, value)
 
 
 def ingest(sessions: sessionmaker, store: Store, user: User, files: Iterable[tuple[str, str, bytes | LungcadError]],

@@ -7,8 +7,9 @@ given to a greyscale model (and the reverse), is refused with that reason, befor
 Zips: members are read one at a time (never the whole archive), each under the per-file cap.
 De-identification: the profile itself is `lungcad.dicom.deid.deidentify` (PS3.15 basic profile);
 here UIDs are always hashed with the site secret, and a PHI-free summary comes back for the database.
-The identifiers clinicians need to find the exam in the PACS (`UploadInfo.identifiers`) are read
-from the original header and go only to the `exam_identifiers` table.
+The identifiers clinicians need to find the exam in the PACS, and the patient and study attributes
+results sent back to it need (`UploadInfo.identifiers`, `UploadInfo.image_identifiers`), are read
+from the original header and go only to the `exam_identifiers` and `image_identifiers` tables.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from lungcad.errors import LungcadError, first_line
 from lungcad.inference.inputs import file_kind
 
 __all__ = [
-    "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "MAX_ZIP_BYTES", "UploadInfo", "check_modality",
-    "check_upload", "deidentify_upload", "expand_upload", "inspect_upload", "is_zip", "sniff",
+    "IDENTITY", "KINDS", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "MAX_ZIP_BYTES", "UploadInfo",
+    "check_modality", "check_upload", "deidentify_upload", "exam_identity", "expand_upload", "inspect_upload", "is_zip",
+    "sniff",
 ]
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one file: a 512x512 CT slice is ~0.5 MB; a large DICOM ~30 MB
@@ -94,7 +96,33 @@ class UploadInfo:
     series_uid: str = ""
     sop_uid: str = ""
     instance_number: int | None = None
-    identifiers: dict = field(default_factory=dict)  # accession_number, study_uid
+    sop_class_uid: str = ""
+    # ExamIdentifiers columns (accession_number, study_uid, and since 0007 the patient module and General
+    # Study attributes, `identity_kept`): the table's keyword arguments, see `exam_identity`
+    identifiers: dict = field(default_factory=dict)
+
+    def image_identifiers(self) -> dict:
+        """The ImageIdentifiers columns of this instance: its original UIDs (empty for JPG/PNG)."""
+        return {"sop_instance_uid": self.sop_uid[:64], "sop_class_uid": self.sop_class_uid[:64],
+                "series_uid": self.series_uid[:64]}
+
+
+# DICOM keyword -> (ExamIdentifiers column, its length): what a PACS files a result under (the patient
+# module) and the General Study attributes the result objects copy from their source image.
+IDENTITY = {
+    "PatientName": ("patient_name", 324), "PatientID": ("patient_id", 64),
+    "IssuerOfPatientID": ("issuer_of_patient_id", 64), "PatientBirthDate": ("patient_birth_date", 16),
+    "PatientSex": ("patient_sex", 16), "StudyDate": ("study_date", 16), "StudyTime": ("study_time", 32),
+    "ReferringPhysicianName": ("referring_physician_name", 324), "StudyID": ("dicom_study_id", 16),
+}
+
+
+def exam_identity(ds) -> dict:
+    """The identifying exam attributes of an original DICOM header, as ExamIdentifiers columns."""
+    text = lambda key: str(ds.get(key, "") or "").strip()  # noqa: E731
+    out = {column: text(keyword)[:length] for keyword, (column, length) in IDENTITY.items()}
+    return {"accession_number": text("AccessionNumber")[:64], "study_uid": text("StudyInstanceUID")[:64],
+            **out, "identity_kept": True}
 
 
 def inspect_upload(raw: bytes, label: str = "upload") -> UploadInfo:
@@ -111,7 +139,8 @@ def inspect_upload(raw: bytes, label: str = "upload") -> UploadInfo:
             info.instance_number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
         except (TypeError, ValueError):
             info.instance_number = None
-        info.identifiers = {"accession_number": text("AccessionNumber")[:64], "study_uid": info.study_uid[:64]}
+        info.sop_class_uid = text("SOPClassUID")
+        info.identifiers = exam_identity(ds)
     return info
 
 

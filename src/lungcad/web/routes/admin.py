@@ -65,7 +65,8 @@ def _users_page(request: Request, session: DB, user: User, error: str = "", code
 
 @router.get("/dicom-outbox", response_class=HTMLResponse, include_in_schema=False)
 def dicom_outbox_page(request: Request, session: DB, user: AdminUser, status: str = "", limit: int = 200) -> HTMLResponse:
-    """What `lungcad dicom-node` still has to send to the PACS (and what it sent), newest first."""
+    """What `lungcad dicom-node` and the web app (`serve --pacs`) still have to send to the PACS (and what they
+    sent), newest first."""
     q = select(DicomOutbox).order_by(DicomOutbox.id.desc()).limit(max(1, min(limit, 2000)))
     if status:
         q = q.where(DicomOutbox.status == status)

@@ -28,8 +28,8 @@ from lungcad.errors import LungcadError
 from lungcad.web import reading, service
 from lungcad.web.db import ApiToken, Image, Read, Series, Study, User, as_utc, audit, utcnow
 from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf
-from lungcad.web.routes.pages import owned_token, upload_items
-from lungcad.web.schemas import ImageOut, ReadOut, SeriesOut, StudyOut, UploadOut
+from lungcad.web.routes.pages import owned_token, send_results, upload_items
+from lungcad.web.schemas import ImageOut, ReadOut, SendOut, SeriesOut, StudyOut, UploadOut
 from lungcad.web.security import revoke_token
 from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES
 
@@ -64,7 +64,8 @@ _PROBLEM_WHEN = {
     401: "no credentials, or an invalid, expired or revoked API token",
     403: "not allowed for this user, or a cookie-authenticated write without its CSRF token",
     404: "no such resource (or not one this user may see)",
-    409: "not allowed in the read's current state (reading mode: unaided read first; it cannot change once saved)",
+    409: "not allowed in the current state (reading mode: unaided read first, a read cannot change once saved; "
+         "results cannot go to the PACS: none configured, not DICOM, nothing scored, identities not kept)",
     413: "request body over the server's limit",
     415: "a content type this operation does not take",
     422: "invalid request parameters or body, or an unusable upload",
@@ -277,6 +278,20 @@ def api_study(session: DB, user: CurrentUser, study_id: str) -> dict:
     audit(session, "study_view", user, target=study.id, via="api", ai_hidden=hidden)  # who looked at which image
     session.commit()
     return service.study_dict(study, with_feedback=True, hide_ai=hidden)
+
+
+@router.post("/api/studies/{study_id}/send", status_code=202, tags=["api"], response_model=SendOut,
+             responses={202: {"description": "queued: the results go to the PACS in the background"},
+                        **problems(403, 404, 409, 422)})
+def api_send(request: Request, session: DB, user: CurrentUser, store: StoreDep, settings: SettingsDep,
+             study_id: str) -> dict:
+    """Send the exam's results to the PACS the server was started with (`lungcad serve --pacs`): per
+    scored series, its Structured Report and a Secondary Capture per key slice, filed under the
+    patient and study they came from. Clinicians and administrators; 409 when no PACS is configured,
+    the exam is not DICOM, has no scored series, or was stored before identities were kept."""
+    check_csrf(request, None)
+    queued = send_results(request, session, user, store, settings, study_id)
+    return {"study_id": study_id, "queued": queued, "destination": str(settings.pacs)}
 
 
 @router.get("/api/series/{series_id}", tags=["api"], response_model=SeriesOut, responses=problems(404, 422))

@@ -16,9 +16,9 @@ from starlette.exceptions import HTTPException
 
 from lungcad.errors import LungcadError
 from lungcad.run import RunFolder
-from lungcad.web import reading, service, throttle, viewer
+from lungcad.web import pacs, reading, service, throttle, viewer
 from lungcad.web.db import ApiToken, Image, ReferenceDiagnosis, Study, SusResponse, User, audit, utcnow
-from lungcad.web.deps import DB, CurrentUser, Sessions, SettingsDep, StoreDep, check_csrf, get_study, page
+from lungcad.web.deps import DB, CurrentUser, Sessions, Settings, SettingsDep, StoreDep, check_csrf, get_study, page
 from lungcad.web.security import (
     DEFAULT_TOKEN_DAYS,
     MAX_TOKEN_DAYS,
@@ -29,7 +29,8 @@ from lungcad.web.security import (
 )
 from lungcad.web.uploads import MAX_FILES, MAX_UPLOAD_BYTES, expand_upload
 
-__all__ = ["display_image", "get_image", "owned_token", "result_panel", "router", "series_viewers", "upload_items"]
+__all__ = ["display_image", "get_image", "owned_token", "result_panel", "router", "send_results", "series_viewers",
+           "upload_items"]
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -81,17 +82,26 @@ def upload_items(files: list[UploadFile]) -> Iterator[tuple[str, str, Any]]:
 
 
 @router.get("/studies/{study_id}", response_class=HTMLResponse, include_in_schema=False)
-def study_page(request: Request, session: DB, user: CurrentUser, store: StoreDep, study_id: str,
+def study_page(request: Request, session: DB, user: CurrentUser, store: StoreDep, settings: SettingsDep, study_id: str,
                saved: str = "") -> HTMLResponse:
     study = get_study(session, study_id)
     result = service.exam_result(study)
     reading_ctx = _reading_context(session, user, study)
     hidden = reading_ctx["ai_hidden"]
+    send = _send_context(session, user, settings, study, hidden)
     audit(session, "study_view", user, target=study.id, ai_hidden=hidden)  # who looked at which image
     session.commit()
     return page(request, "study.html", user, study=study, result=result, panel=result_panel(store, result),
                 series_panels=[(s, result_panel(store, s)) for s in study.series], saved=saved,
-                viewers=series_viewers(request, study, hidden), **reading_ctx)
+                viewers=series_viewers(request, study, hidden), send=send, **reading_ctx)
+
+
+def _send_context(session: Session, user: User, settings: Settings, study: Study, ai_hidden: bool) -> dict | None:
+    """The exam page's "Send results to PACS" box: None when there is none to show (no PACS configured, not a
+    DICOM exam, a user who may not send it); otherwise the destination and why it cannot be sent, if so."""
+    if settings.pacs is None or study.kind != "dicom" or user.role not in pacs.SENDERS or ai_hidden:
+        return None
+    return {"destination": str(settings.pacs), "refusal": pacs.send_refusal(session, study)}
 
 
 def series_viewers(request: Request, study: Study, ai_hidden: bool) -> list[tuple[Any, dict]]:
@@ -229,6 +239,29 @@ def reference_form(
     reading.set_reference(session, study, user, label, source, diagnosed_on, note, store.classes)
     session.commit()
     return RedirectResponse(f"/studies/{study.id}?saved=reference#reading", status_code=303)
+
+
+@router.post("/studies/{study_id}/send", include_in_schema=False)
+def send_form(request: Request, session: DB, user: CurrentUser, store: StoreDep, settings: SettingsDep, study_id: str,
+              csrf_token: Annotated[str, Form()] = "") -> Response:
+    """The exam page's "Send results to PACS" button (`POST /api/studies/{id}/send` for scripts)."""
+    check_csrf(request, csrf_token)
+    queued = send_results(request, session, user, store, settings, study_id)
+    return RedirectResponse(f"/studies/{study_id}?saved=sent-{queued}#pacs", status_code=303)
+
+
+def send_results(request: Request, session: Session, user: User, store: service.Store, settings: Settings, study_id: str) -> int:
+    """Queue the exam's results for the PACS and commit (shared by the API and the exam page's form)."""
+    study = get_study(session, study_id)
+    try:
+        queued = pacs.send_exam(session, store, request.app.state.outbox, settings.pacs, study, user,
+                                reading.ai_hidden(session, user, study))
+    except pacs.SendRefused as exc:
+        session.rollback()
+        raise HTTPException(exc.status, str(exc)) from None
+    session.commit()
+    request.app.state.outbox.wake()
+    return queued
 
 
 @router.get("/sus", response_class=HTMLResponse, include_in_schema=False)
