@@ -303,3 +303,20 @@ def test_web_upload_reports_the_same_reasons(soft_run, soft_predictor, tmp_path)
             assert study.ood and study.ood_reasons == soft_predictor.predict(blank).ood_reasons
         page = client.get(f"/studies/{study.id}").text
         assert "Out of distribution" in page and "blank or constant image (every pixel is 0)" in page
+
+
+def test_colour_model_check_without_raw_pixels_reads_colour_from_the_model_input():
+    """Cross-validation and the OOD benchmarks check the prepared model input only (raw pixels
+    None): a colour model's own tiles must pass there too, and a grey one must still be caught."""
+    from lungcad.inference.appearance import fit_profile
+
+    rng = np.random.default_rng(0)
+    pink = np.stack([rng.integers(150, 230, (32, 32)), rng.integers(60, 140, (32, 32)),
+                     rng.integers(120, 200, (32, 32))]).astype(np.uint8)  # H&E-like: every pixel coloured
+    tiles = torch.as_tensor(np.stack([np.clip(pink.astype(int) + rng.integers(-15, 16, pink.shape), 0, 255)
+                                      for _ in range(40)]).astype(np.uint8))
+    pp = Preprocessing(image_size=32, colour="rgb")
+    profile = fit_profile(tiles)
+    assert not any(r.startswith("greyscale image given to a colour model") for r in check(None, tiles[0], profile, pp))
+    grey = tiles[0].float().mean(dim=0, keepdim=True).repeat(3, 1, 1).to(torch.uint8)
+    assert any(r.startswith("greyscale image given to a colour model") for r in check(None, grey, profile, pp))

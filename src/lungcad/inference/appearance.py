@@ -142,9 +142,12 @@ def check(raw_pixels: np.ndarray | None, prepared: torch.Tensor, profile: dict, 
         reasons.append("blank or constant image " + (f"(every pixel is {lo})" if lo == hi else f"(grey levels {lo}-{hi} only)"))
         return reasons  # nothing else is meaningful about an empty frame
 
-    colour_input = raw_pixels is not None and raw_pixels.ndim == 3 and raw_pixels.shape[2] >= 3
-    if colour_input:
-        chroma = raw_pixels[..., :3].max(axis=2).astype(np.int16) - raw_pixels[..., :3].min(axis=2)
+    if raw_pixels is not None:  # HxWx3 (or more channels), or HxW
+        rgb = raw_pixels[..., :3] if raw_pixels.ndim == 3 and raw_pixels.shape[2] >= 3 else None
+    else:  # only the model input: its colour is what is left of the image's (C, S, S)
+        rgb = prepared.numpy().transpose(1, 2, 0) if prepared.shape[0] == 3 else None
+    if rgb is not None:
+        chroma = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
         share = float((chroma > CHROMA).mean())
     else:
         share = 0.0
