@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -289,6 +290,11 @@ def test_dashboard_figures_on_a_small_pilot(site):
     assert un["accuracy"].ci == pytest.approx(wilson_by_hand(5, 8), abs=1e-9)
     assert ai_["sensitivity"].ci == pytest.approx(wilson_by_hand(2, 2), abs=1e-9)
     assert "Wilson" in un["accuracy"].method
+    # the AI's effect, paired on the same reads: accuracy +1/8, sensitivity +1/2, specificity 0; 4 studies: no interval
+    eff = stats["ai_effect"]
+    assert (eff["accuracy"].n, eff["accuracy"].value) == (8, pytest.approx(0.125))
+    assert (eff["sensitivity"].value, eff["specificity"].value) == (pytest.approx(0.5), pytest.approx(0.0))
+    assert eff["accuracy"].ci is None and eff["accuracy"].method == "no interval: 4 studies < 10"
     # the page shows the counts
     login(client, "root")
     dash = client.get("/dashboard").text
@@ -298,6 +304,8 @@ def test_dashboard_figures_on_a_small_pilot(site):
     row = dash[dash.index('id="sens-aided"'):]
     assert "2/2" in row[:row.index("</tr>")]
     assert "wrong → right 2" in dash
+    row = dash[dash.index('id="acc-effect"'):]
+    assert "+12 pp" in row[:row.index("</tr>")] and "no interval" in row[:row.index("</tr>")]
     csv_text = client.get("/dashboard/feedback.csv").text
     assert csv_text.count("\n") == 10 and "reference_label" in csv_text.splitlines()[0]
 
@@ -531,3 +539,23 @@ def test_reading_mode_switched_on_after_a_direct_read(site):
     assert client.post("/api/feedback", json={**body, "stage": "unaided"}, headers=h).status_code == 409
     r = client.post("/api/feedback", json={**body, "label": "benign"}, headers=h)
     assert r.status_code == 200 and r.json()["mode"] == "direct" and r.json()["revisions"] == 2
+
+
+def test_paired_difference_interval_resamples_studies_with_their_pairs():
+    """With enough studies the interval is the group bootstrap of the per-read differences; the
+    pairing matters: a reader who is right both times contributes nothing to the spread."""
+    from lungcad.evaluation.bootstrap import group_weights
+    from lungcad.web.reading import paired_difference
+
+    rng = np.random.default_rng(3)
+    groups = [f"s{i // 2}" for i in range(40)]  # 20 studies, 2 reads each
+    own = list(rng.random(40) < 0.6)
+    final = [o or bool(r < 0.3) for o, r in zip(own, rng.random(40))]  # the AI only fixes errors here
+    d = paired_difference(own, final, groups, n_boot=500, seed=7)
+    diffs = np.array(final, float) - np.array(own, float)
+    w = group_weights(np.array(groups), 500, np.random.default_rng(7))
+    by_hand = np.quantile((w @ diffs) / w.sum(axis=1), [0.025, 0.975])
+    assert d.value == pytest.approx(diffs.mean()) and d.ci == pytest.approx(tuple(by_hand))
+    assert d.ci[0] >= 0 and d.method.startswith("paired group bootstrap by study (20 studies")
+    same = paired_difference(own, own, groups, n_boot=200)
+    assert (same.value, same.ci) == (0.0, (0.0, 0.0))

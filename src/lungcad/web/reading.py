@@ -276,16 +276,32 @@ class Proportion:
     method: str
 
 
+def _group_bootstrap_mean(values: np.ndarray, groups: np.ndarray, n_boot: int | None,
+                          seed: int) -> tuple[tuple[float, float] | None, str]:
+    """95 % percentile interval of the mean of per-read `values`, whole studies resampled (reads of
+    one study by several readers are not independent); the caller checks there are enough studies."""
+    from lungcad.evaluation.bootstrap import LEVEL, MAX_UNDEFINED, N_BOOT, group_weights
+
+    w = group_weights(np.asarray(groups), n_boot or N_BOOT, np.random.default_rng(seed))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (w @ values) / w.sum(axis=1)
+    alpha = (1 - LEVEL) / 2
+    if np.isnan(means).mean() > MAX_UNDEFINED:
+        return None, "undefined in too many resamples"
+    low, high = np.nanquantile(means, [alpha, 1 - alpha])
+    return (float(low), float(high)), f"group bootstrap by study ({len(np.unique(groups))} studies, {len(means)} resamples)"
+
+
 def grouped_proportion_ci(hits: np.ndarray, groups: np.ndarray, n_boot: int | None = None,
                           seed: int = 0) -> tuple[tuple[float, float] | None, str]:
     """95 % interval of a proportion of reads, and how it was computed.
 
     With at least `bootstrap.MIN_GROUPS` studies: the project's group (cluster) bootstrap, whole
-    studies resampled (reads of one study by several readers are not independent). With fewer, a
-    percentile bootstrap says more about the resampling than the data: Wilson's score interval on
-    the reads instead (which treats them as independent, so it is too narrow with several readers).
+    studies resampled. With fewer, a percentile bootstrap says more about the resampling than the
+    data: Wilson's score interval on the reads instead (which treats them as independent, so it is
+    too narrow with several readers).
     """
-    from lungcad.evaluation.bootstrap import LEVEL, MAX_UNDEFINED, MIN_GROUPS, N_BOOT, group_weights
+    from lungcad.evaluation.bootstrap import MIN_GROUPS
 
     hits = np.asarray(hits, dtype=float)
     n = len(hits)
@@ -294,13 +310,34 @@ def grouped_proportion_ci(hits: np.ndarray, groups: np.ndarray, n_boot: int | No
     n_groups = len(np.unique(groups))
     if n_groups < MIN_GROUPS:
         return wilson(int(hits.sum()), n), f"Wilson (reads; {n_groups} studies < {MIN_GROUPS} for a bootstrap)"
-    w = group_weights(np.asarray(groups), n_boot or N_BOOT, np.random.default_rng(seed))
-    rates = (w @ hits) / w.sum(axis=1)
-    alpha = (1 - LEVEL) / 2
-    if np.isnan(rates).mean() > MAX_UNDEFINED:
-        return None, "undefined in too many resamples"
-    low, high = np.nanquantile(rates, [alpha, 1 - alpha])
-    return (float(low), float(high)), f"group bootstrap by study ({n_groups} studies, {len(rates)} resamples)"
+    return _group_bootstrap_mean(hits, np.asarray(groups), n_boot, seed)
+
+
+@dataclass
+class Difference:
+    """Final (with AI) minus own read, on the same reads: the AI's effect on a rate."""
+
+    n: int  # paired reads
+    value: float | None
+    ci: tuple[float, float] | None
+    method: str
+
+
+def paired_difference(own: list[bool], final: list[bool], groups: list[str], n_boot: int | None = None,
+                      seed: int = 0) -> Difference:
+    """Rate of `final` minus rate of `own` over the same reads, with a 95 % group-bootstrap interval
+    (studies resampled, each read keeping its own pair: the pairing is what makes it narrow). With
+    fewer than `bootstrap.MIN_GROUPS` studies: no interval, and the method says why."""
+    from lungcad.evaluation.bootstrap import MIN_GROUPS
+
+    d = np.asarray(final, dtype=float) - np.asarray(own, dtype=float)
+    if len(d) == 0:
+        return Difference(0, None, None, "")
+    n_groups = len(set(groups))
+    if n_groups < MIN_GROUPS:
+        return Difference(len(d), float(d.mean()), None, f"no interval: {n_groups} studies < {MIN_GROUPS}")
+    ci, method = _group_bootstrap_mean(d, np.asarray(groups), n_boot, seed)
+    return Difference(len(d), float(d.mean()), ci, "paired " + method)
 
 
 def _proportion(hits: list[bool], groups: list[str]) -> Proportion:
@@ -318,6 +355,19 @@ def _mean_ci(values: list[float]) -> tuple[float, float] | None:
     arr = np.asarray(values, dtype=float)
     half = float(t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr)))
     return float(arr.mean() - half), float(arr.mean() + half)
+
+
+def _ai_effect(rows: list[tuple[Read, str]]) -> dict:
+    """Final minus own read for accuracy, sensitivity and specificity (malignant), on the same reads."""
+    def diff(subset: list[tuple[Read, str]], right) -> Difference:
+        return paired_difference([right(r.unaided_label, ref) for r, ref in subset],
+                                 [right(r.final_label, ref) for r, ref in subset], [r.study_id for r, _ in subset])
+
+    return {
+        "accuracy": diff(rows, lambda label, ref: label == ref),
+        "sensitivity": diff([x for x in rows if x[1] == POSITIVE], lambda label, ref: label == POSITIVE),
+        "specificity": diff([x for x in rows if x[1] != POSITIVE], lambda label, ref: label != POSITIVE),
+    }
 
 
 def _accuracy_block(rows: list[tuple[Read, str]], which: str) -> dict:
@@ -394,6 +444,7 @@ def pilot_stats(session: Session, classes: list[str]) -> dict:
         "with_reference_studies": len({r.study_id for r, _ in with_ref}),
         "unaided": _accuracy_block(with_ref, "unaided"),
         "aided": _accuracy_block(with_ref, "final"),
+        "ai_effect": _ai_effect(with_ref),
         "changes_judged": changes_judged,
         "period": period,
         "sus_periods": sus_periods,
