@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="the data folder the run was trained on")
     ap.add_argument("--member", type=int, default=1, help="the member whose held-out patients form the site")
     ap.add_argument("--shift", default="lung window (simulated)", choices=list(SHIFTS))
-    ap.add_argument("--patients", nargs="+", default=["4", "8", "all"], help="labelled patients per fine-tuning")
+    ap.add_argument("--patients", nargs="*", default=["4", "8", "all"],
+                    help="labelled patients per fine-tuning (none: only the arms without fine-tuning)")
     ap.add_argument("--inner-folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--finetune", choices=["all", "layer4", "fc"], default="all", help="layers the fine-tuning trains")
