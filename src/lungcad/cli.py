@@ -149,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="significance level of the OOD-score shift test against the reference images (default 0.01)")
     _add_common(p)
 
+    p = sub.add_parser("adapt", help="label-free site adaptation: a copy of a run with its BatchNorm statistics "
+                                     "re-estimated on a site's unlabelled images (AdaBN)",
+                       epilog="No labels are used: the temperature, thresholds and operating point are the source's, "
+                              "not validated at the site; confirm them on labelled local cases before clinical use.")
+    p.add_argument("run", metavar="RUNDIR", help="a finished run or fold ensemble (left unchanged)")
+    p.add_argument("data", metavar="DATA", help="folder of the site's unlabelled images or DICOM (recursive)")
+    p.add_argument("--out", required=True, metavar="RUNDIR2", help="the adapted run folder to create")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="use at most N site images, a random sample with a fixed seed (default 2000; the site "
+                        "cache takes N x C x S x S bytes, ~300 MB at 224 px in colour)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per pass while re-estimating (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_common(p)
+
     from lungcad.web.commands import _db_args, add_web_commands  # argparse only: the web extra loads when run
 
     p = sub.add_parser("dicom-node", help="a DICOM node: receive CT series over the network (C-STORE), score each "
@@ -335,6 +349,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report["verdict"] == "matches" else EXIT_MISMATCH
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from lungcad.training.adapt import adapt_run
+
+    limit = {"max_images": args.max_images} if args.max_images is not None else {}  # default: adapt.MAX_IMAGES
+    r = adapt_run(args.run, args.data, args.out, batch_size=args.batch_size, device=args.device, **limit)
+    print(f"adapted: {r['out']} ({r['models']} model(s), BatchNorm statistics from {r['images']} site images; "
+          f"{r['unreadable']} unreadable files skipped); operating point inherited from the source, not validated "
+          "at the site")
+    return 0
+
+
 def cmd_dicom_node(args: argparse.Namespace) -> int:
     from lungcad.web.commands import _need_web
 
@@ -365,6 +390,7 @@ COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate}
 COMMANDS["export"] = cmd_export
 COMMANDS["predict"] = cmd_predict
 COMMANDS["check"] = cmd_check
+COMMANDS["adapt"] = cmd_adapt
 COMMANDS["dicom-node"] = cmd_dicom_node
 
 
