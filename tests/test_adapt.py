@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ from conftest import make_dataset, make_run
 from lungcad.cli import main
 from lungcad.data.dataset import load_cache
 from lungcad.data.transforms import Preprocessing
+from lungcad.errors import LungcadError
 from lungcad.inference.appearance import fit_profile
 from lungcad.inference.inputs import iter_inputs
 from lungcad.inference.predictor import Predictor
 from lungcad.models.contract import ensemble_sha256, load_model, read_contract
-from lungcad.training.adapt import METHOD, MIN_IMAGES
+from lungcad.training.adapt import METHOD, MIN_IMAGES, site_fingerprint
 
 FAST = ["--batch-size", "8", "--no-progress"]
 PP = Preprocessing(image_size=32, colour="grey", window_level=40.0, window_width=400.0, window_source="declared")
@@ -117,17 +119,20 @@ def test_single_run_adapted_copy_loads_predicts_and_records_lineage(source, site
     assert main(["predict", str(out), str(files[0]), "--no-progress"]) == 0
 
 
-def test_max_images_takes_a_fixed_random_sample(source, site, tmp_path):
+def test_max_images_takes_a_fixed_random_sample(source, site, tmp_path, capsys):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         assert main(["adapt", str(source), str(site), "--out", str(out), "--max-images", str(MIN_IMAGES), *FAST]) == 0
     a, b = (read_contract(o).init for o in outs)
     assert a["site_images"] == MIN_IMAGES and a["site_data_fingerprint_sha256"] == b["site_data_fingerprint_sha256"]
+    assert a["site_data_fingerprint_sha256"] != site_fingerprint(_site_files(site)[:MIN_IMAGES])  # not the first N
+    skipped = int(re.search(r"site images; (\d+) unreadable", capsys.readouterr().out).group(1))
+    assert skipped <= 1  # reading stopped at N readable images: at most broken.png was tried besides
     assert load_file(str(outs[0] / "model.safetensors"))["bn1.running_mean"].equal(
         load_file(str(outs[1] / "model.safetensors"))["bn1.running_mean"])
 
 
-def test_bad_input_is_refused_in_one_line_leaving_nothing(source, site, tmp_path, capsys):
+def test_bad_input_is_refused_in_one_line_leaving_nothing(source, site, tmp_path, capsys, monkeypatch):
     few = tmp_path / "few"
     few.mkdir()
     for p in _site_files(site)[:5]:
@@ -150,7 +155,15 @@ def test_bad_input_is_refused_in_one_line_leaving_nothing(source, site, tmp_path
         assert message in err and "\n" not in err, err
         assert err.startswith("lungcad adapt: error: ")
     assert (existing / "keep.txt").read_text() == "mine"
-    assert not any(p.name.startswith(("o1", "o2", "o3", ".")) for p in tmp_path.iterdir())
+    # an error or an interruption once the copy is under way leaves no copy behind
+    for exc, status in ((LungcadError("no memory left for the statistics"), 1), (KeyboardInterrupt(), 130)):
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr("lungcad.training.adapt.adapt_batchnorm", fail)
+        assert main(["adapt", str(source), str(site), "--out", str(tmp_path / "o4"), *FAST]) == status
+    monkeypatch.undo()
+    assert not any(p.name.startswith(("o1", "o2", "o3", "o4", ".")) for p in tmp_path.iterdir())
     assert not (source / "inside").exists() and not list(source.glob(".inside*"))
     # the too-few-images error names DATA
     assert main(["adapt", str(source), str(few), "--out", str(tmp_path / "o1"), *FAST]) == 1

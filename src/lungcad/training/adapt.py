@@ -114,13 +114,14 @@ def read_site(predictor, data: Path, max_images: int = MAX_IMAGES, seed: int = S
             break
         try:
             pixels, _ = predictor.load_pixels(paths[i])
-            cache[len(files)] = predictor.prepare(pixels)
+            prepared = predictor.prepare(pixels)
         except LungcadError as exc:
             bad.append((paths[i], str(exc)))
             continue
         except Exception as exc:  # a decoder bug on one odd file must not stop the site (as predict)
             bad.append((paths[i], f"unexpected error while reading ({type(exc).__name__}: {first_line(exc, 250)})"))
             continue
+        cache[len(files)] = prepared
         files.append(paths[i])
     for path, reason in bad:
         log.warning("unreadable: %s: %s", path, reason)
