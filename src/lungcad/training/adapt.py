@@ -27,7 +27,9 @@ What RUNDIR2 is:
   different window".
 - **Feature-space OOD detector kept** as it is: after AdaBN the site's features are centred the
   way the training features were, so the source's detector should still describe them;
-  `lungcad check RUNDIR2 DATA` measures whether that holds (its flagged share and score shift).
+  `lungcad check RUNDIR2 DATA` measures whether that holds: its flagged share. (Its score-shift
+  test compares the site with the source's reference images, which the adapted model no longer
+  normalises for: there a site scoring *lower* than the reference is expected, not a shift.)
 
 What it does not do: no labels are used, so the temperature, the thresholds and the operating
 point are the source's, not validated at the site (a warning, and `init["operating_point"]`);
@@ -245,6 +247,6 @@ def _adapt_one(model_dir: Path, source: Path, cache: torch.Tensor, pp, lineage: 
     save_model(model_dir, model, contract)
     if (model_dir / "init.json").is_file():
         atomic_write_json(model_dir / "init.json", contract.init)
-    log.info("%s: BatchNorm statistics re-estimated (weights sha256 %s -> %s)", model_dir.name, source_sha[:16],
+    log.info("%s: BatchNorm statistics re-estimated (weights sha256 %s -> %s)", source, source_sha[:16],
              contract.model_sha256[:16])
     return contract.model_sha256
