@@ -35,7 +35,8 @@ What it does not do: no labels are used, so the temperature, the thresholds and 
 point are the source's, not validated at the site (a warning, and `init["operating_point"]`);
 labelled local cases must confirm the operating point before clinical use. The metrics in
 model.json, metrics.json and crossval.json are the source's, measured before adaptation
-(`init["metrics"]`).
+(`init["metrics"]`). The site images should be a sample of its usual case mix: the statistics
+follow whatever they are given.
 
 Site images are found exactly as `lungcad check` finds them (`iter_inputs`: recursive, by
 content) and read through the source's `Predictor` (DICOM rendered at the contract's window,
