@@ -205,6 +205,9 @@ def test_other_modalities_and_colour_images_are_refused_with_the_reason(site):
     r = client.post("/api/predict", files={"file": ("mr.dcm", mr, "application/dicom")}, headers=bearer)
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
     assert "modality MR does not match the model (CT)" in r.json()["detail"]
+    unlabelled = ct_slice(generate_uid(), generate_uid(), 1, modality="")  # an empty Modality
+    r = client.post("/api/predict", files={"file": ("nomod.dcm", unlabelled, "application/dicom")}, headers=bearer)
+    assert r.status_code == 422 and "DICOM without a Modality: cannot tell it is CT" in r.json()["detail"]
     r = client.post("/api/predict", files={"file": ("photo.png", colour_png(), "image/png")}, headers=bearer)
     assert r.status_code == 422 and "colour image" in r.json()["detail"] and "greyscale CT model" in r.json()["detail"]
     r = client.post("/api/uploads", files=[("files", ("mr.dcm", mr, "application/dicom"))], headers=bearer)

@@ -154,7 +154,10 @@ def check_modality(info: UploadInfo, raw: bytes, colour: str, label: str = "uplo
     """
     expected = "CT" if colour == "grey" else "SM"
     if info.kind == "dicom":
-        if info.modality and info.modality != expected:
+        if not info.modality:  # Type 1 in General Series: without it nothing says the pixels are CT
+            raise LungcadError(f"DICOM without a Modality: cannot tell it is {expected}; refused, not scored "
+                               "(the DICOM node does not score such a series either)", label)
+        if info.modality != expected:
             raise LungcadError(f"modality {info.modality} does not match the model ({expected}): refused, not scored",
                                label)
         if colour == "grey" and info.photometric and not info.photometric.startswith("MONOCHROME"):
