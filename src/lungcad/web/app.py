@@ -189,7 +189,6 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         """With --pacs, the outbox sender runs as long as the app (queued results survive a restart)."""
         if destination is not None:
-            app.state.outbox = Outbox(session_factory, settings.data_dir, ae_title)
             app.state.outbox.start()
         try:
             yield
@@ -212,7 +211,7 @@ def create_app(
     templates.env.globals.update(viewer_config=viewer.viewer_config, viewer_built=viewer.bundle_built)
     app.state.settings, app.state.engine, app.state.sessions, app.state.store = settings, engine, session_factory, store
     app.state.templates = templates
-    # queues results (routes); its sender thread runs under the lifespan above (`send_due` without it, in tests)
+    # queues results (routes); with --pacs its sender thread runs under the lifespan above (tests call `send_due`)
     app.state.outbox = Outbox(session_factory, settings.data_dir, ae_title)
 
     app.add_middleware(SecurityHeaders, always_https=secure_cookies)
