@@ -19,6 +19,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import IO
 
 import numpy as np
@@ -117,11 +118,15 @@ IDENTITY = {
 }
 
 
+def _text(ds, keyword: str) -> str:
+    """A header attribute as stripped text ("" when absent or empty)."""
+    return str(ds.get(keyword, "") or "").strip()
+
+
 def exam_identity(ds) -> dict:
     """The identifying exam attributes of an original DICOM header, as ExamIdentifiers columns."""
-    text = lambda key: str(ds.get(key, "") or "").strip()  # noqa: E731
-    out = {column: text(keyword)[:length] for keyword, (column, length) in IDENTITY.items()}
-    return {"accession_number": text("AccessionNumber")[:64], "study_uid": text("StudyInstanceUID")[:64],
+    out = {column: _text(ds, keyword)[:length] for keyword, (column, length) in IDENTITY.items()}
+    return {"accession_number": _text(ds, "AccessionNumber")[:64], "study_uid": _text(ds, "StudyInstanceUID")[:64],
             **out, "identity_kept": True}
 
 
@@ -131,7 +136,7 @@ def inspect_upload(raw: bytes, label: str = "upload") -> UploadInfo:
     info = UploadInfo(kind, width, height)
     if kind == "dicom":
         ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
-        text = lambda key: str(ds.get(key, "") or "").strip()  # noqa: E731
+        text = partial(_text, ds)
         info.modality, info.photometric = text("Modality").upper(), text("PhotometricInterpretation").upper()
         info.study_uid, info.series_uid, info.sop_uid = text("StudyInstanceUID"), text("SeriesInstanceUID"), text(
             "SOPInstanceUID")
