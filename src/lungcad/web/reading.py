@@ -357,28 +357,28 @@ def _mean_ci(values: list[float]) -> tuple[float, float] | None:
     return float(arr.mean() - half), float(arr.mean() + half)
 
 
+def _judged(rows: list[tuple[Read, str]]) -> dict:
+    """figure -> (the reads it is over, whether a label is right against the reference): accuracy over
+    every read, sensitivity (malignant) over malignant references, specificity over the others."""
+    return {
+        "accuracy": (rows, lambda label, ref: label == ref),
+        "sensitivity": ([x for x in rows if x[1] == POSITIVE], lambda label, ref: label == POSITIVE),
+        "specificity": ([x for x in rows if x[1] != POSITIVE], lambda label, ref: label != POSITIVE),
+    }
+
+
 def _ai_effect(rows: list[tuple[Read, str]]) -> dict:
     """Final minus own read for accuracy, sensitivity and specificity (malignant), on the same reads."""
-    def diff(subset: list[tuple[Read, str]], right) -> Difference:
-        return paired_difference([right(r.unaided_label, ref) for r, ref in subset],
-                                 [right(r.final_label, ref) for r, ref in subset], [r.study_id for r, _ in subset])
-
-    return {
-        "accuracy": diff(rows, lambda label, ref: label == ref),
-        "sensitivity": diff([x for x in rows if x[1] == POSITIVE], lambda label, ref: label == POSITIVE),
-        "specificity": diff([x for x in rows if x[1] != POSITIVE], lambda label, ref: label != POSITIVE),
-    }
+    return {name: paired_difference([right(r.unaided_label, ref) for r, ref in subset],
+                                    [right(r.final_label, ref) for r, ref in subset], [r.study_id for r, _ in subset])
+            for name, (subset, right) in _judged(rows).items()}
 
 
 def _accuracy_block(rows: list[tuple[Read, str]], which: str) -> dict:
     """Accuracy, sensitivity and specificity for malignant of the `which` (unaided / final) labels."""
     label = (lambda r: r.unaided_label) if which == "unaided" else (lambda r: r.final_label)
-    acc = _proportion([label(r) == ref for r, ref in rows], [r.study_id for r, _ in rows])
-    pos = [(r, ref) for r, ref in rows if ref == POSITIVE]
-    neg = [(r, ref) for r, ref in rows if ref != POSITIVE]
-    sens = _proportion([label(r) == POSITIVE for r, _ in pos], [r.study_id for r, _ in pos])
-    spec = _proportion([label(r) != POSITIVE for r, _ in neg], [r.study_id for r, _ in neg])
-    return {"accuracy": acc, "sensitivity": sens, "specificity": spec}
+    return {name: _proportion([right(label(r), ref) for r, ref in subset], [r.study_id for r, _ in subset])
+            for name, (subset, right) in _judged(rows).items()}
 
 
 def pilot_stats(session: Session, classes: list[str]) -> dict:
