@@ -199,7 +199,7 @@ def adapt_run(run_dir: str | Path, data: str | Path, out: str | Path, max_images
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.adapting-"))
     try:
         shutil.copytree(run_dir, tmp, ignore=_ignore, dirs_exist_ok=True)
-        models = _adapt_models(tmp, run_dir, contract, site.cache, lineage, batch_size, dev)
+        models = _adapt_models(tmp, run_dir, contract, site.cache, lineage, fit_profile(site.cache), batch_size, dev)
         os.replace(tmp, out)  # an empty --out folder is replaced too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,29 +210,26 @@ def adapt_run(run_dir: str | Path, data: str | Path, out: str | Path, max_images
     return {"out": str(out), "images": n, "unreadable": len(site.unreadable), "files": site.found, "models": models}
 
 
-def _adapt_models(tmp: Path, source: Path, contract, cache: torch.Tensor, lineage: dict, batch_size: int,
-                  device: torch.device) -> int:
+def _adapt_models(tmp: Path, source: Path, contract, cache: torch.Tensor, lineage: dict, profile: dict,
+                  batch_size: int, device: torch.device) -> int:
     """AdaBN on every model of the copied run folder `tmp`; returns how many were adapted."""
     pp = contract.preprocessing
     if not contract.ensemble:
-        _adapt_one(tmp, source, cache, pp, lineage, batch_size, device)
+        _adapt_one(tmp, source, cache, pp, lineage, profile, batch_size, device)
         return 1
     members = ensemble_members(tmp, contract)  # sha256 of each member's contract checked
     shas = []
     for (member_dir, _), entry in zip(members, contract.ensemble["members"], strict=True):
-        shas.append(_adapt_one(member_dir, source / entry["path"], cache, pp, lineage, batch_size, device))
+        shas.append(_adapt_one(member_dir, source / entry["path"], cache, pp, lineage, profile, batch_size, device))
         entry["model_sha256"] = shas[-1]
-    contract.init = {**lineage, "adapted_from": str(source.resolve()), "source_model_sha256": contract.model_sha256,
-                     "source_init": contract.init}
+    _record_adaptation(contract, source, lineage, profile)
     contract.model_sha256 = ensemble_sha256(shas)
-    if contract.appearance:
-        contract.appearance = fit_profile(cache)
     atomic_write_json(tmp / CONTRACT_FILE, contract.to_dict())
     ensemble_members(tmp, read_contract(tmp))  # the ensemble loads: its record matches every member
     return len(shas)
 
 
-def _adapt_one(model_dir: Path, source: Path, cache: torch.Tensor, pp, lineage: dict, batch_size: int,
+def _adapt_one(model_dir: Path, source: Path, cache: torch.Tensor, pp, lineage: dict, profile: dict, batch_size: int,
                device: torch.device) -> str:
     """AdaBN on one run folder's model, saved in place; returns its new sha256."""
     model, contract = load_model(model_dir)  # the weights' sha256 checked
@@ -241,13 +238,19 @@ def _adapt_one(model_dir: Path, source: Path, cache: torch.Tensor, pp, lineage: 
                            "the site images cannot be prepared for both", model_dir)
     source_sha = contract.model_sha256
     adapt_batchnorm(model.to(device), cache, pp, batch_size=batch_size, device=device)
-    contract.init = {**lineage, "adapted_from": str(source.resolve()), "source_model_sha256": source_sha,
-                     "source_init": contract.init}
-    if contract.appearance:
-        contract.appearance = fit_profile(cache)
+    _record_adaptation(contract, source, lineage, profile)
     save_model(model_dir, model, contract)
     if (model_dir / "init.json").is_file():
         atomic_write_json(model_dir / "init.json", contract.init)
     log.info("%s: BatchNorm statistics re-estimated (weights sha256 %s -> %s)", source, source_sha[:16],
              contract.model_sha256[:16])
     return contract.model_sha256
+
+
+def _record_adaptation(contract, source: Path, lineage: dict, profile: dict) -> None:
+    """The contract's lineage (`init`: what it was adapted from, on what) and, where it has one, its
+    appearance profile replaced by the site's `profile`, before it is saved."""
+    contract.init = {**lineage, "adapted_from": str(source.resolve()), "source_model_sha256": contract.model_sha256,
+                     "source_init": contract.init}
+    if contract.appearance:
+        contract.appearance = profile
