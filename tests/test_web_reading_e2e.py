@@ -75,6 +75,24 @@ def sign_in(page, base: str, user: str) -> None:
     page.wait_for_selector("#dropzone")
 
 
+def save_final_read(page, label: str, comment: str, changed_from: str) -> None:
+    """The aided (final) read on the exam page, saved; the page says it differs from the own read."""
+    page.check(f"#aided-form input[name=label][value={label}]")
+    page.check("#aided-form input[name=confidence][value='4']")
+    page.fill("#aided-form textarea[name=comment]", comment)
+    page.click("#aided-form button[type=submit]")
+    page.wait_for_selector("#feedback-saved")
+    assert f"changed it from {changed_from}" in page.inner_text("#read-agreement")
+
+
+def admin_dashboard_shows_one_changed_read(page, base: str) -> None:
+    """Signed in as the admin, the pilot dashboard counts the one final read, changed after the AI."""
+    sign_in(page, base, "root")
+    page.goto(f"{base}/dashboard")
+    assert page.inner_text("#feedback-count") == "1"
+    assert page.inner_text("#changed-count") == "1/1"
+
+
 def check_widths(page, base: str, paths: list[str], shots: Path, tag: str) -> list[str]:
     """Every path at every width: (what overflowed) — empty when nothing is wider than the screen."""
     problems = []
@@ -122,12 +140,7 @@ def test_reading_flow_and_dashboard_in_a_browser_at_three_widths(live):
             # step 2: revealed; the final decision
             assert page.inner_text("#result-headline").split(":")[0] == "malignant"  # the decision rule in words
             assert "benign" in page.inner_text("#unaided-summary")
-            page.check("#aided-form input[name=label][value=malignant]")
-            page.check("#aided-form input[name=confidence][value='4']")
-            page.fill("#aided-form textarea[name=comment]", "AI pointed at the nodule")
-            page.click("#aided-form button[type=submit]")
-            page.wait_for_selector("#feedback-saved")
-            assert "changed it from benign" in page.inner_text("#read-agreement")
+            save_final_read(page, "malignant", "AI pointed at the nodule", changed_from="benign")
             page.screenshot(path=str(shots / "reading-2-aided.png"), full_page=True)
             problems = check_widths(page, base, ["/", "/worklist", study_path, "/sus", "/account", "/model",
                                                  "/studies/no-such-study"], shots, "clinician")
@@ -135,10 +148,7 @@ def test_reading_flow_and_dashboard_in_a_browser_at_three_widths(live):
             page.click("button:has-text('Sign out')")
             page.wait_for_url("**/login")
             # the admin finds both reads on the dashboard
-            sign_in(page, base, "root")
-            page.goto(f"{base}/dashboard")
-            assert page.inner_text("#feedback-count") == "1"
-            assert page.inner_text("#changed-count") == "1/1"
+            admin_dashboard_shows_one_changed_read(page, base)
             directions = page.inner_text("#directions")
             assert "benign\tmalignant\t1" in directions
             assert "AI pointed at the nodule" in page.inner_text("#comments")
@@ -272,21 +282,13 @@ def test_reading_a_five_slice_dicom_series_through_the_viewer(live):
 
             # the aided read: a final decision other than the own read
             final = ai_label if ai_label != "normal" else "benign"
-            page.check(f"#aided-form input[name=label][value={final}]")
-            page.check("#aided-form input[name=confidence][value='4']")
-            page.fill("#aided-form textarea[name=comment]", "five slices, scrolled")
-            page.click("#aided-form button[type=submit]")
-            page.wait_for_selector("#feedback-saved")
-            assert "changed it from normal" in page.inner_text("#read-agreement")
+            save_final_read(page, final, "five slices, scrolled", changed_from="normal")
             page.screenshot(path=str(shots / "series-4-aided.png"), full_page=True)
             page.click("button:has-text('Sign out')")
             page.wait_for_url("**/login")
 
             # the admin finds both reads on the dashboard
-            sign_in(page, base, "root")
-            page.goto(f"{base}/dashboard")
-            assert page.inner_text("#feedback-count") == "1"
-            assert page.inner_text("#changed-count") == "1/1"
+            admin_dashboard_shows_one_changed_read(page, base)
             assert "1 reads with both the reader's own read and a final decision" in page.inner_text("#ai-effect")
             assert f"normal\t{final}\t1" in page.inner_text("#directions")
             assert "five slices, scrolled" in page.inner_text("#comments")
