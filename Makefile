@@ -15,9 +15,11 @@ RUN    ?= runs/iqothnccd
 # 0.980 vs 0.967, specificity at 0.95 sensitivity 0.947 vs 0.912, balanced accuracy +0.042
 # [-0.027, +0.105]: docs/ablations.md), bf16 where the CPU has native bf16 (--amp auto; fp32
 # elsewhere, about 2.5x slower). --window: how IQ-OTH/NCCD's JPEGs were rendered (docs/window.md),
-# so DICOM input is rendered alike. The faster recipe of the previous version:
+# so DICOM input is rendered alike. --jobs 2: two members train side by side, each on its share of
+# the cores (on 2 cores 1.6x the images/s of one two-thread process: benchmarks/bench_train.py --jobs 2;
+# on a GPU the members train one at a time). The faster recipe of the previous version:
 #   make main TRAIN_ARGS='--folds 5 --image-size 128 --epochs 20 --batch-size 32 --lr 0.0015 --window=195,480'
-TRAIN_ARGS ?= --folds 5 --image-size 224 --epochs 12 --batch-size 32 --lr 0.0015 --window=195,480
+TRAIN_ARGS ?= --folds 5 --jobs 2 --image-size 224 --epochs 12 --batch-size 32 --lr 0.0015 --window=195,480
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 # The web app's image viewer: Cornerstone3D bundled by esbuild from web/viewer (npm) into the package's
 # static files. Generated, not tracked; `pip install -e .` serves it from src/, a wheel built after it ships it.

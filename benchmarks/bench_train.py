@@ -8,7 +8,12 @@ same run (benchmarks/_machine.py, which also prints the CPU and its detected ins
 peak resident memory of each configuration (own subprocess, VmHWM), and the data pipeline's
 images/s (cached uint8 -> augmentation -> normalisation through the DataLoader used in training).
 
-    python benchmarks/bench_train.py [--steps 6] [--only train:fc:adamw:32 ...] [--json FILE]
+With `--jobs N`, each training configuration is also run as N processes at once, each with its
+share of the cores, and their summed images/s is compared with the one-process figure of the same
+run: what `lungcad train --folds K --jobs N` (fold members side by side) gains on this machine.
+`--bf16` runs the steps under bf16 autocast, as `--amp auto` trains on CPUs with native bf16.
+
+    python benchmarks/bench_train.py [--steps 6] [--only train:fc:adamw:32 ...] [--jobs 2] [--bf16] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ def _vm_hwm_mb() -> float:
     return float("nan")
 
 
-def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, size: int) -> dict:
+def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, size: int,
+                        bf16: bool = False) -> dict:
+    import contextlib
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -57,7 +65,8 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step() -> None:
-        loss = loss_fn(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -75,7 +84,7 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     median = times[len(times) // 2]
     ips = batch / median
     return {
-        "what": f"train {strategy}", "optimizer": optimizer, "batch": batch, "image_size": size,
+        "what": f"train {strategy}{' bf16' if bf16 else ''}", "optimizer": optimizer, "batch": batch, "image_size": size,
         "images_per_s": round(ips, 2), "gflop_per_image": round(flops_per_image / 1e9, 2),
         "peak_rss_mb": round(_vm_hwm_mb()), "step_times_s": [round(t, 3) for t in times],
     }
@@ -113,9 +122,17 @@ def main() -> None:
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--allocator", choices=["auto", "system"], default="auto",
                     help="auto: preload jemalloc like the lungcad command does")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="also run each training configuration as this many processes at once (cores shared)")
+    ap.add_argument("--bf16", action="store_true", help="training steps under bf16 autocast")
+    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one configuration per process, so peak memory is its own
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         kind, *rest = args.child.split(":")
         if kind == "machine":  # the baselines, under the same allocator and threads as the configurations
             import torch
@@ -125,7 +142,7 @@ def main() -> None:
             result = _machine.measure(torch.get_num_threads(), args.size, 16, args.baseline_seconds).to_dict()
         elif kind == "train":
             strategy, optimizer, batch = rest
-            result = run_training_config(strategy, optimizer, int(batch), args.steps, args.size)
+            result = run_training_config(strategy, optimizer, int(batch), args.steps, args.size, args.bf16)
         else:
             result = run_data_pipeline(512, args.size, int(rest[0]))
         print(json.dumps(result))
@@ -141,14 +158,28 @@ def main() -> None:
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     print(f"allocator: {lib or 'system malloc'}; {args.size} px", flush=True)
 
-    def child(cfg: str) -> dict | None:
-        out = subprocess.run([sys.executable, __file__, "--child", cfg, "--steps", str(args.steps),
-                              "--size", str(args.size), "--baseline-seconds", str(args.baseline_seconds)],
-                             capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            print(f"{cfg}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
+    def command(cfg: str, threads: int = 0) -> list[str]:
+        return [sys.executable, __file__, "--child", cfg, "--steps", str(args.steps), "--size", str(args.size),
+                "--baseline-seconds", str(args.baseline_seconds), "--threads", str(threads),
+                *(["--bf16"] if args.bf16 else [])]
+
+    def result_of(cfg: str, returncode: int, stdout: str, stderr: str) -> dict | None:
+        if returncode != 0:
+            print(f"{cfg}: failed\n{stderr[-1500:]}", file=sys.stderr)
             return None
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    def child(cfg: str) -> dict | None:
+        out = subprocess.run(command(cfg), capture_output=True, text=True, env=env)
+        return result_of(cfg, out.returncode, out.stdout, out.stderr)
+
+    def side_by_side(cfg: str) -> list[dict] | None:
+        threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
+        procs = [subprocess.Popen(command(cfg, threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for _ in range(args.jobs)]
+        outs = [(p, *p.communicate()) for p in procs]
+        results = [result_of(cfg, p.returncode, o, e) for p, o, e in outs]
+        return None if None in results else results
 
     import _machine
 
@@ -172,6 +203,16 @@ def main() -> None:
         label = f"{r['what']} {r.get('optimizer', '')} b{r.get('batch', '')}" if "batch" in r else \
             f"{r['what']} workers={r['workers']}"
         print(f"{label:<34}{r['images_per_s']:>8.1f} img/s  {extra}", flush=True)
+        if args.jobs > 1 and cfg.startswith("train"):
+            side = side_by_side(cfg)
+            if side:
+                total = sum(x["images_per_s"] for x in side)
+                r["side_by_side"] = {"jobs": args.jobs, "images_per_s": [x["images_per_s"] for x in side],
+                                     "total_images_per_s": round(total, 2),
+                                     "ratio_to_one_process": round(total / r["images_per_s"], 2)}
+                print(f"{'  ' + str(args.jobs) + ' processes side by side':<34}{total:>8.1f} img/s  "
+                      f"(sum of {', '.join(str(x['images_per_s']) for x in side)}; "
+                      f"{total / r['images_per_s']:.2f}x one process)", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": cap.to_dict(), "allocator": lib, "results": results}, fh, indent=2)

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grouped K-fold cross-validation: K members in --out, calibrated on their pooled "
                         "out-of-fold predictions; --out is then their ensemble (one model for predict/evaluate/"
                         "export/serve)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="with --folds: train N members at once, each in its own process with its share of the CPU "
+                        "cores (faster where one process does not scale across cores; default 1)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on its test split or another folder")
@@ -218,6 +221,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.resume and not args.data:
         raise LungcadError("train needs --data (or --resume with --out RUNDIR)")
+    if args.jobs != 1 and not args.folds:
+        raise LungcadError("--jobs trains the members of a cross-validation side by side: it needs --folds K")
     if args.window:
         from lungcad.dicom.reader import parse_window
 
@@ -255,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.folds:
         from lungcad.training.crossval import cross_validate, format_summary
 
-        print(format_summary(cross_validate(cfg, args.folds, resume=args.resume)))
+        print(format_summary(cross_validate(cfg, args.folds, resume=args.resume, jobs=args.jobs)))
         return 0
     out = train(cfg, resume=args.resume, resume_epochs=args.epochs)
     print(f"run complete: {out}")

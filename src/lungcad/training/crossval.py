@@ -61,6 +61,7 @@ from lungcad.models.factory import logits_to_probs, target_index
 from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import check_two_classes, output_classes
+from lungcad.training.parallel import Member, check_jobs, train_in_parallel
 from lungcad.training.trainer import check_out_dir, train
 from lungcad.utils import atomic_write_json, atomic_write_text
 
@@ -102,12 +103,13 @@ def fold_splits(labels: np.ndarray, groups: np.ndarray, folds: int, val_fraction
     return out
 
 
-def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False) -> dict:
+def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, jobs: int = 1) -> dict:
     """Train K fold members under cfg.out, calibrate on their pooled out-of-fold predictions and
     write the ensemble's run folder (module docstring); returns the crossval.json content.
 
-    `resume` continues an interrupted cross-validation: finished members are kept, an interrupted
-    one resumes from its checkpoint.
+    `resume` continues an interrupted cross-validation: finished members are kept, interrupted
+    ones resume from their checkpoints. `jobs` > 1 trains that many members at once, each in its
+    own process (`lungcad.training.parallel`).
     """
     out = Path(cfg.out)
     if folds < 2:
@@ -116,6 +118,7 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False) -> dict:
         cfg, folds = _resume_config(out, cfg.progress)
     else:
         check_out_dir(out)
+    jobs = check_jobs(jobs, cfg.device)
     data = Path(cfg.data)
     samples = discover(data, parse_label_map(cfg.label_map))
     infos, unreadable = scan_images(samples, progress=cfg.progress)  # once: every fold's plan reuses it
@@ -140,26 +143,35 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False) -> dict:
             "skipped": len(unreadable), "split": split_summary(all_rows), "folds": folds,
             "fold_of_image": "split.csv rows in order; see fold-k.split.csv for each fold's test images",
             "skipped_files": [{"path": str(p), "reason": r} for p, r in unreadable]})
-    per_fold, oof = [], []
+    fold_rows, todo = [], []
     for k, subset in enumerate(splits, start=1):
         rows = [SplitRow(s.path, s.label, g, str(sub)) for s, g, sub in zip(samples, groups, subset)]
         check_no_leak(rows)
+        fold_rows.append(rows)
         split_file = out / f"fold-{k}.split.csv"
         fold_dir = out / f"fold-{k}"
-        if not (fold_dir / CONTRACT_FILE).is_file():
-            log.info("fold %d/%d: %d train, %d val, %d test images", k, folds,
-                     *(int((subset == s).sum()) for s in ("train", "val", "test")))
-            if (fold_dir / "checkpoint.pt").is_file():
-                train(dataclasses.replace(cfg, out=str(fold_dir)), resume=True, known=known)
-            else:
-                if fold_dir.exists():  # a member that died before its first checkpoint: start it again
-                    import shutil
-
-                    shutil.rmtree(fold_dir)
-                write_split(split_file, rows, data)
-                train(dataclasses.replace(cfg, out=str(fold_dir), split=str(split_file)), known=known)
-        else:
+        if (fold_dir / CONTRACT_FILE).is_file():
             log.info("fold %d/%d: finished earlier, kept", k, folds)
+            continue
+        log.info("fold %d/%d: %d train, %d val, %d test images", k, folds,
+                 *(int((subset == s).sum()) for s in ("train", "val", "test")))
+        if (fold_dir / "checkpoint.pt").is_file():
+            todo.append(Member(k, dataclasses.replace(cfg, out=str(fold_dir)), resume=True))
+            continue
+        if fold_dir.exists():  # a member that died before its first checkpoint: start it again
+            import shutil
+
+            shutil.rmtree(fold_dir)
+        write_split(split_file, rows, data)
+        todo.append(Member(k, dataclasses.replace(cfg, out=str(fold_dir), split=str(split_file))))
+    if jobs > 1 and len(todo) > 1:
+        train_in_parallel(todo, jobs, known, f"lungcad train --resume --folds {folds} --out {out}")
+    else:
+        for member in todo:
+            train(member.cfg, resume=member.resume, known=known)
+    per_fold, oof = [], []
+    for k, rows in enumerate(fold_rows, start=1):
+        fold_dir = out / f"fold-{k}"
         fold_metrics = RunFolder(fold_dir).metrics()
         if fold_metrics is None:
             raise LungcadError("fold member has no metrics.json (its training did not finish)", fold_dir)

@@ -1,0 +1,85 @@
+"""`lungcad train --folds K --jobs N`: fold members trained side by side in their own processes.
+
+The members must be the same models the one-at-a-time loop trains (same seed, same folds, same
+thread count: identical weights), a member that fails must stop the others and name itself in a
+one-line error, and --jobs is refused where it cannot work.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+
+import pytest
+
+from conftest import make_dataset
+
+from lungcad.cli import main
+from lungcad.data.discovery import discover
+from lungcad.data.split import SplitRow, write_split
+from lungcad.errors import LungcadError
+from lungcad.run import RunFolder
+from lungcad.training.config import TrainConfig
+from lungcad.training.parallel import Member, check_jobs, member_threads, train_in_parallel
+
+
+@pytest.mark.slow
+def test_members_trained_side_by_side_equal_members_trained_one_at_a_time(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    data = make_dataset(tmp_path / "data", patients=4, slices=3, size=48)
+    argv = ["train", "--data", str(data), "--pretrained", "none", "--image-size", "32", "--epochs", "2",
+            "--folds", "2", "--batch-size", "8", "--no-progress", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = RunFolder(tmp_path / "one").contract(), RunFolder(tmp_path / "two").contract()
+    assert [m["model_sha256"] for m in two.ensemble["members"]] == [m["model_sha256"] for m in one.ensemble["members"]]
+    assert two.thresholds == one.thresholds
+    assert "training 2 fold members, 2 at a time, 1 torch thread(s) each" in caplog.text
+    assert not multiprocessing.active_children()
+
+
+def test_a_failing_member_stops_the_others_and_names_itself(tmp_path):
+    data = make_dataset(tmp_path / "data", patients=2, slices=2, size=40)
+    samples = discover(data)
+    split = tmp_path / "split.csv"  # every image trains, as in a fold member with one test patient per class
+    write_split(split, [SplitRow(s.path, s.label, f"{s.label}{i % 2}", "test" if i % 2 else "train")
+                        for i, s in enumerate(samples)], data)
+    common = dict(pretrained="none", image_size=32, batch_size=4, val_fraction=0.0, progress=False, workers=0)
+    long = TrainConfig(data=str(data), out=str(tmp_path / "long"), split=str(split), epochs=100_000, **common)
+    bad = TrainConfig(data=str(tmp_path / "missing"), out=str(tmp_path / "bad"), epochs=1, **common)
+    with pytest.raises(LungcadError) as err:
+        train_in_parallel([Member(1, long), Member(2, bad)], jobs=2, resume_command="RESUME")
+    message = str(err.value)
+    assert message.startswith("fold 2 failed: ") and str(tmp_path / "missing") in message and "RESUME" in message
+    assert "\n" not in message
+    assert not multiprocessing.active_children()  # the long member was stopped, not left running
+    assert not (tmp_path / "long" / "model.json").exists()
+
+
+def test_threads_are_shared_between_members_unless_given():
+    cfg = TrainConfig(data="d", out="o")
+    cores = member_threads(cfg, 1)  # a member running alone gets every core
+    assert cores == len(os.sched_getaffinity(0))
+    assert member_threads(cfg, 2) == max(1, cores // 2)
+    assert member_threads(cfg, 10 * cores) == 1
+    cfg.threads = 3
+    assert member_threads(cfg, 2) == 3
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--jobs", "2"], "--jobs trains the members of a cross-validation side by side: it needs --folds K"),
+    (["--jobs", "0", "--folds", "2"], "--jobs must be at least 1, not 0"),
+])
+def test_jobs_refused_where_it_cannot_work(tmp_path, capsys, extra, expected):
+    data = make_dataset(tmp_path / "data", patients=2, slices=1, size=40)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--pretrained", "none", *extra]) == 1
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_jobs_fall_back_to_one_at_a_time_on_a_gpu(caplog):
+    assert check_jobs(2, "cpu") == 2
+    assert check_jobs(2, "cuda:0") == 1
+    assert "the members train one at a time" in caplog.text
