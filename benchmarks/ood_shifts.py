@@ -22,7 +22,17 @@ scores, so no image helps set the threshold it is judged by. Reported per shift:
 check and of both combined (what predict reports as `ood`), the ROC-AUC of the feature score
 (shifted vs clean), and the classifier's malignant-vs-rest ROC-AUC on the shifted images.
 
+With `--sites N...`, the same images also simulate **whole sites** for `lungcad check`: a site is
+N patient proxies drawn at random (`--site-draws` times) with every slice of theirs shifted (or
+clean: another N patients of the training hospital, the check's false-alarm rate). Each draw is
+judged by check's own rules (lungcad.inference.site_check): the flagged share above 5 %, the
+stratified permutation test of the OOD scores (each member's held-out site slices against that
+member's held-out clean slices of the *other* patients) at alpha 0.01, and the site's median
+appearance statistics against the training profile. Reported: the share of draws each rule and the
+verdict call "does not match".
+
     python benchmarks/ood_shifts.py RUN [--histo DIR] [--shifts NAME...] [--per-fold N] [--json FILE] [--markdown]
+                                    [--sites 5 10 20] [--site-draws 200]
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
 from lungcad.inference.forward import run_engine
 from lungcad.inference.ood import ENSEMBLE_QUANTILE, OODDetector, OutOfFoldScores, cross_fitted_false_flags
+from lungcad.inference.site_check import DEFAULT_ALPHA, DEFAULT_MAX_FLAGGED, compare_appearance, shift_test
 from lungcad.models.contract import load_model
 from lungcad.run import RunFolder
 
@@ -159,6 +170,35 @@ def _prepare_all(raws: list[np.ndarray], pp, profile: dict) -> tuple[torch.Tenso
     return cache, flagged
 
 
+def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: int, seed: int = 0) -> list[dict]:
+    """`lungcad check`'s verdict on simulated sites (module docstring). `sites[name]`: per image of
+    the development set (same order for every name) its fold, group, normalised OOD score, combined
+    flag and appearance statistics; "clean" is the reference."""
+    clean = sites["clean"]
+    patients = np.unique(clean["group"])
+    out = []
+    for n in sizes:
+        for name, r in sites.items():
+            rng = np.random.default_rng(seed)
+            tally = {"flagged": 0, "shift": 0, "appearance": 0, "verdict": 0}
+            for d in range(draws):
+                chosen = rng.choice(patients, size=min(n, len(patients) - 1), replace=False)
+                site = np.isin(r["group"], chosen)
+                ref = ~np.isin(clean["group"], chosen)
+                flagged = r["flag"][site].mean() > DEFAULT_MAX_FLAGGED
+                strata = [(r["ratio"][site & (r["fold"] == k)], clean["ratio"][ref & (clean["fold"] == k)])
+                          for k in np.unique(clean["fold"])]
+                test = shift_test(strata, permutations=999, seed=d)
+                shifted = bool(test.get("tested")) and test["p_value"] < DEFAULT_ALPHA
+                looks = bool(compare_appearance({k: v[site] for k, v in r["app_stats"].items()}, profile)["differs"])
+                for key, hit in (("flagged", flagged), ("shift", shifted), ("appearance", looks),
+                                 ("verdict", flagged or shifted or looks)):
+                    tally[key] += int(hit)
+            out.append({"shift": name, "patients": int(n), "draws": draws,
+                        **{f"{k}_rate": v / draws for k, v in tally.items()}})
+    return out
+
+
 def _combined(ratio: np.ndarray, appearance_flag: np.ndarray) -> np.ndarray:
     """One OOD score for the combined decision: an appearance flag outranks any feature score."""
     return np.where(appearance_flag, 1e6 + ratio, ratio)
@@ -172,7 +212,8 @@ def _malignant_score(logits: np.ndarray, task: str, classes: list[str]) -> np.nd
 
 
 def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] | None = None,
-            per_fold: int | None = None, progress: bool = True) -> dict:
+            per_fold: int | None = None, progress: bool = True, sites: list[int] | None = None,
+            site_draws: int = 200) -> dict:
     run = RunFolder(run_dir)
     if not run.is_ensemble:
         raise SystemExit(f"{run_dir}: not a fold ensemble (train with --folds K); its images have no held-out member")
@@ -183,7 +224,7 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
     chosen = {n: SHIFTS[n] for n in (shifts or SHIFTS)}
     names = ["clean", *chosen, "blank frames", "natural images (scikit-image)", "MR slice (pydicom MR_small)"]
     names += ["histopathology (LC25000)"] if histo else []
-    rows: dict[str, dict] = {n: {"ratio": [], "fold": [], "app": [], "mal": [], "y": []} for n in names}
+    rows: dict[str, dict] = {n: {"ratio": [], "fold": [], "app": [], "mal": [], "y": [], "stats": []} for n in names}
     histo_files, clean_groups = [], []
     if histo:
         tiles = sorted(p for p in histo.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -205,21 +246,23 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
         clean_logits, clean_feats = run_engine(engine, clean_cache, pp)
         scale = float(np.median(base.score(clean_feats)))  # the member's scale, as ensemble_ood_entry sets it
 
-        def add(name: str, logits, feats, app, labels, _det=base, _scale=scale, _fold=fold, _task=contract.task,
-                _cls=classes):
+        def add(name: str, logits, feats, app, labels, cache=None, _det=base, _scale=scale, _fold=fold,
+                _task=contract.task, _cls=classes):
             row = rows[name]
+            if sites and cache is not None:
+                row["stats"].append(appearance.features(cache))
             row["ratio"].append(_det.score(feats) / _scale)
             row["fold"].append(np.full(len(feats), _fold))
             row["app"].append(app)
             row["mal"].append(_malignant_score(logits, _task, _cls))
             row["y"].append(labels)
 
-        add("clean", clean_logits, clean_feats, clean_app, y)
+        add("clean", clean_logits, clean_feats, clean_app, y, clean_cache)
         for name, (fn, _) in chosen.items():
             shifted = [fn(r, rng) for r in raws]
             cache, app = _prepare_all(shifted, pp, profile)
             logits, feats = run_engine(engine, cache, pp)
-            add(name, logits, feats, app, y)
+            add(name, logits, feats, app, y, cache)
         blank_raw = [np.full((512, 512), v, dtype=np.uint8) for v in (0, 40, 128, 255)]
         cache, app = _prepare_all(blank_raw, pp, profile)
         logits, feats = run_engine(engine, cache, pp)
@@ -247,7 +290,7 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
     clean_y = np.concatenate(rows["clean"]["y"])
     out = {"run": str(run_dir), "cpu": detect().cpu, "quantile": quantile, "shifts": []}
     for name in names:
-        r = {k: np.concatenate(v) for k, v in rows[name].items()}
+        r = {k: np.concatenate(v) for k, v in rows[name].items() if k != "stats"}
         r["feat"] = r["ratio"] > np.array([threshold[k] for k in r["fold"]])
         n = len(r["ratio"])
         combined = r["feat"] | r["app"]
@@ -267,6 +310,15 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
             entry["malignant_auc"] = float(roc_auc_score(r["y"], r["mal"]))
         out["shifts"].append(entry)
     out["clean_malignant_auc"] = float(roc_auc_score(clean_y, clean_mal))
+    if sites:
+        per_image = {}
+        for name in ["clean", *chosen]:
+            r = {k: np.concatenate(v) for k, v in rows[name].items() if k != "stats"}
+            stats = {k: np.concatenate([part[k] for part in rows[name]["stats"]]) for k in rows[name]["stats"][0]}
+            feat = r["ratio"] > np.array([threshold[k] for k in r["fold"]])
+            per_image[name] = {"fold": r["fold"], "group": np.array(clean_groups), "ratio": r["ratio"],
+                               "flag": feat | r["app"], "app_stats": stats}
+        out["sites"] = site_checks(per_image, run.contract().appearance or {}, sites, site_draws)
     return out
 
 
@@ -282,6 +334,13 @@ def markdown(result: dict) -> str:
         mal = f"{s['malignant_auc']:.3f}" if "malignant_auc" in s else ""
         lines.append(f"| {s['shift']} | {s['kind']} | {s['n']} | {s['feature_flagged']:.1%} | "
                      f"{s['appearance_flagged']:.1%} | {s['flagged']:.1%} | {auc} | {comb} | {mal} |")
+    if result.get("sites"):
+        lines += ["", "Simulated sites (`lungcad check`'s rules; share of draws that say \"does not match\"):", "",
+                  "| site | patients | flagged share > 5 % | OOD-score shift test | appearance | verdict: does not match |",
+                  "|---|---|---|---|---|---|"]
+        for s in result["sites"]:
+            lines.append(f"| {s['shift']} | {s['patients']} | {s['flagged_rate']:.0%} | {s['shift_rate']:.0%} | "
+                         f"{s['appearance_rate']:.0%} | {s['verdict_rate']:.0%} |")
     return "\n".join(lines)
 
 
@@ -294,9 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-fold", type=int, help="at most this many images per held-out fold (a fixed random subset)")
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("--sites", nargs="+", type=int, metavar="N", help="also simulate sites of N patients (check)")
+    ap.add_argument("--site-draws", type=int, default=200, help="random sites per size and shift (default 200)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    result = measure(args.run, args.histo, args.histo_n, args.shifts, args.per_fold)
+    result = measure(args.run, args.histo, args.histo_n, args.shifts, args.per_fold, sites=args.sites,
+                     site_draws=args.site_draws)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result) if args.markdown else json.dumps(result, indent=2))
