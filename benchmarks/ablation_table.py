@@ -9,7 +9,13 @@ reference) and against the texture baseline on the same folds.
 With `--tta`, each run gets a second row with test-time flip averaging: the out-of-fold logits
 are recomputed by each member on its held-out fold, averaged over the image and its mirror.
 
-    python benchmarks/ablation_table.py RUN_A RUN_B ... [--texture] [--tta] [--json FILE]
+With `--average`, the runs are taken as replicates of one recipe on the same folds (another seed,
+or the same seed trained with other thread counts) and a last row scores the mean of their
+out-of-fold probabilities: each image then has several members that never saw it, which measures
+out of fold what averaging members buys (the deployed ensemble averages the K members of a run,
+which out-of-fold figures of one run cannot show).
+
+    python benchmarks/ablation_table.py RUN_A RUN_B ... [--texture] [--tta] [--average] [--json FILE]
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def flip_tta_logits(run: RunFolder) -> np.ndarray:
     return out
 
 
-def score(run_dir: Path, tta: bool = False) -> dict:
+def score(run_dir: Path, tta: bool = False, logits: np.ndarray | None = None, name: str | None = None) -> dict:
     run = RunFolder(run_dir)
     contract = run.contract()
     oof = run.out_of_fold()
@@ -63,16 +69,33 @@ def score(run_dir: Path, tta: bool = False) -> dict:
     y = np.array([target_index(lab, classes, task) for lab in oof.labels])
     groups = np.array([f"{f}:{g}" for f, g in zip(oof.folds, oof.groups)])
     target = contract.training["operating_point"]["validation"]["target_sensitivity"]
-    logits = flip_tta_logits(run) if tta else oof.logits
+    if logits is None:
+        logits = flip_tta_logits(run) if tta else oof.logits
     probs, pred, _ = cross_fitted(torch.as_tensor(logits, dtype=torch.float32), y, oof.folds, task, classes,
                                   target)
     m = metrics_with_intervals(y, probs, None, groups, classes, task, pred=pred)
     recipe = contract.training.get("recipe", {})
     seconds = [float(r["seconds"]) for member in run.members() for r in member.history()]
-    return {"run": run_dir.name + (" + flip TTA" if tta else ""), "recipe": recipe, "y": y, "probs": probs, "pred": pred, "groups": groups,
+    return {"run": name or (run_dir.name + (" + flip TTA" if tta else "")), "recipe": recipe, "y": y, "probs": probs, "pred": pred, "groups": groups,
             "folds": oof.folds, "paths": oof.paths, "classes": classes, "task": task, "target": target,
             "metrics": m, "ece": calibration_summary(probs, y, task)["ece"],
             "train_minutes": sum(seconds) / 60.0, "pp": contract.preprocessing}
+
+
+def averaged_logits(run_dirs: list[Path]) -> np.ndarray:
+    """log of the mean of the runs' out-of-fold probabilities (temperature 1), as logits for `score`
+    (the cross-fitted temperature then re-calibrates the average); the runs must share their folds."""
+    oofs = [RunFolder(r).out_of_fold() for r in run_dirs]
+    for r, o in zip(run_dirs[1:], oofs[1:]):
+        if list(o.paths) != list(oofs[0].paths) or not np.array_equal(o.folds, oofs[0].folds):
+            raise SystemExit(f"{r}: not the same images and folds as {run_dirs[0]}: cannot average out of fold")
+    task = RunFolder(run_dirs[0]).contract().task
+    z = [torch.as_tensor(o.logits, dtype=torch.float64) for o in oofs]
+    if task == "binary":  # one logit: average the sigmoids, back to a logit
+        p = torch.stack([torch.sigmoid(x) for x in z]).mean(0).clamp(1e-12, 1 - 1e-12)
+        return torch.log(p / (1 - p)).numpy()
+    p = torch.stack([torch.softmax(x, dim=1) for x in z]).mean(0)
+    return torch.log(p.clamp_min(1e-12)).numpy()
 
 
 def _ci(m: dict, key: str) -> str:
@@ -90,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--texture", action="store_true", help="add the texture baseline on the first run's folds")
     ap.add_argument("--tta", action="store_true",
                     help="add a row per run with test-time flip averaging (recomputes its out-of-fold logits)")
+    ap.add_argument("--average", action="store_true",
+                    help="add a row for the mean of the runs' out-of-fold probabilities (replicates on the same folds)")
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
     args = ap.parse_args(argv)
     rows = []
@@ -97,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(score(r))
         if args.tta:
             rows.append(score(r, tta=True))
+    if args.average:
+        rows.append(score(args.runs[0], logits=averaged_logits(args.runs),
+                          name="mean of " + " + ".join(r.name for r in args.runs)))
     ref = rows[0]
     header = ("| run | balanced accuracy | macro-F1 | malignant ROC-AUC | sensitivity / specificity | ECE | "
               "Δ bal. acc. vs first [95 % CI] | training min |")

@@ -476,10 +476,7 @@ class DicomNode:
                 os.replace(path, kept / path.name)
             except FileNotFoundError:
                 pass
-        try:
-            folder.rmdir()  # only if nothing new arrived meanwhile
-        except OSError:
-            pass
+        self._remove_if_empty(folder)
 
     def prune_scored(self, now: float | None = None) -> int:
         """Delete the kept instances (they carry the patient's identity) of series last scored more than
@@ -688,6 +685,10 @@ class DicomNode:
     def _discard(files: list[Path], folder: Path) -> None:
         for path in files:
             path.unlink(missing_ok=True)
+        DicomNode._remove_if_empty(folder)
+
+    @staticmethod
+    def _remove_if_empty(folder: Path) -> None:
         try:
             folder.rmdir()  # only if nothing new arrived meanwhile
         except OSError:

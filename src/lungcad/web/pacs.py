@@ -116,17 +116,14 @@ def _save(ds: Any, path: Path) -> Path:
 def write_results(session: Session, store: Any, study: Study, out_dir: Path) -> list[Path]:
     """Per scored series: a Secondary Capture per key slice and the series SR, re-identified, into `out_dir`.
 
-    `store` is the web app's `service.Store` (files and predictor). Raises SendRefused when the
-    exam cannot be sent (see `send_refusal`).
+    `store` is the web app's `service.Store` (files and predictor). The caller has checked that the
+    exam can be sent (`send_refusal`; `queue_results` does).
     """
     import pydicom
 
     from lungcad.dicom.sr import build_series_report
     from lungcad.dicom.writer import build_secondary_capture
 
-    reason = send_refusal(session, study)
-    if reason is not None:
-        raise SendRefused(409, reason)
     predictor = store.predictor
     threshold = predictor.contract.decision_threshold()
     info = {"model_sha256": store.model_sha256, "threshold": threshold, "classes": store.classes}
