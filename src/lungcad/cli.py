@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungcad {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = {"train": f"; resume with: lungcad train --resume --out {getattr(args, 'out', '')}",
+        folds = f" --folds {args.folds}" if getattr(args, "folds", 0) else ""
+        hint = {"train": f"; resume with: lungcad train --resume{folds} --out {getattr(args, 'out', '')}",
                 "predict": "; run the same command with --resume to continue" if getattr(args, "out", None) else ""
                 }.get(args.command, "")
         print(f"lungcad {args.command}: interrupted{hint}", file=sys.stderr)

@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -111,7 +112,14 @@ def _run(members: list[Member], jobs: int, scan: Path, resume_command: str) -> N
                 member = waiting.pop(0)
                 proc = ctx.Process(target=_member_main, name=f"lungcad-fold-{member.fold}",
                                    args=(member, threads, scan, logging_setup, errors))
-                proc.start()
+                # Ctrl-C reaches every process of the terminal's group. The members start with SIGINT
+                # ignored (inherited through exec, so even while they import): this process takes it
+                # and stops them with SIGTERM, which each member turns into a clean interruption.
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    proc.start()
+                finally:
+                    signal.signal(signal.SIGINT, previous)
                 running[proc.sentinel] = (member, proc)
             for sentinel in multiprocessing.connection.wait(list(running)):
                 member, proc = running.pop(sentinel)
@@ -155,6 +163,7 @@ def _member_main(member: Member, threads: int, scan: Path, logging_setup: tuple[
     from lungcad.training.trainer import train
     from lungcad.utils import setup_logging
 
+    signal.signal(signal.SIGTERM, _interrupted)  # stopped by the parent: unwind like Ctrl-C (train's cleanup)
     level, json_lines = logging_setup
     setup_logging(level <= logging.DEBUG, "json" if json_lines else "text")
     for handler in logging.getLogger().handlers:
@@ -171,5 +180,9 @@ def _member_main(member: Member, threads: int, scan: Path, logging_setup: tuple[
         where = f"{exc.filename}: " if exc.filename else ""
         errors.put((member.fold, f"{where}{exc.strerror or exc}"))
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C reaches every process of the group: the parent reports it
+    except KeyboardInterrupt:  # stopped by the parent (SIGTERM): it reports why
         sys.exit(130)
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
