@@ -10,6 +10,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -83,3 +87,29 @@ def test_jobs_fall_back_to_one_at_a_time_on_a_gpu(caplog):
     assert check_jobs(2, "cpu") == 2
     assert check_jobs(2, "cuda:0") == 1
     assert "the members train one at a time" in caplog.text
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_members_cleanly_and_resume_continues_them(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) once both members have a
+    checkpoint: one line and exit 130, no traceback from any member, and --resume finishes both."""
+    data = make_dataset(tmp_path / "data", patients=4, slices=3, size=48)
+    out = tmp_path / "cv"
+    cmd = [sys.executable, "-m", "lungcad", "train", "--data", str(data), "--out", str(out), "--pretrained", "none",
+           "--image-size", "32", "--epochs", "60", "--folds", "2", "--jobs", "2", "--batch-size", "8",
+           "--no-progress", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoints = [out / f"fold-{k}" / "checkpoint.pt" for k in (1, 2)]
+    while not all(c.exists() for c in checkpoints) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "leaked" not in err
+    assert f"interrupted; resume with: lungcad train --resume --folds 2 --out {out}" in err
+    assert all(c.exists() for c in checkpoints) and not (out / "model.json").exists()
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "fold 1: resuming after epoch" in resumed.stderr and "fold 2: resuming after epoch" in resumed.stderr
+    assert [m["path"] for m in RunFolder(out).contract().ensemble["members"]] == ["fold-1", "fold-2"]
