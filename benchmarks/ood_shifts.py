@@ -319,6 +319,7 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
             per_image[name] = {"fold": r["fold"], "group": np.array(clean_groups), "ratio": r["ratio"],
                                "flag": feat | r["app"], "app_stats": stats}
         out["sites"] = site_checks(per_image, run.contract().appearance or {}, sites, site_draws)
+        out["per_image"] = per_image  # for further analysis (--save-per-image); not in the JSON
     return out
 
 
@@ -355,10 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--sites", nargs="+", type=int, metavar="N", help="also simulate sites of N patients (check)")
     ap.add_argument("--site-draws", type=int, default=200, help="random sites per size and shift (default 200)")
+    ap.add_argument("--save-per-image", type=Path, metavar="FILE",
+                    help="with --sites: pickle each image's fold, group, score, flag and appearance statistics per shift")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     result = measure(args.run, args.histo, args.histo_n, args.shifts, args.per_fold, sites=args.sites,
                      site_draws=args.site_draws)
+    per_image = result.pop("per_image", None)
+    if args.save_per_image and per_image:
+        import pickle
+
+        args.save_per_image.write_bytes(pickle.dumps(per_image))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result) if args.markdown else json.dumps(result, indent=2))
