@@ -4,8 +4,8 @@ The K members of a cross-validation are independent, so on a CPU they can train 
 time, each in its own process with its share of the cores. Where one process does not scale
 across threads this is faster than training the members one after another on every core: on 2
 cores (Intel Xeon, AMX-BF16), a 224 px bf16 training step ran at 12.0 img/s with two threads in
-one process and at 7.8 + 7.7 img/s in two one-thread processes (benchmarks/bench_train.py
---jobs; README).
+one process and at 9.7 + 9.2 img/s in two one-thread processes (benchmarks/bench_train.py --jobs 2
+--bf16), and the main job took 61.5 minutes instead of about 70 (README).
 
 Each member is an ordinary `train` call in a spawned process (`multiprocessing`'s "spawn": a
 fresh interpreter, no forked torch thread pools), logging with a "fold k:" prefix and without a
