@@ -98,7 +98,10 @@ def test_ctrl_c_stops_the_members_cleanly_and_resume_continues_them(tmp_path):
     cmd = [sys.executable, "-m", "lungcad", "train", "--data", str(data), "--out", str(out), "--pretrained", "none",
            "--image-size", "32", "--epochs", "60", "--folds", "2", "--jobs", "2", "--batch-size", "8",
            "--no-progress", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT at its default even where this test runs with it ignored (a background job of a
+    # non-interactive shell, as CI may start it): a terminal's Ctrl-C is what is tested
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoints = [out / f"fold-{k}" / "checkpoint.pt" for k in (1, 2)]
     while not all(c.exists() for c in checkpoints) and proc.poll() is None:
         time.sleep(0.2)
