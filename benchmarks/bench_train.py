@@ -150,6 +150,7 @@ def main() -> None:
     configs = args.only or CONFIGS
     # Same process set-up as the `lungcad` command: jemalloc preloaded when installed (allocator.py)
     from lungcad.allocator import JEMALLOC_CONF, fast_allocator
+    from lungcad.inference.engines import default_threads
 
     env = dict(os.environ)
     lib = None if args.allocator == "system" else fast_allocator()
@@ -174,7 +175,7 @@ def main() -> None:
         return result_of(cfg, out.returncode, out.stdout, out.stderr)
 
     def side_by_side(cfg: str) -> list[dict] | None:
-        threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
+        threads = max(1, default_threads() // args.jobs)
         procs = [subprocess.Popen(command(cfg, threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=env) for _ in range(args.jobs)]
         outs = [(p, *p.communicate()) for p in procs]

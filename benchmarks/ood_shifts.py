@@ -289,11 +289,16 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
     clean_mal = np.concatenate(rows["clean"]["mal"])
     clean_y = np.concatenate(rows["clean"]["y"])
     out = {"run": str(run_dir), "cpu": detect().cpu, "quantile": quantile, "shifts": []}
+    per_image = {}  # with --sites: the development images, clean and per shift
     for name in names:
         r = {k: np.concatenate(v) for k, v in rows[name].items() if k != "stats"}
         r["feat"] = r["ratio"] > np.array([threshold[k] for k in r["fold"]])
         n = len(r["ratio"])
         combined = r["feat"] | r["app"]
+        if sites and rows[name]["stats"]:
+            stats = rows[name]["stats"]
+            per_image[name] = {"fold": r["fold"], "group": np.array(clean_groups), "ratio": r["ratio"],
+                               "flag": combined, "app_stats": {k: np.concatenate([p[k] for p in stats]) for k in stats[0]}}
         entry = {
             "shift": name, "kind": "in-distribution" if name == "clean" else SHIFTS.get(name, (None, "shift"))[1],
             "n": int(n), "feature_flagged": float(r["feat"].mean()), "appearance_flagged": float(r["app"].mean()),
@@ -311,13 +316,6 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
         out["shifts"].append(entry)
     out["clean_malignant_auc"] = float(roc_auc_score(clean_y, clean_mal))
     if sites:
-        per_image = {}
-        for name in ["clean", *chosen]:
-            r = {k: np.concatenate(v) for k, v in rows[name].items() if k != "stats"}
-            stats = {k: np.concatenate([part[k] for part in rows[name]["stats"]]) for k in rows[name]["stats"][0]}
-            feat = r["ratio"] > np.array([threshold[k] for k in r["fold"]])
-            per_image[name] = {"fold": r["fold"], "group": np.array(clean_groups), "ratio": r["ratio"],
-                               "flag": feat | r["app"], "app_stats": stats}
         out["sites"] = site_checks(per_image, run.contract().appearance or {}, sites, site_draws)
         out["per_image"] = per_image  # for further analysis (--save-per-image); not in the JSON
     return out

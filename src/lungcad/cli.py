@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lungcad import __version__
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, os_error_message
 from lungcad.utils import atomic_write_json, setup_logging
 
 log = logging.getLogger("lungcad")
@@ -409,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungcad {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a full or read-only disk under --out, a vanished file: one line, no traceback
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"lungcad {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"lungcad {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         folds = f" --folds {args.folds}" if getattr(args, "folds", 0) else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["LungcadError", "first_line"]
+__all__ = ["LungcadError", "first_line", "os_error_message"]
 
 
 class LungcadError(Exception):
@@ -27,3 +27,9 @@ def first_line(exc: BaseException, limit: int | None = 200) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
     return text if limit is None else text[:limit]
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OSError in one line: the file it concerns, if any, and the system's reason."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

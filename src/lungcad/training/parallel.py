@@ -10,7 +10,7 @@ one process and at 9.7 + 9.2 img/s in two one-thread processes (benchmarks/bench
 Each member is an ordinary `train` call in a spawned process (`multiprocessing`'s "spawn": a
 fresh interpreter, no forked torch thread pools), logging with a "fold k:" prefix and without a
 progress bar. When a member fails, the others are stopped: every member keeps its last epoch's
-checkpoint, and `lungcad train --resume --out RUNDIR` continues them all.
+checkpoint, and `lungcad train --resume --folds K --out RUNDIR` continues them all.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lungcad.errors import LungcadError
+from lungcad.errors import LungcadError, os_error_message
 from lungcad.training.config import TrainConfig
 from lungcad.utils import JsonLogFormatter
 
@@ -72,10 +72,11 @@ def _cuda_available() -> bool:
 def member_threads(cfg: TrainConfig, concurrent: int) -> int:
     """Torch threads for a member that will run beside `concurrent` - 1 others: --threads if given,
     else an even share of the cores this process may run on."""
+    from lungcad.inference.engines import default_threads
+
     if cfg.threads:
         return cfg.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, concurrent))
+    return max(1, default_threads() // max(1, concurrent))
 
 
 def train_in_parallel(members: list[Member], jobs: int, known: Mapping | None = None,
@@ -177,8 +178,7 @@ def _member_main(member: Member, threads: int, scan: Path, logging_setup: tuple[
         errors.put((member.fold, str(exc)))
         sys.exit(1)
     except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        errors.put((member.fold, f"{where}{exc.strerror or exc}"))
+        errors.put((member.fold, os_error_message(exc)))
         sys.exit(1)
     except KeyboardInterrupt:  # stopped by the parent (SIGTERM): it reports why
         sys.exit(130)
