@@ -144,6 +144,24 @@ def make_run(run: Path, task: str = "multiclass", size: int = 64, *, pp=None, oo
     return run
 
 
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """`tmp_path_factory.mktemp` for module-scoped fixtures, whose directories go when the module is done.
+
+    Most fixtures hold ResNet-50 run folders (about 100 MB each, a multiple of that with members or
+    resumable checkpoints): kept to the end of the session they added up to 7 GB and filled a small disk.
+    """
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def untrained_run(tmp_path_factory) -> Path:
     """A multiclass 64 px random-init run with a feature-space OOD detector, temperature 1.5 and a

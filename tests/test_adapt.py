@@ -40,9 +40,9 @@ def _decoded(folder: Path) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
+def site(module_tmp) -> Path:
     """36 inverted synthetic slices in class folders, one corrupt file and a README (not an input)."""
-    root = tmp_path_factory.mktemp("adapt")
+    root = module_tmp("adapt")
     data = make_dataset(root / "site-src", patients=4, slices=3, size=48, seed=3)
     site = root / "site"
     for p in sorted(data.rglob("*.png")):
@@ -55,10 +55,10 @@ def site(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
+def source(module_tmp) -> Path:
     """A random-init single run with an OOD detector and the appearance profile of normal slices,
     plus a site-check report of its own (a result of its weights, not to be copied)."""
-    root = tmp_path_factory.mktemp("adapt-source")
+    root = module_tmp("adapt-source")
     training = make_dataset(root / "training", patients=4, slices=3, size=48)
     run = make_run(root / "source", pp=PP, ood=(24, 8), appearance=_decoded(training), temperature=1.5,
                    thresholds={"malignant": 0.4})
@@ -171,8 +171,8 @@ def test_bad_input_is_refused_in_one_line_leaving_nothing(source, site, tmp_path
 
 
 @pytest.mark.slow
-def test_fold_ensemble_every_member_adapted_and_the_ensemble_record_follows(site, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapt-cv")
+def test_fold_ensemble_every_member_adapted_and_the_ensemble_record_follows(site, tmp_path):
+    root = tmp_path
     data = make_dataset(root / "data", patients=4, slices=3, size=48)
     cv = root / "cv"
     assert main(["train", "--data", str(data), "--out", str(cv), "--pretrained", "none", "--image-size", "32",

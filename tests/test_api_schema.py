@@ -46,9 +46,9 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
+def api(module_tmp):
     """The app on a fresh data folder, and a function giving a valid API token of a clinician."""
-    tmp = tmp_path_factory.mktemp("schema")
+    tmp = module_tmp("schema")
     data = tmp / "webdata"
     _, sessions = open_database(None, data)
     with sessions() as s:

@@ -66,10 +66,10 @@ def _training_renderings(window: tuple[float, float], n: int = 32, seed: int = 0
 
 
 @pytest.fixture(scope="module")
-def soft_run(tmp_path_factory) -> Path:
+def soft_run(module_tmp) -> Path:
     """A random-init run declaring the soft-tissue window, with the appearance profile of its renderings."""
     pp = Preprocessing(image_size=64).with_window("40,400")
-    return make_run(tmp_path_factory.mktemp("appearance") / "run", pp=pp, appearance=_training_renderings(SOFT))
+    return make_run(module_tmp("appearance") / "run", pp=pp, appearance=_training_renderings(SOFT))
 
 
 @pytest.fixture(scope="module")

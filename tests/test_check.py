@@ -75,14 +75,14 @@ def colour_tiles(folder: Path, n: int = 12) -> Path:
 
 
 @pytest.fixture(scope="module")
-def check_run(tmp_path_factory) -> tuple[Path, Path]:
-    return make_check_run(tmp_path_factory.mktemp("check"))
+def check_run(module_tmp) -> tuple[Path, Path]:
+    return make_check_run(module_tmp("check"))
 
 
 @pytest.fixture(scope="module")
-def site_ok(tmp_path_factory) -> Path:
+def site_ok(module_tmp) -> Path:
     """New patients from the generator the model's data came from."""
-    return make_dataset(tmp_path_factory.mktemp("sites") / "hospital-b", patients=4, slices=3, size=48, seed=7)
+    return make_dataset(module_tmp("sites") / "hospital-b", patients=4, slices=3, size=48, seed=7)
 
 
 @pytest.fixture(scope="module")

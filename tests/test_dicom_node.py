@@ -96,8 +96,8 @@ class StoreSCP:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("node") / "run", ood=(24, 8))
+def run_dir(module_tmp) -> Path:
+    return make_run(module_tmp("node") / "run", ood=(24, 8))
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,13 @@ def ct_series(folder: Path, n: int = 4, series_uid: str = "1.2.826.0.1.3680043.8
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("results") / "run", ood=(24, 8))
+def run_dir(module_tmp) -> Path:
+    return make_run(module_tmp("results") / "run", ood=(24, 8))
 
 
 @pytest.fixture(scope="module")
-def written(run_dir, tmp_path_factory) -> tuple[list[Path], Path]:
-    root = tmp_path_factory.mktemp("dicom-out")
+def written(run_dir, module_tmp) -> tuple[list[Path], Path]:
+    root = module_tmp("dicom-out")
     sources = ct_series(root / "series")
     out = root / "out"
     assert main(["predict", str(run_dir), str(root / "series"), "--dicom-out", str(out), "--no-progress"]) == 0

@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # torchrun: trains an
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(module_tmp):
     from conftest import make_dataset
 
-    root = tmp_path_factory.mktemp("ddp")
+    root = module_tmp("ddp")
     data = make_dataset(root / "data", patients=6)
     torch.manual_seed(0)
     weights = root / "w.pth"

@@ -34,8 +34,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cv_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ensemble")
+def cv_run(module_tmp) -> Path:
+    root = module_tmp("ensemble")
     data = make_dataset(root / "data", patients=4, slices=3, size=48)
     out = root / "cv"
     assert main(["train", "--data", str(data), "--out", str(out), "--pretrained", "none", "--image-size", "32",

@@ -92,8 +92,8 @@ def test_grad_cam_points_at_the_blob():
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    return Predictor(make_run(tmp_path_factory.mktemp("explain") / "run", task="binary", size=SIZE))
+def predictor(module_tmp):
+    return Predictor(make_run(module_tmp("explain") / "run", task="binary", size=SIZE))
 
 
 def _png(arr):

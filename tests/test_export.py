@@ -106,8 +106,8 @@ def _copy_run(run: Path, dst: Path, split: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_run(tmp_path_factory.mktemp("export"), temperature=1.5)
+def run_dir(module_tmp) -> Path:
+    return _write_run(module_tmp("export"), temperature=1.5)
 
 
 @pytest.fixture(scope="module")

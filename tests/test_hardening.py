@@ -829,7 +829,10 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_one(tmp
 
 @pytest.mark.slow
 def test_train_that_fails_writing_leaves_no_folder_and_one_line(tmp_path, monkeypatch, capsys):
-    import errno
+    import os
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
 
     from conftest import make_dataset
 
@@ -838,10 +841,11 @@ def test_train_that_fails_writing_leaves_no_folder_and_one_line(tmp_path, monkey
     data = make_dataset(tmp_path / "data", size=32)
     out = tmp_path / "run"
 
-    def disk_full(state, path, *a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", path)
+    def disk_full(state, path, *a, **k):  # what safetensors raises on a full disk: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(trainer, "save_file", disk_full)  # the first weights file of the first epoch
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=0, f_frsize=4096))
     args = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", *TRAIN_FAST, "--image-size", "32"]
     assert main(args) == 1
     err = capsys.readouterr().err

@@ -30,9 +30,9 @@ FROZEN = ["--finetune", "fc", "--lr", "0", "--epochs", "1", "--no-augment"]  # n
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> tuple[Path, Path]:
+def source(module_tmp) -> tuple[Path, Path]:
     """(source run, a site's labelled data folder)."""
-    root = tmp_path_factory.mktemp("init_from")
+    root = module_tmp("init_from")
     data = make_dataset(root / "data", patients=4, slices=3, size=48)
     run = root / "source"
     assert main(["train", "--data", str(data), "--out", str(run), "--pretrained", "none", "--image-size", "32",

@@ -47,9 +47,9 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory) -> Predictor:
+def predictor(module_tmp) -> Predictor:
     """A random-init run whose detector is fitted on 48 synthetic slices (24 held out)."""
-    return Predictor(make_run(tmp_path_factory.mktemp("ood") / "run", ood=(48, 24)))
+    return Predictor(make_run(module_tmp("ood") / "run", ood=(48, 24)))
 
 
 @pytest.mark.slow  # a detector fitted on 72 slices, then ~30 predictions

@@ -21,13 +21,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+def evaluated(module_tmp):
     """A 1-epoch 32-px run whose test split holds >= 10 groups (so intervals exist), evaluated."""
     from conftest import make_dataset
 
     from lungcad.training.trainer import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("report")
+    root = module_tmp("report")
     data = make_dataset(root / "data", patients=10, slices=2, size=48)
     run = train(TrainConfig(data=str(data), out=str(root / "run"), pretrained="none", image_size=32, epochs=1,
                             batch_size=8, val_fraction=0.25, test_fraction=0.4, progress=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -70,7 +71,9 @@ def seed_everything(seed: int) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
-    Readers therefore see either the old file or the complete new one, never half of it.
+    Readers therefore see either the old file or the complete new one, never half of it. A writer that
+    fails on a full disk with its own error type (torch.save's RuntimeError, safetensors' SafetensorError)
+    is reported as the OSError it is, so callers have one error to turn into a one-line message.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -81,8 +84,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and _disk_full(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system holding `folder` has (almost) no space left for an unprivileged writer."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < margin
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
