@@ -26,13 +26,15 @@ With `--sites N...`, the same images also simulate **whole sites** for `lungcad 
 N patient proxies drawn at random (`--site-draws` times) with every slice of theirs shifted (or
 clean: another N patients of the training hospital, the check's false-alarm rate). Each draw is
 judged by check's own rules (lungcad.inference.site_check): the flagged share above 5 %, the
-stratified permutation test of the OOD scores (each member's held-out site slices against that
-member's held-out clean slices of the *other* patients) at alpha 0.01, and the site's median
+stratified shift test of the OOD scores (each member's held-out site slices against that member's
+held-out clean slices of the *other* patients; null: pseudo-sites of whole reference patients, as
+many as the site's image count suggests, as check does for PNG folders) at alpha 0.01, and the site's median
 appearance statistics against the training profile. Reported: the share of draws each rule and the
 verdict call "does not match".
 
     python benchmarks/ood_shifts.py RUN [--histo DIR] [--shifts NAME...] [--per-fold N] [--json FILE] [--markdown]
-                                    [--sites 5 10 20] [--site-draws 200]
+                                    [--sites 5 10 20] [--site-draws 200] [--save-per-image FILE]
+    python benchmarks/ood_shifts.py RUN --sites 5 10 25 --sites-from FILE   # re-judge saved sites, no scoring
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
 from lungcad.inference.forward import run_engine
 from lungcad.inference.ood import ENSEMBLE_QUANTILE, OODDetector, OutOfFoldScores, cross_fitted_false_flags
-from lungcad.inference.site_check import DEFAULT_ALPHA, DEFAULT_MAX_FLAGGED, compare_appearance, shift_test
+from lungcad.inference.site_check import DEFAULT_ALPHA, DEFAULT_MAX_FLAGGED, compare_appearance, patient_shift_test
 from lungcad.models.contract import load_model
 from lungcad.run import RunFolder
 
@@ -186,9 +188,11 @@ def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: 
                 site = np.isin(r["group"], chosen)
                 ref = ~np.isin(clean["group"], chosen)
                 flagged = r["flag"][site].mean() > DEFAULT_MAX_FLAGGED
-                strata = [(r["ratio"][site & (r["fold"] == k)], clean["ratio"][ref & (clean["fold"] == k)])
-                          for k in np.unique(clean["fold"])]
-                test = shift_test(strata, permutations=999, seed=d)
+                folds = np.unique(clean["fold"])
+                test = patient_shift_test(  # the site's patients estimated from its image count, as for PNG folders
+                    [r["ratio"][site & (r["fold"] == k)] for k in folds],
+                    [(clean["ratio"][ref & (clean["fold"] == k)], clean["group"][ref & (clean["fold"] == k)])
+                     for k in folds], pseudo_sites=999, seed=d)
                 shifted = bool(test.get("tested")) and test["p_value"] < DEFAULT_ALPHA
                 looks = bool(compare_appearance({k: v[site] for k, v in r["app_stats"].items()}, profile)["differs"])
                 for key, hit in (("flagged", flagged), ("shift", shifted), ("appearance", looks),
@@ -322,12 +326,15 @@ def measure(run_dir: Path, histo: Path | None, histo_n: int, shifts: list[str] |
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Run `{result['run']}`; CPU: {result['cpu']}. Threshold: the {result['quantile']:.2f} quantile, "
-             "cross-fitted (see the script's docstring).", "",
-             "| input | kind | n | flagged (feature) | flagged (appearance) | flagged (either) | "
-             "feature ROC-AUC vs clean | combined ROC-AUC vs clean | malignant ROC-AUC |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for s in result["shifts"]:
+    if not result.get("shifts"):  # --sites-from: the simulated sites only
+        lines = [f"Run `{result['run']}`; per-image data from `{result['sites_from']}`."]
+    else:
+        lines = [f"Run `{result['run']}`; CPU: {result['cpu']}. Threshold: the {result['quantile']:.2f} quantile, "
+                 "cross-fitted (see the script's docstring).", "",
+                 "| input | kind | n | flagged (feature) | flagged (appearance) | flagged (either) | "
+                 "feature ROC-AUC vs clean | combined ROC-AUC vs clean | malignant ROC-AUC |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+    for s in result.get("shifts", []):
         auc = f"{s['feature_auc']:.3f}" if "feature_auc" in s else ""
         comb = f"{s['combined_auc']:.3f}" if "combined_auc" in s else ""
         mal = f"{s['malignant_auc']:.3f}" if "malignant_auc" in s else ""
@@ -356,7 +363,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site-draws", type=int, default=200, help="random sites per size and shift (default 200)")
     ap.add_argument("--save-per-image", type=Path, metavar="FILE",
                     help="with --sites: pickle each image's fold, group, score, flag and appearance statistics per shift")
+    ap.add_argument("--sites-from", type=Path, metavar="FILE",
+                    help="judge the sites again from a --save-per-image file (no scoring; needs --sites)")
     args = ap.parse_args(argv)
+    if args.sites_from:
+        import pickle
+
+        if not args.sites:
+            ap.error("--sites-from needs --sites")
+        per_image = pickle.loads(args.sites_from.read_bytes())
+        profile = RunFolder(args.run).contract().appearance or {}
+        result = {"run": str(args.run), "sites_from": str(args.sites_from),
+                  "sites": site_checks(per_image, profile, args.sites, args.site_draws)}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        print(markdown(result) if args.markdown else json.dumps(result, indent=2))
+        return 0
     torch.manual_seed(0)
     result = measure(args.run, args.histo, args.histo_n, args.shifts, args.per_fold, sites=args.sites,
                      site_draws=args.site_draws)

@@ -26,7 +26,7 @@ from lungcad.data.split import SplitRow, write_split
 from lungcad.data.transforms import Preprocessing
 from lungcad.inference.appearance import fit_profile
 from lungcad.inference.ood import fit_ood
-from lungcad.inference.site_check import REFERENCE_CACHE, compare_appearance, shift_test, wilson
+from lungcad.inference.site_check import REFERENCE_CACHE, compare_appearance, patient_shift_test, wilson
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.factory import create_model
 from lungcad.run import RunFolder
@@ -39,14 +39,15 @@ FOLDERS = ["Normal cases", "Bengin cases", "Malignant cases"]
 LENIENT = ["--max-flagged", "0.25"]
 
 
-def make_check_run(root: Path, patients: int = 10) -> tuple[Path, Path]:
-    """(run folder, its data folder): patients 0-3 of each class train, 4-7 validate, the rest test."""
+def make_check_run(root: Path, patients: int = 16) -> tuple[Path, Path]:
+    """(run folder, its data folder): patients 0-3 of each class train, 4-7 validate, the rest test (the
+    shift test's reference: by default 24 patients, enough for a patient-level null)."""
     data = make_dataset(root / "data", patients=patients, slices=3, size=48, seed=0)
     rows = []
     for label, folder in zip(CLASSES, FOLDERS):
         for f in sorted((data / folder).iterdir()):
             p = (int(f.stem.split("(")[1].rstrip(")")) - 1) // 6  # 3 slices + a gap of 3 per patient
-            rows.append(SplitRow(f, label, f"{label}-{p}", "train" if p < 4 else "val" if p < patients - 2 else "test"))
+            rows.append(SplitRow(f, label, f"{label}-{p}", "train" if p < 4 else "val" if p < 8 else "test"))
     torch.manual_seed(0)
     model, _ = create_model("resnet50", outputs=3, pretrained="none")
     model.eval()
@@ -110,8 +111,10 @@ def test_in_distribution_site_matches_and_writes_check_json_and_html(check_run, 
     assert f["count"] / f["images"] == pytest.approx(f["share"]) and f["share"] <= 0.25
     assert f["ci95"][0] <= f["share"] <= f["ci95"][1] and f["max"] == 0.25
     s = report["shift"]
-    assert s["tested"] and s["p_value"] >= 0.01 and 0.0 <= s["auc"] <= 1.0 and s["permutations"] == 9999
-    assert report["reference"]["kind"] == "test split" and report["reference"]["images"] == 18
+    assert s["tested"] and s["p_value"] >= 0.01 and 0.0 <= s["auc"] <= 1.0 and s["pseudo_sites"] == 9999
+    assert s["reference_patients"] == 24 and s["site_patients"] == 12  # 36 PNGs / 3 slices per reference patient
+    assert s["site_patients_from"].startswith("estimated") and s["pseudo_site_patients"] == 12
+    assert report["reference"]["kind"] == "test split" and report["reference"]["images"] == 72
     assert report["appearance"]["compared"] and report["appearance"]["differs"] == []
     assert report["model_sha256"] == RunFolder(run).contract().model_sha256 and report["date"].endswith("+00:00")
     page = first_check["page"]
@@ -196,35 +199,71 @@ def test_reference_scores_are_cached_for_checks_away_from_the_training_data(chec
     # this test is about the cache, not the verdict (test_in_distribution_site_matches_... checks that)
     assert first_check["status"] in (0, 3)  # computed the reference cache (or reused it)
     cache = json.loads((run / REFERENCE_CACHE).read_text())
-    assert cache["model_sha256"] == RunFolder(run).contract().model_sha256 and len(cache["strata"][0]["scores"]) == 18
+    assert cache["model_sha256"] == RunFolder(run).contract().model_sha256 and len(cache["strata"][0]["scores"]) == 72
+    assert len(set(cache["strata"][0]["groups"])) == 24  # each score's patient, for the patient-level null
     moved = data.with_name("moved")
     data.rename(moved)  # the run folder copied to a site without the training data
     try:
         assert main(["check", str(run), str(site_ok), "--no-progress", *LENIENT]) in (0, 3)
         report = json.loads((run / "check-hospital-b" / "check.json").read_text())
-        assert report["reference"]["scores"].startswith("cached in") and report["reference"]["images"] == 18
+        assert report["reference"]["scores"].startswith("cached in") and report["reference"]["images"] == 72
         (run / REFERENCE_CACHE).rename(run / "kept.json")
         capsys.readouterr()
         assert main(["check", str(run), str(site_ok), "--no-progress"]) == 1
         err = capsys.readouterr().err
         assert "reference images not found" in err and REFERENCE_CACHE in err
+        older = {k: v for k, v in cache.items() if k != "version"}  # scores without their patients (stop 13)
+        older["strata"] = [{k: v for k, v in s.items() if k != "groups"} for s in cache["strata"]]
+        (run / REFERENCE_CACHE).write_text(json.dumps(older))
+        assert main(["check", str(run), str(site_ok), "--no-progress"]) == 1
+        assert "from an older lungcad, without their patients" in capsys.readouterr().err
     finally:
         moved.rename(data)
         if (run / "kept.json").exists():
             (run / "kept.json").rename(run / REFERENCE_CACHE)
 
 
-def test_shift_test_and_wilson_interval():
+def _clustered(rng, patients: int, slices: int, shift: float = 0.0, name: str = "p") -> tuple[np.ndarray, np.ndarray]:
+    """Scores of patients whose slices are alike: a patient effect (sd 1) plus slice noise (sd 0.3)."""
+    means = rng.normal(shift, 1.0, patients)
+    scores = (means[:, None] + rng.normal(0, 0.3, (patients, slices))).ravel()
+    return scores, np.repeat([f"{name}{i}" for i in range(patients)], slices)
+
+
+def test_shift_test_null_is_new_patients_not_shuffled_slices():
+    """Clean sites of 5 new patients: slices of one patient are alike, so shuffling single images would
+    call about a quarter of them shifted at alpha 0.05 (26 % here); pseudo-sites of whole patients keep near 5 %."""
     rng = np.random.default_rng(0)
-    same = shift_test([(rng.normal(0, 1, 60), rng.normal(0, 1, 40))], permutations=999)
-    shifted = shift_test([(rng.normal(1, 1, 60), rng.normal(0, 1, 40))], permutations=999)
-    lower = shift_test([(rng.normal(-1, 1, 60), rng.normal(0, 1, 40))], permutations=999)
-    assert same["p_value"] > 0.05 and shifted["p_value"] == pytest.approx(1 / 1000) and shifted["auc"] > 0.7
+    ref = _clustered(rng, 60, 8)
+    clean = [patient_shift_test([_clustered(rng, 5, 8)[0]], [ref], 5, pseudo_sites=199, seed=d)["p_value"]
+             for d in range(200)]
+    shifted = [patient_shift_test([_clustered(rng, 5, 8, shift=2.0)[0]], [ref], 5, pseudo_sites=199, seed=d)["p_value"]
+               for d in range(50)]
+    assert np.mean(np.array(clean) < 0.05) <= 0.10
+    assert np.mean(np.array(shifted) < 0.05) >= 0.8
+    lower = patient_shift_test([_clustered(rng, 5, 8, shift=-2.0)[0]], [ref], 5, pseudo_sites=199)
     assert lower["p_value"] > 0.5  # one-sided: a site more typical than the reference is no reason to stop
-    strata = shift_test([(rng.normal(3, 1, 10), rng.normal(3, 1, 10)), (rng.normal(0, 1, 10), rng.normal(0, 1, 10))],
-                        permutations=999)
-    assert strata["p_value"] > 0.05 and len(strata["strata"]) == 2  # no shift within a member, whatever the offsets
-    assert not shift_test([(np.zeros(3), np.zeros(0))])["tested"]
+
+
+def test_shift_test_sizes_strata_and_small_references():
+    rng = np.random.default_rng(1)
+    ref = _clustered(rng, 6, 4)
+    far = patient_shift_test([np.full(12, 99.0)], [ref])  # 12 images / 4 per patient: 3 patients
+    assert far["site_patients"] == 3 and far["site_patients_from"].startswith("estimated")
+    assert far["exhaustive"] and far["pseudo_sites"] == 20 and far["p_value"] == pytest.approx(1 / 21)  # C(6, 3)
+    assert far["auc"] == 1.0 and far["min_p_value"] == pytest.approx(1 / 21)
+    big = patient_shift_test([np.full(12, 99.0)], [ref], site_patients=10)
+    assert big["pseudo_site_patients"] == 3 and "conservative" in big["note_size"]  # at most half the reference
+    # two members: a shift between them is no shift of the site (each side is compared within its member)
+    a, b = _clustered(rng, 30, 4, name="a"), _clustered(rng, 30, 4, shift=3.0, name="b")
+    strata = patient_shift_test([_clustered(rng, 3, 4)[0], _clustered(rng, 3, 4, shift=3.0)[0]], [a, b], 6,
+                                pseudo_sites=999)
+    assert strata["p_value"] > 0.05 and len(strata["strata"]) == 2 and strata["reference_patients"] == 60
+    assert not patient_shift_test([np.zeros(3)], [(np.zeros(0), np.zeros(0))])["tested"]
+    assert not patient_shift_test([np.zeros(3)], [(np.zeros(4), np.array(["p0"] * 4))])["tested"]  # one patient
+
+
+def test_wilson_interval():
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(0, 0) is None
@@ -273,3 +312,17 @@ def test_fold_ensemble_is_checked_against_out_of_fold_reference(tmp_path, site_o
     assert [s["site"] for s in report["shift"]["strata"]] == [18, 18]  # the site shared among the members
     assert report["shift"]["tested"]
     assert main(["check", str(cv), str(colour_tiles(tmp_path / "tiles")), "--no-progress"]) == 3
+
+
+def test_site_patients_are_its_dicom_studies_when_every_image_has_one():
+    from lungcad.inference.results import Prediction
+    from lungcad.inference.site_check import _site_patients
+
+    def pred(study: str | None, error: str = "") -> Prediction:
+        dicom = {"StudyInstanceUID": study} if study else {}
+        return (Prediction.failed("x.dcm", error, dicom=dicom) if error else
+                Prediction("x.dcm", {}, "normal", 0.1, "not malignant", False, 0.5, dicom=dicom))
+
+    assert _site_patients([pred("1.2.1"), pred("1.2.1"), pred("1.2.2"), pred(None, "unreadable")]) == 2
+    assert _site_patients([pred("1.2.1"), pred(None)]) is None  # a PNG among them: estimated instead
+    assert _site_patients([pred(None, "unreadable")]) is None

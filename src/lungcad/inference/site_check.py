@@ -14,14 +14,18 @@ through the deployed model and compared with the model's own in-distribution ref
    sides are scored by networks that never saw them. Scores are in units of the scoring network's
    OOD threshold. Statistic: the Mann-Whitney U (stratified by member for an ensemble: the sum of
    the members' U), i.e. the probability that a site image lies further from the training data
-   than a reference image (`auc`; 0.5 = no shift), with a one-sided permutation p-value (the
-   site's and the reference's labels shuffled within each member, `PERMUTATIONS` times). Why this
-   statistic: the OOD score measures distance from the training manifold, which is what a shift
-   harmful to the model changes; a test on the features themselves (MMD, energy distance) would
-   also flag a site whose *class mix* differs from the reference (a screening site with mostly
-   normal scans), which the model handles fine. One-sided: a site whose images are *more* typical
-   of the training data than the reference is no reason to stop. Rank-based: a handful of blank
-   frames with huge scores (already counted in the flagged share) does not dominate it.
+   than a reference image (`auc`; 0.5 = no shift). Its null is *new patients of the training
+   hospital*: pseudo-sites of m whole reference patients, each against the rest of the reference
+   (`patient_shift_test`), with m the site's patient count (its DICOM studies; for image files, its
+   image count over the reference's images per patient). Shuffling single images instead would
+   treat slices as independent, but slices of one patient are alike: on the IQ-OTH/NCCD main job it
+   called 24-25 % of clean simulated sites shifted at alpha 0.01. Why this statistic: the OOD score
+   measures distance from the training manifold, which is what a shift harmful to the model
+   changes; a test on the features themselves (MMD, energy distance) would also flag a site whose
+   *class mix* differs from the reference (a screening site with mostly normal scans), which the
+   model handles fine. One-sided: a site whose images are *more* typical of the training data than
+   the reference is no reason to stop. Rank-based: a handful of blank frames with huge scores
+   (already counted in the flagged share) does not dominate it.
    Why not the ensemble's own scores on its development images: each was a training image of
    K-1 of the K members, whose detectors were fitted on it, so its ensemble score is lower than
    an unseen image's; against it, every in-distribution site would look shifted.
@@ -37,8 +41,8 @@ interval is reported beside it), the shift test's p-value is below `--alpha`, an
 statistic differs, or more than `--max-flagged` of the files cannot be read; otherwise "matches".
 `lungcad check` exits 0 on "matches" and `EXIT_MISMATCH` (3) on "does not match"; errors exit 1.
 
-Reference scores are cached in RUNDIR/`REFERENCE_CACHE` (keyed by the model's sha256) the first
-time a check runs where the training data is, so that a check at a site without the training
+Reference scores and their patient groups are cached in RUNDIR/`REFERENCE_CACHE` (keyed by the
+model's sha256) the first time a check runs where the training data is, so that a check at a site without the training
 data (the run folder copied there) still has its reference.
 """
 
@@ -53,7 +57,9 @@ import math
 import re
 from collections import Counter
 from datetime import datetime, timezone
+from itertools import combinations
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,17 +71,17 @@ from lungcad.inference.appearance import features as appearance_features
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_json, atomic_write_text
 
-__all__ = ["EXIT_MISMATCH", "REFERENCE_CACHE", "format_check", "run_check", "shift_test", "wilson"]
+__all__ = ["EXIT_MISMATCH", "REFERENCE_CACHE", "format_check", "patient_shift_test", "run_check", "wilson"]
 
 log = logging.getLogger(__name__)
 
 EXIT_MISMATCH = 3  # `lungcad check` exit status when the site does not match (errors exit 1)
 DEFAULT_MAX_FLAGGED = 0.05
 DEFAULT_ALPHA = 0.01
-PERMUTATIONS = 9999
+PSEUDO_SITES = 9999  # random pseudo-sites of the shift test's null (all of them when there are fewer)
 REFERENCE_CACHE = "site-check-reference.json"
+CACHE_VERSION = 2  # 2: scores carry their patient groups
 CHECK_FILE, CHECK_HTML = "check.json", "check.html"
-FEW_IMAGES = 20  # below this many images on either side the shift test has little power (said in the output)
 MAX_LISTED = 100  # unreadable files listed in check.json (all are counted)
 
 
@@ -93,43 +99,84 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] 
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def shift_test(strata: list[tuple[np.ndarray, np.ndarray]], permutations: int = PERMUTATIONS,
-               seed: int = 0) -> dict:
-    """One-sided stratified permutation test that the first sample of each stratum is larger.
+def patient_shift_test(site: list[np.ndarray], reference: list[tuple[np.ndarray, np.ndarray]],
+                       site_patients: int | None = None, pseudo_sites: int = PSEUDO_SITES, seed: int = 0) -> dict:
+    """One-sided test that the site's scores are larger than the reference's, with a patient-level null.
 
-    strata: (site scores, reference scores) pairs. Statistic: the sum over strata of the
-    Mann-Whitney U of the site sample (ties count a half); `auc` = U / pairs, the probability that
-    a site score exceeds a reference score. p = (1 + #{permuted U >= observed}) / (1 + permutations),
-    the labels permuted within each stratum.
+    site: the site's scores per stratum (scoring member); reference: (scores, patient group of each)
+    per stratum. Statistic: the sum over strata of the Mann-Whitney U of the site's scores against
+    the reference's (ties count a half); `auc` = U / pairs, the probability that a site score exceeds
+    a reference score. Null: a site of `site_patients` new patients of the training hospital,
+    simulated by pseudo-sites of that many whole reference patients, each scored against the rest of
+    the reference the same way (all pseudo-sites when there are at most `pseudo_sites`, else that
+    many at random). p = (1 + #{pseudo-site U/pairs >= observed}) / (1 + pseudo-sites).
+    `site_patients` None: the site's image count over the reference's mean images per patient.
+    A site larger than half the reference is simulated by half of it (wider null: conservative).
     """
+    from math import comb
+
     from scipy.stats import rankdata
 
-    rng = np.random.default_rng(seed)
-    observed, pairs = 0.0, 0
-    null = np.zeros(permutations)
-    per_stratum = []
-    for site, ref in strata:
-        site, ref = np.asarray(site, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-        n_s, n_r = len(site), len(ref)
-        if n_s == 0 or n_r == 0:
-            continue
-        ranks = rankdata(np.concatenate([site, ref]))
-        offset = n_s * (n_s + 1) / 2
-        u = float(ranks[:n_s].sum() - offset)
-        observed += u
-        pairs += n_s * n_r
-        per_stratum.append({"site": n_s, "reference": n_r, "auc": u / (n_s * n_r)})
-        n = n_s + n_r
-        block = max(1, 2_000_000 // n)  # permutations per chunk: bounded memory for large sites
-        for start in range(0, permutations, block):
-            b = min(block, permutations - start)
-            order = rng.permuted(np.tile(np.arange(n), (b, 1)), axis=1)[:, :n_s]
-            null[start : start + b] += ranks[order].sum(axis=1) - offset
+    site = [np.asarray(s, dtype=np.float64) for s in site]
+    reference = [(np.asarray(r, dtype=np.float64), np.asarray(g, dtype=object)) for r, g in reference]
+    observed, pairs, per_stratum = 0.0, 0, []
+    for s, (r, _) in zip(site, reference):
+        if len(s) and len(r):
+            u = float(rankdata(np.concatenate([s, r]))[: len(s)].sum() - len(s) * (len(s) + 1) / 2)
+            observed, pairs = observed + u, pairs + len(s) * len(r)
+            per_stratum.append({"site": len(s), "reference": len(r), "auc": u / (len(s) * len(r))})
     if pairs == 0:
         return {"tested": False, "note": "no scores on one side: nothing to compare"}
-    p = (1 + int((null >= observed - 1e-9).sum())) / (1 + permutations)
-    return {"tested": True, "auc": observed / pairs, "p_value": p, "permutations": permutations,
-            "strata": per_stratum}
+    patients = sorted({g for _, groups in reference for g in groups})
+    if len(patients) < 2:
+        return {"tested": False, "note": f"the reference holds {len(patients)} patient: no pseudo-site to compare with"}
+    index = {g: i for i, g in enumerate(patients)}
+    # each patient's rank sum and image count per stratum: a pseudo-site's U is then a sum over its patients
+    rank_sums = np.zeros((len(reference), len(patients)))
+    counts = np.zeros((len(reference), len(patients)))
+    for k, (r, groups) in enumerate(reference):
+        cols = np.fromiter((index[g] for g in groups), dtype=np.int64, count=len(groups))
+        np.add.at(rank_sums[k], cols, rankdata(r))
+        np.add.at(counts[k], cols, 1)
+    totals = counts.sum(axis=1)
+    n_images = sum(len(s) for s in site)
+    per_patient = counts.sum() / len(patients)
+    if site_patients is None:
+        m, source = max(1, round(n_images / per_patient)), (f"estimated: {n_images} images / {per_patient:.1f} images "
+                                                            "per reference patient")
+    else:
+        m, source = int(site_patients), "given"
+    m_used = min(m, len(patients) // 2)
+    total = comb(len(patients), m_used)
+    exhaustive = total <= pseudo_sites
+    rng = np.random.default_rng(seed)
+    null = []
+    block = max(1, 4_000_000 // len(patients))  # pseudo-sites per chunk: memory bounded for large references
+    draws = total if exhaustive else pseudo_sites
+    chosen_iter = combinations(range(len(patients)), m_used) if exhaustive else None
+    for start in range(0, draws, block):
+        b = min(block, draws - start)
+        mask = np.zeros((b, len(patients)))
+        if exhaustive:
+            for row, members in zip(mask, (next(chosen_iter) for _ in range(b))):
+                row[list(members)] = 1
+        else:
+            np.put_along_axis(mask, np.argsort(rng.random((b, len(patients))), axis=1)[:, :m_used], 1, axis=1)
+        n_s = mask @ counts.T  # (b, strata) pseudo-site images per stratum
+        u = mask @ rank_sums.T - n_s * (n_s + 1) / 2
+        null.append(u.sum(axis=1) / np.maximum((n_s * (totals - n_s)).sum(axis=1), 1))
+    null_auc = np.concatenate(null)
+    auc = observed / pairs
+    p = (1 + int((null_auc >= auc - 1e-12).sum())) / (1 + draws)
+    out = {"tested": True, "auc": auc, "p_value": p, "min_p_value": 1 / (1 + draws), "pseudo_sites": int(draws),
+           "exhaustive": exhaustive, "site_patients": m, "site_patients_from": source, "pseudo_site_patients": m_used,
+           "reference_patients": len(patients), "null_auc_q50_q99": [round(float(q), 4) for q in
+                                                                     np.quantile(null_auc, [0.5, 0.99])],
+           "strata": per_stratum}
+    if m_used < m:
+        out["note_size"] = (f"the site ({m} patients) is larger than half the reference ({len(patients)} patients): "
+                            f"simulated by pseudo-sites of {m_used} (a conservative test)")
+    return out
 
 
 def _reason_kind(reason: str) -> str:
@@ -151,11 +198,14 @@ def _threshold(contract) -> float | None:
     return float(ood["threshold"]) if ood.get("threshold") else None
 
 
+def _scored(preds: list, threshold: float | None) -> list:
+    """The readable predictions that have an OOD score (all of them, for a model with a detector)."""
+    return [p for p in preds if not p.error and p.ood_score is not None] if threshold is not None else []
+
+
 def _normalised(preds: list, threshold: float | None) -> np.ndarray:
-    scores = [p.ood_score for p in preds if not p.error and p.ood_score is not None]
-    if threshold is None or not scores:
-        return np.zeros(0)
-    return np.asarray(scores, dtype=np.float64) / threshold
+    scored = _scored(preds, threshold)
+    return np.asarray([p.ood_score for p in scored], dtype=np.float64) / threshold if scored else np.zeros(0)
 
 
 def _files(preds: list) -> list[str]:
@@ -163,12 +213,33 @@ def _files(preds: list) -> list[str]:
     seen: dict[str, None] = {}
     for p in preds:
         if not p.error:
-            seen.setdefault(p.source.split("#")[0] if p.level == "frame" else p.source, None)
+            seen.setdefault(_file_of(p), None)
     return list(seen)
 
 
-def _reference_rows(run: RunFolder, contract) -> tuple[list[tuple[str, Path, list[Path], float | None, str]], dict]:
-    """(member name, scoring run folder, its unseen reference images, its threshold, sha256) per stratum."""
+def _file_of(pred) -> str:
+    return pred.source.split("#")[0] if pred.level == "frame" else pred.source
+
+
+def _site_patients(preds: list) -> int | None:
+    """How many patients the site's images come from, when every image says (its DICOM study); else None."""
+    studies = [p.dicom.get("StudyInstanceUID") for p in preds if not p.error]
+    return len(set(studies)) if studies and all(studies) else None
+
+
+class _Stratum(NamedTuple):
+    """Reference images of one scoring network: a member of a fold ensemble, or the single run."""
+
+    name: str  # the member's folder ("" for a single run)
+    scorer: Path  # the run folder that scores them
+    paths: list[Path]  # images it never saw
+    groups: list[str]  # their patients (split.csv's group column)
+    threshold: float | None
+    sha256: str
+
+
+def _reference_rows(run: RunFolder, contract) -> tuple[list[_Stratum], dict]:
+    """The reference images per stratum, and how the report describes them."""
     if contract.ensemble:
         from lungcad.models.contract import read_contract
 
@@ -176,25 +247,28 @@ def _reference_rows(run: RunFolder, contract) -> tuple[list[tuple[str, Path, lis
         for entry in contract.ensemble.get("members", []):
             member = RunFolder(run.path / entry["path"])
             member_contract = read_contract(member.path)
-            strata.append((entry["path"], member.path, [r.path for r in member.split("test")],
-                           _threshold(member_contract), member_contract.model_sha256))
+            rows = member.split("test")
+            strata.append(_Stratum(entry["path"], member.path, [r.path for r in rows], [r.group for r in rows],
+                                   _threshold(member_contract), member_contract.model_sha256))
         k = len(strata)
         info = {"kind": "development images, out-of-fold",
-                "description": f"every development image in split.csv ({sum(len(s[2]) for s in strata)}), each "
+                "description": f"every development image in split.csv ({sum(len(s.paths) for s in strata)}), each "
                                f"scored by the one of the {k} members that never saw it (its held-out fold); the "
                                f"site's images are shared among the members round-robin. The ensemble's own scores "
                                f"on these images are not used: each was a training image of {k - 1} of the {k} "
                                "members, so its ensemble score is lower than a new image's, and every "
                                "in-distribution site would look shifted against them."}
         return strata, info
-    rows = [r.path for r in run.split("test")]
+    rows = run.split("test")
     info = {"kind": "test split", "description": f"the run's test split ({len(rows)} images in split.csv, never "
                                                  "seen in training, fitting or calibration)"}
-    return [("", run.path, rows, _threshold(contract), contract.model_sha256)], info
+    return [_Stratum("", run.path, [r.path for r in rows], [r.group for r in rows], _threshold(contract),
+                     contract.model_sha256)], info
 
 
-def _reference_scores(run: RunFolder, contract, strata, progress: bool, predictor=None) -> tuple[list[dict], str]:
-    """Reference scores per stratum, from the cache or computed (then cached); (strata, where from).
+def _reference_scores(run: RunFolder, contract, strata: list[_Stratum], progress: bool,
+                      predictor=None) -> tuple[list[dict], str]:
+    """Reference scores and their patients per stratum, from the cache or computed (then cached); (strata, where from).
 
     `predictor`: the run's own Predictor, reused where a stratum is scored by the run itself.
     """
@@ -205,30 +279,39 @@ def _reference_scores(run: RunFolder, contract, strata, progress: bool, predicto
         cached = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else None
     except (OSError, ValueError):
         cached = None
-    if cached and cached.get("model_sha256") == contract.model_sha256 and len(cached.get("strata", [])) == len(strata):
+    if (cached and cached.get("model_sha256") == contract.model_sha256 and cached.get("version") == CACHE_VERSION
+            and len(cached.get("strata", [])) == len(strata)):
         log.info("reference scores from %s", cache_path)
         return cached["strata"], f"cached in {REFERENCE_CACHE} ({cached.get('date', '?')})"
-    missing = [p for _, _, paths, _, _ in strata for p in paths if not Path(p).is_file()]
-    if missing or not any(paths for _, _, paths, _, _ in strata):
+    missing = [p for s in strata for p in s.paths if not Path(p).is_file()]
+    if missing or not any(s.paths for s in strata):
         where = missing[0] if missing else run.path / "split.csv"
-        raise LungcadError(f"reference images not found ({len(missing)} missing, e.g. this one); the shift test "
+        older = (" (the cached ones are from an older lungcad, without their patients)"
+                 if cached and cached.get("model_sha256") == contract.model_sha256 else "")
+        raise LungcadError(f"reference images not found ({len(missing)} missing, e.g. this one){older}; the shift test "
                            "needs them once: run lungcad check where the run's training data is, which caches their "
                            f"scores in RUNDIR/{REFERENCE_CACHE}", where)
     out = []
-    for name, scorer_dir, paths, threshold, sha in strata:
-        log.info("scoring %d reference images%s", len(paths), f" with member {name}" if name else "")
-        scorer = predictor if predictor is not None and Path(scorer_dir) == run.path else Predictor(scorer_dir)
-        preds = _predict(scorer, paths, progress)
-        bad = [p for p in preds if p.error]
-        for p in bad:
-            log.warning("reference image left out: %s: %s", p.source, p.error)
+    for stratum in strata:
+        log.info("scoring %d reference images%s", len(stratum.paths),
+                 f" with member {stratum.name}" if stratum.name else "")
+        scorer = (predictor if predictor is not None and Path(stratum.scorer) == run.path
+                  else Predictor(stratum.scorer))
+        preds = _predict(scorer, stratum.paths, progress)
+        for p in preds:
+            if p.error:
+                log.warning("reference image left out: %s: %s", p.source, p.error)
         ok = [p for p in preds if not p.error]
-        out.append({"member": name, "model_sha256": sha, "images": len(ok),
+        group_of = {str(path): g for path, g in zip(stratum.paths, stratum.groups)}
+        scored = _scored(ok, stratum.threshold)
+        out.append({"member": stratum.name, "model_sha256": stratum.sha256, "images": len(ok),
                     "flagged": int(sum(p.ood for p in ok)),
-                    "scores": [round(float(s), 6) for s in _normalised(ok, threshold)]})
+                    "scores": [round(float(s), 6) for s in _normalised(ok, stratum.threshold)],
+                    "groups": [group_of[_file_of(p)] for p in scored]})
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
-        atomic_write_json(cache_path, {"model_sha256": contract.model_sha256, "date": date, "strata": out})
+        atomic_write_json(cache_path, {"version": CACHE_VERSION, "model_sha256": contract.model_sha256, "date": date,
+                                       "strata": out})
     except OSError as exc:  # a read-only run folder: the check still works, the next one recomputes
         log.warning("could not cache the reference scores in %s (%s)", cache_path, exc.strerror or exc)
     return out, "computed now"
@@ -293,7 +376,7 @@ def default_out(run_dir: str | Path, data: str | Path) -> Path:
 
 def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
               max_flagged: float = DEFAULT_MAX_FLAGGED, alpha: float = DEFAULT_ALPHA, progress: bool = False,
-              permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
+              pseudo_sites: int = PSEUDO_SITES, seed: int = 0) -> dict:
     """Check a site's unlabelled images against a run; writes check.json + check.html into `out`.
 
     Returns the check.json content. Raises LungcadError on bad input (missing or empty folder, no
@@ -336,7 +419,7 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
                "reasons": dict(kinds.most_common())}
 
     # 2. shift of the OOD scores against the reference
-    if not contract.ood or any(threshold is None for _, _, _, threshold, _ in strata):
+    if not contract.ood or any(stratum.threshold is None for stratum in strata):
         shift = {"tested": False, "note": "the model has no out-of-distribution detector: no OOD scores to compare"}
         reference = {**ref_info, "images": 0}
         site_scores: list[np.ndarray] = []
@@ -346,17 +429,21 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         ref_scores = [np.asarray(s["scores"], dtype=np.float64) for s in ref]
         if contract.ensemble:
             site_scores = []
-            for i, (name, scorer_dir, _, threshold, _) in enumerate(strata):
+            for i, stratum in enumerate(strata):
                 mine = files[i :: len(strata)]
-                log.info("scoring %d site images with member %s", len(mine), name)
-                site_scores.append(_normalised(_predict(Predictor(scorer_dir), mine, progress), threshold)
+                log.info("scoring %d site images with member %s", len(mine), stratum.name)
+                site_scores.append(_normalised(_predict(Predictor(stratum.scorer), mine, progress), stratum.threshold)
                                    if mine else np.zeros(0))
         else:
-            site_scores = [_normalised(ok, strata[0][3])]
-        shift = shift_test(list(zip(site_scores, ref_scores)), permutations, seed)
+            site_scores = [_normalised(ok, strata[0].threshold)]
+        shift = patient_shift_test(site_scores, [(r, s["groups"]) for r, s in zip(ref_scores, ref)],
+                                   _site_patients(ok), pseudo_sites, seed)
+        if shift["tested"] and shift["site_patients_from"] == "given":
+            shift["site_patients_from"] = "the site's DICOM studies"
         shift["alpha"] = alpha
-        shift["statistic"] = ("one-sided permutation test of the Mann-Whitney U of the OOD scores (site > reference"
-                              + (", stratified by member)" if contract.ensemble else ")"))
+        shift["statistic"] = ("one-sided test of the Mann-Whitney U of the OOD scores (site > reference"
+                              + (", stratified by member" if contract.ensemble else "")
+                              + "), null: pseudo-sites of whole reference patients")
         site_all, ref_all = np.concatenate(site_scores), np.concatenate(ref_scores)
         shift["site_median_score"] = float(np.median(site_all)) if len(site_all) else None
         shift["reference_median_score"] = float(np.median(ref_all)) if len(ref_all) else None
@@ -364,9 +451,15 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         ref_n, ref_k = sum(s["images"] for s in ref), sum(s["flagged"] for s in ref)
         reference = {**ref_info, "images": ref_n, "flagged": ref_k, "flagged_share": ref_k / ref_n if ref_n else None,
                      "scores": ref_source}
-        if shift.get("tested") and min(len(site_all), len(ref_all)) < FEW_IMAGES:
-            shift["note"] = (f"few images ({len(site_all)} site, {len(ref_all)} reference): the shift test has little "
-                             "power to detect a small shift")
+        notes = [shift.pop("note_size")] if "note_size" in shift else []
+        if shift.get("tested") and shift["min_p_value"] >= alpha:
+            notes.append(f"with {shift['reference_patients']} reference patients the smallest attainable p is "
+                         f"{shift['min_p_value']:.2g}, not below alpha {alpha:g}: this test cannot say 'shifted'")
+        elif shift.get("tested") and shift["pseudo_site_patients"] < 10:
+            notes.append(f"a site of {shift['pseudo_site_patients']} patients: the shift test has little power to "
+                         "detect a small shift")
+        if notes:
+            shift["note"] = "; ".join([*notes, *([shift["note"]] if shift.get("note") else [])])
 
     # 3. appearance
     appearance = compare_appearance(_site_appearance(predictor, files), contract.appearance or {})
@@ -398,7 +491,7 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         "files": len(preds), "images": n, "unreadable": len(bad),
         "unreadable_files": [{"source": p.source, "error": p.error} for p in bad[:MAX_LISTED]],
         "flagged": flagged, "shift": shift, "reference": reference, "appearance": appearance,
-        "settings": {"max_flagged": max_flagged, "alpha": alpha, "permutations": permutations, "seed": seed},
+        "settings": {"max_flagged": max_flagged, "alpha": alpha, "pseudo_sites": pseudo_sites, "seed": seed},
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CHECK_HTML, render_html(report, site_scores, ref_scores))
@@ -420,8 +513,10 @@ def format_check(report: dict) -> str:
         lines.append(f"    {count:5d}  {reason}")
     s = report["shift"]
     if s.get("tested"):
-        lines.append(f"  OOD-score shift vs the {report['reference']['kind']} ({report['reference']['images']} images): "
-                     f"P(site > reference) {s['auc']:.2f}, p = {s['p_value']:.2g} (alpha {s['alpha']:g})")
+        lines.append(f"  OOD-score shift vs the {report['reference']['kind']} ({report['reference']['images']} images of "
+                     f"{s['reference_patients']} patients): P(site > reference) {s['auc']:.2f}, p = {s['p_value']:.2g} "
+                     f"(alpha {s['alpha']:g}; against sites of {s['pseudo_site_patients']} reference patients, the "
+                     f"site counted as {s['site_patients']}: {s['site_patients_from']})")
         if s.get("note"):
             lines.append(f"    {s['note']}")
     else:
@@ -504,7 +599,10 @@ def render_html(report: dict, site: list[np.ndarray], ref: list[np.ndarray]) -> 
             ("Reference", f"{report['reference']['kind']}: {report['reference']['description']}")]
     if s.get("tested"):
         rows.append(("OOD-score shift", f"P(site score > reference score) = {s['auc']:.3f}; p = {s['p_value']:.3g} "
-                                        f"(alpha {s['alpha']:g}; {s['statistic']}, {s['permutations']} permutations)"))
+                                        f"(alpha {s['alpha']:g}; {s['statistic']}: {s['pseudo_sites']} pseudo-sites of "
+                                        f"{s['pseudo_site_patients']} of the {s['reference_patients']} reference "
+                                        f"patients; the site: {s['site_patients']} patients, "
+                                        f"{s['site_patients_from']})"))
         if s.get("note"):
             rows.append(("Note", s["note"]))
     else:
