@@ -43,6 +43,7 @@ def test_members_trained_side_by_side_equal_members_trained_one_at_a_time(tmp_pa
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow  # spawns two member processes (6-9 s)
 def test_a_failing_member_stops_the_others_and_names_itself(tmp_path):
     data = make_dataset(tmp_path / "data", patients=2, slices=2, size=40)
     samples = discover(data)
