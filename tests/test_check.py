@@ -253,7 +253,7 @@ def test_shift_test_sizes_strata_and_small_references():
     assert far["exhaustive"] and far["pseudo_sites"] == 20 and far["p_value"] == pytest.approx(1 / 21)  # C(6, 3)
     assert far["auc"] == 1.0 and far["min_p_value"] == pytest.approx(1 / 21)
     big = patient_shift_test([np.full(12, 99.0)], [ref], site_patients=10)
-    assert big["pseudo_site_patients"] == 3 and "conservative" in big["note_size"]  # at most half the reference
+    assert big["pseudo_site_patients"] == 3 and "conservative" in big["note"]  # at most half the reference
     # two members: a shift between them is no shift of the site (each side is compared within its member)
     a, b = _clustered(rng, 30, 4, name="a"), _clustered(rng, 30, 4, shift=3.0, name="b")
     strata = patient_shift_test([_clustered(rng, 3, 4)[0], _clustered(rng, 3, 4, shift=3.0)[0]], [a, b], 6,

@@ -100,7 +100,8 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] 
 
 
 def patient_shift_test(site: list[np.ndarray], reference: list[tuple[np.ndarray, np.ndarray]],
-                       site_patients: int | None = None, pseudo_sites: int = PSEUDO_SITES, seed: int = 0) -> dict:
+                       site_patients: int | None = None, pseudo_sites: int = PSEUDO_SITES, seed: int = 0,
+                       site_patients_from: str = "given") -> dict:
     """One-sided test that the site's scores are larger than the reference's, with a patient-level null.
 
     site: the site's scores per stratum (scoring member); reference: (scores, patient group of each)
@@ -110,7 +111,8 @@ def patient_shift_test(site: list[np.ndarray], reference: list[tuple[np.ndarray,
     simulated by pseudo-sites of that many whole reference patients, each scored against the rest of
     the reference the same way (all pseudo-sites when there are at most `pseudo_sites`, else that
     many at random). p = (1 + #{pseudo-site U/pairs >= observed}) / (1 + pseudo-sites).
-    `site_patients` None: the site's image count over the reference's mean images per patient.
+    `site_patients` None: the site's image count over the reference's mean images per patient
+    (`site_patients_from` says where a given count came from, for the report).
     A site larger than half the reference is simulated by half of it (wider null: conservative).
     """
     from math import comb
@@ -145,23 +147,20 @@ def patient_shift_test(site: list[np.ndarray], reference: list[tuple[np.ndarray,
         m, source = max(1, round(n_images / per_patient)), (f"estimated: {n_images} images / {per_patient:.1f} images "
                                                             "per reference patient")
     else:
-        m, source = int(site_patients), "given"
+        m, source = int(site_patients), site_patients_from
     m_used = min(m, len(patients) // 2)
     total = comb(len(patients), m_used)
     exhaustive = total <= pseudo_sites
     rng = np.random.default_rng(seed)
+    draws = total if exhaustive else pseudo_sites
+    every = np.array(list(combinations(range(len(patients)), m_used))) if exhaustive else None
     null = []
     block = max(1, 4_000_000 // len(patients))  # pseudo-sites per chunk: memory bounded for large references
-    draws = total if exhaustive else pseudo_sites
-    chosen_iter = combinations(range(len(patients)), m_used) if exhaustive else None
     for start in range(0, draws, block):
         b = min(block, draws - start)
+        chosen = every[start : start + b] if exhaustive else np.argsort(rng.random((b, len(patients))), axis=1)[:, :m_used]
         mask = np.zeros((b, len(patients)))
-        if exhaustive:
-            for row, members in zip(mask, (next(chosen_iter) for _ in range(b))):
-                row[list(members)] = 1
-        else:
-            np.put_along_axis(mask, np.argsort(rng.random((b, len(patients))), axis=1)[:, :m_used], 1, axis=1)
+        np.put_along_axis(mask, chosen, 1, axis=1)
         n_s = mask @ counts.T  # (b, strata) pseudo-site images per stratum
         u = mask @ rank_sums.T - n_s * (n_s + 1) / 2
         null.append(u.sum(axis=1) / np.maximum((n_s * (totals - n_s)).sum(axis=1), 1))
@@ -174,8 +173,8 @@ def patient_shift_test(site: list[np.ndarray], reference: list[tuple[np.ndarray,
                                                                      np.quantile(null_auc, [0.5, 0.99])],
            "strata": per_stratum}
     if m_used < m:
-        out["note_size"] = (f"the site ({m} patients) is larger than half the reference ({len(patients)} patients): "
-                            f"simulated by pseudo-sites of {m_used} (a conservative test)")
+        out["note"] = (f"the site ({m} patients) is larger than half the reference ({len(patients)} patients): "
+                       f"simulated by pseudo-sites of {m_used} (a conservative test)")
     return out
 
 
@@ -437,9 +436,7 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         else:
             site_scores = [_normalised(ok, strata[0].threshold)]
         shift = patient_shift_test(site_scores, [(r, s["groups"]) for r, s in zip(ref_scores, ref)],
-                                   _site_patients(ok), pseudo_sites, seed)
-        if shift["tested"] and shift["site_patients_from"] == "given":
-            shift["site_patients_from"] = "the site's DICOM studies"
+                                   _site_patients(ok), pseudo_sites, seed, site_patients_from="the site's DICOM studies")
         shift["alpha"] = alpha
         shift["statistic"] = ("one-sided test of the Mann-Whitney U of the OOD scores (site > reference"
                               + (", stratified by member" if contract.ensemble else "")
@@ -451,7 +448,7 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         ref_n, ref_k = sum(s["images"] for s in ref), sum(s["flagged"] for s in ref)
         reference = {**ref_info, "images": ref_n, "flagged": ref_k, "flagged_share": ref_k / ref_n if ref_n else None,
                      "scores": ref_source}
-        notes = [shift.pop("note_size")] if "note_size" in shift else []
+        notes = [shift["note"]] if shift.get("note") else []
         if shift.get("tested") and shift["min_p_value"] >= alpha:
             notes.append(f"with {shift['reference_patients']} reference patients the smallest attainable p is "
                          f"{shift['min_p_value']:.2g}, not below alpha {alpha:g}: this test cannot say 'shifted'")
@@ -459,7 +456,7 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
             notes.append(f"a site of {shift['pseudo_site_patients']} patients: the shift test has little power to "
                          "detect a small shift")
         if notes:
-            shift["note"] = "; ".join([*notes, *([shift["note"]] if shift.get("note") else [])])
+            shift["note"] = "; ".join(notes)
 
     # 3. appearance
     appearance = compare_appearance(_site_appearance(predictor, files), contract.appearance or {})
