@@ -177,7 +177,7 @@ def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: 
     the development set (same order for every name) its fold, group, normalised OOD score, combined
     flag and appearance statistics; "clean" is the reference."""
     clean = sites["clean"]
-    patients = np.unique(clean["group"])
+    patients, folds = np.unique(clean["group"]), np.unique(clean["fold"])
     out = []
     for n in sizes:
         for name, r in sites.items():
@@ -188,7 +188,6 @@ def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: 
                 site = np.isin(r["group"], chosen)
                 ref = ~np.isin(clean["group"], chosen)
                 flagged = r["flag"][site].mean() > DEFAULT_MAX_FLAGGED
-                folds = np.unique(clean["fold"])
                 test = patient_shift_test(  # the site's patients estimated from its image count, as for PNG folders
                     [r["ratio"][site & (r["fold"] == k)] for k in folds],
                     [(clean["ratio"][ref & (clean["fold"] == k)], clean["group"][ref & (clean["fold"] == k)])

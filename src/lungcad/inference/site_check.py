@@ -305,7 +305,7 @@ def _reference_scores(run: RunFolder, contract, strata: list[_Stratum], progress
         scored = _scored(ok, stratum.threshold)
         out.append({"member": stratum.name, "model_sha256": stratum.sha256, "images": len(ok),
                     "flagged": int(sum(p.ood for p in ok)),
-                    "scores": [round(float(s), 6) for s in _normalised(ok, stratum.threshold)],
+                    "scores": [round(float(s), 6) for s in _normalised(scored, stratum.threshold)],
                     "groups": [group_of[_file_of(p)] for p in scored]})
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
