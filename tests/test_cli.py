@@ -99,9 +99,12 @@ def test_binary_task(tmp_path):
 
     data = make_dataset(tmp_path / "data")
     run = tmp_path / "runs" / "nested" / "run"  # missing parent folders are created
-    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--task", "binary", *FAST]) == 0
+    # (with both batch mixings on: the binary loss takes their two-class soft labels)
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--task", "binary",
+                 "--mixup", "0.4", "--cutmix", "1", *FAST]) == 0
     contract = json.loads((run / "model.json").read_text())
     assert contract["classes"] == ["not_malignant", "malignant"]
+    assert (contract["training"]["recipe"]["mixup"], contract["training"]["recipe"]["cutmix"]) == (0.4, 1.0)
     _, c = load_model(run)
     assert c.outputs == 1
 
@@ -112,6 +115,7 @@ def test_binary_task(tmp_path):
     (["--data", "{data}", "--weights", "{tmp}/w.pth"], "w.pth: weights file not found"),
     (["--data", "{data}", "--pretrained", "imagenet"], "ImageNet weights.*--weights FILE.*--pretrained none"),
     (["--data", "{tmp}/data/Normal cases", "--pretrained", "none"], "Normal cases: no class folders found"),
+    (["--data", "{data}", "--pretrained", "none", "--mixup", "-1"], "--mixup and --cutmix .* not -1"),
 ])
 def test_bad_inputs_give_one_line_errors_and_no_run_folder(tmp_path, capsys, monkeypatch, args, message):
     import re

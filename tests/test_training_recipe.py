@@ -1,5 +1,5 @@
 """Training-recipe pieces chosen by cross-validation: augmentation on the uint8 cache, class-balanced
-sampling, label smoothing, weight EMA and bf16 autocast on CPUs that have it."""
+sampling, label smoothing, MixUp / CutMix, weight EMA and bf16 autocast on CPUs that have it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import torch
 from conftest import synthetic_slice
 
 from lungcad.data.dataset import CachedImageDataset
-from lungcad.data.transforms import AUGMENT_POLICIES, Preprocessing, RandomIntensity, prepare, train_augmentation
+from lungcad.data.transforms import (
+    AUGMENT_POLICIES,
+    Preprocessing,
+    RandomIntensity,
+    batch_mixing,
+    prepare,
+    train_augmentation,
+)
 from lungcad.training.trainer import BalancedLoss, ClassBalancedSampler, _amp_dtype
 from lungcad.utils import cpu_has_native_bf16
 
@@ -74,6 +81,54 @@ def test_label_smoothing_applies_in_training_only_and_unweighted_loss_for_the_sa
     train_value = float(loss(logits, y)[0])
     loss.eval()
     assert float(loss(logits, y)[0]) < train_value  # smoothing penalises a confident right answer
+
+
+@pytest.mark.parametrize("task, weighted, smoothing", [("multiclass", True, 0.0), ("multiclass", True, 0.1),
+                                                      ("multiclass", False, 0.0), ("binary", True, 0.0)])
+def test_one_hot_soft_labels_give_exactly_the_class_index_loss(task, weighted, smoothing):
+    targets = [0, 0, 0, 1, 2, 2] if task == "multiclass" else [0, 0, 0, 1]
+    loss = BalancedLoss(task, targets, weighted=weighted, label_smoothing=smoothing)
+    y = torch.tensor([0, 1, 1, 0])
+    classes = 3 if task == "multiclass" else 2
+    logits = torch.randn(4, classes if task == "multiclass" else 1, generator=torch.Generator().manual_seed(0))
+    hard = loss(logits, y)
+    soft = loss(logits, torch.nn.functional.one_hot(y, classes).float())
+    assert torch.allclose(hard[0], soft[0]) and torch.allclose(hard[1], soft[1])
+    if weighted:  # the class weights apply to a mixed sample as to its classes: half of each
+        half = torch.tensor([[0.5, 0.5] + [0.0] * (classes - 2)])
+        total, norm = loss(logits[:1], half)
+        a, b = loss(logits[:1], torch.tensor([0])), loss(logits[:1], torch.tensor([1]))
+        assert torch.isclose(norm, (a[1] + b[1]) / 2)
+        if task == "multiclass" and smoothing == 0.0:
+            assert torch.isclose(total, (a[0] + b[0]) / 2)
+
+
+def test_mixup_mixes_images_and_labels_with_the_same_weight():
+    assert batch_mixing(0.0, 0.0, 3) is None
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.manual_seed(0)
+    mx, my = batch_mixing(0.4, 0.0, 3)(x, y)
+    assert my.shape == (8, 3) and torch.allclose(my.sum(1), torch.ones(8))
+    lam = float(my[1, 1])  # torchvision mixes each image with the one before it: image 1 (benign) with 0 (normal)
+    assert torch.allclose(mx, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
+    assert torch.allclose(my, lam * torch.nn.functional.one_hot(y, 3) + (1 - lam) * torch.nn.functional.one_hot(
+        y.roll(1, 0), 3), atol=1e-6)
+
+
+def test_cutmix_label_weight_is_the_share_of_pixels_kept():
+    x = torch.zeros(4, 3, 32, 32)
+    x[torch.arange(4), :, :, :] = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1)  # image i is all i
+    y = torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(3)
+    mx, my = batch_mixing(0.0, 1.0, 3)(x, y)
+    kept = (mx[1] == 1).float().mean()  # image 1's own pixels; the pasted box comes from image 0
+    assert 0 < kept <= 1 and torch.isclose(my[1, 1], kept, atol=1e-6) and torch.isclose(my[1, 0], 1 - kept)
+    both, kinds = batch_mixing(0.4, 1.0, 3), set()
+    for _ in range(30):  # each batch gets one of the two: a blend (MixUp) or a pasted box (CutMix)
+        img = both(x, y)[0][1]
+        kinds.add("cutmix" if bool(((img == 0) | (img == 1)).all()) else "mixup")
+    assert kinds == {"mixup", "cutmix"}
 
 
 def test_amp_auto_picks_bf16_exactly_where_the_cpu_has_it():

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cross-entropy label smoothing (default {TrainConfig.label_smoothing})")
     p.add_argument("--ema-decay", type=float, default=None,
                    help=f"weight EMA decay per step, 0 = off (default {TrainConfig.ema_decay})")
+    p.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+                   help=f"MixUp on each batch with Beta(ALPHA, ALPHA) weights, 0 = off (default {TrainConfig.mixup})")
+    p.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
+                   help=f"CutMix likewise (default {TrainConfig.cutmix}); with --mixup too, one of them per batch")
     p.add_argument("--val-fraction", type=float, default=None,
                    help=f"validation share (default {TrainConfig.val_fraction}; with --folds 0: fixed epochs, "
                         "calibration on the pooled out-of-fold predictions)")
@@ -239,13 +243,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads, progress=args.progress, extra_data=args.extra_data, augment=args.augment,
         device=args.device, amp=args.amp, target_sensitivity=args.target_sensitivity,
         **{k: v for k, v in (("augment_policy", args.augment_policy), ("balance", args.balance),
-                             ("label_smoothing", args.label_smoothing), ("ema_decay", args.ema_decay))
+                             ("label_smoothing", args.label_smoothing), ("ema_decay", args.ema_decay),
+                             ("mixup", args.mixup), ("cutmix", args.cutmix))
            if v is not None},
     )
     if args.val_fraction is not None:
         cfg.val_fraction = args.val_fraction
     elif args.folds:
         cfg.val_fraction = 0.0  # cross-validation chooses the recipe; members train on every other fold
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        raise LungcadError(f"--mixup and --cutmix are Beta(alpha, alpha) alphas: 0 (off) or above, not "
+                           f"{min(cfg.mixup, cfg.cutmix)}")
     if not 0.0 < cfg.target_sensitivity <= 1.0:
         raise LungcadError(f"--target-sensitivity must be in (0, 1], not {cfg.target_sensitivity}")
     if cfg.adapt_bn and not cfg.init_from:

@@ -20,7 +20,8 @@ from torchvision.transforms.v2 import functional as F
 
 __all__ = [
     "AUGMENT_POLICIES", "IMAGENET_MEAN", "IMAGENET_STD", "PAD_LIMIT", "Preprocessing", "RandomIntensity",
-    "foreground_box", "normalise", "prepare", "preprocess", "to_source_geometry", "train_augmentation",
+    "batch_mixing", "foreground_box", "normalise", "prepare", "preprocess", "to_source_geometry",
+    "train_augmentation",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -242,3 +243,19 @@ def train_augmentation(pp: Preprocessing) -> v2.Compose:
     if intensity:
         ops.append(RandomIntensity(**intensity))
     return v2.Compose(ops)
+
+
+def batch_mixing(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix on a normalised training batch (torchvision's), or None when both are off.
+
+    `mixup` and `cutmix` are the alphas of their Beta(alpha, alpha) mixing weights; with both on,
+    each batch gets one of the two at random. The batch's labels come back as class probabilities
+    (N, num_classes), which `BalancedLoss` takes as they are. Applied after `normalise`, on the
+    batch: the uint8 cache and the per-image path are untouched, and a linear mix of normalised
+    images is the normalised mix of the images.
+    """
+    ops = [op(alpha=alpha, num_classes=num_classes)
+           for op, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)

@@ -60,6 +60,10 @@ class TrainConfig:
     # exponential moving average of the weights (decay per step; 0 = off): the averaged weights are
     # the ones evaluated and saved
     ema_decay: float = 0.0
+    # batch mixing (lungcad.data.transforms.batch_mixing): alpha of MixUp's / CutMix's Beta(alpha, alpha)
+    # mixing weight, 0 = off; with both on, each batch gets one of the two
+    mixup: float = 0.0
+    cutmix: float = 0.0
     device: str = "auto"  # auto: this rank's GPU if any, else CPU
     # mixed precision: auto = bf16 on GPUs that have it (else fp16) and on CPUs with native bf16
     # (AVX512-BF16 or AMX, detected at run time; about 2x a fp32 step there), off on other CPUs
@@ -80,5 +84,5 @@ class TrainConfig:
 
 # TrainConfig fields that make up the training recipe (recorded in the contract, compared in ablations)
 RECIPE_KEYS = ("image_size", "epochs", "batch_size", "optimizer", "weight_decay", "augment", "augment_policy",
-               "balance", "label_smoothing", "ema_decay", "amp", "finetune", "head_epochs",
+               "balance", "label_smoothing", "ema_decay", "mixup", "cutmix", "amp", "finetune", "head_epochs",
                "adapt_bn")

@@ -36,7 +36,7 @@ import lungcad
 from lungcad.data.dataset import CachedImageDataset
 from lungcad.data.grouping import ImageInfo
 from lungcad.data.split import write_split
-from lungcad.data.transforms import Preprocessing, train_augmentation
+from lungcad.data.transforms import Preprocessing, batch_mixing, train_augmentation
 from lungcad.distributed import (
     DistContext,
     all_reduce_sum,
@@ -117,13 +117,17 @@ class BalancedLoss(nn.Module):
         self.register_buffer("weight", torch.tensor(weight, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`y`: class indices (N,), or class probabilities (N, classes) from MixUp / CutMix, where a
+        one-hot row gives exactly the loss of its index."""
+        soft = y.is_floating_point()
         if self.task == "binary":
             per = nn.functional.binary_cross_entropy_with_logits(
-                logits.reshape(-1), y.float(), pos_weight=self.weight[1], reduction="none")
+                logits.reshape(-1), y[:, 1] if soft else y.float(), pos_weight=self.weight[1], reduction="none")
             return per.sum(), torch.tensor(float(len(y)), device=per.device)  # BCE means over samples
         per = nn.functional.cross_entropy(logits, y, weight=self.weight, reduction="none",
                                           label_smoothing=self.label_smoothing if self.training else 0.0)
-        return per.sum(), self.weight[y].sum()  # weighted CE means over the sample weights
+        # weighted CE means over the sample weights (a mixed sample's: its classes' weights, mixed alike)
+        return per.sum(), (y @ self.weight).sum() if soft else self.weight[y].sum()
 
 
 def _mean_loss(criterion: BalancedLoss, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -271,6 +275,7 @@ class _Loop:
     loader: DataLoader
     amp_dtype: torch.dtype | None
     has_val: bool
+    mix: torch.nn.Module | None  # MixUp / CutMix on each batch (`batch_mixing`), or None
 
     @property
     def kept(self) -> nn.Module:
@@ -398,7 +403,8 @@ def _build_loop(ctx: DistContext, cfg: TrainConfig, model: nn.Module, prepared: 
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    return _Loop(model, core, optimizer, scheduler, criterion, ema, scaler, sampler, loader, amp_dtype, has_val)
+    mix = batch_mixing(cfg.mixup, cfg.cutmix, len(output_classes(cfg.task)))
+    return _Loop(model, core, optimizer, scheduler, criterion, ema, scaler, sampler, loader, amp_dtype, has_val, mix)
 
 
 def _restore(ctx: DistContext, loop: _Loop, state: dict | None) -> _Progress:
@@ -428,8 +434,10 @@ def _train_epoch(ctx: DistContext, cfg: TrainConfig, loop: _Loop, epoch: int) ->
     bar = tqdm(loop.loader, desc=f"epoch {epoch + 1}/{cfg.epochs} [{stage}]", unit="batch",
                disable=not (cfg.progress and ctx.is_main), leave=False)
     for x, y in bar:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if loop.mix is not None:  # (after seed_everything: the mixing draws are seeded too)
+            x, y = loop.mix(x, y)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
             logits = loop.model(x)
             total, norm = loop.criterion(logits.float(), y)
@@ -449,7 +457,7 @@ def _train_epoch(ctx: DistContext, cfg: TrainConfig, loop: _Loop, epoch: int) ->
         loss_sum += total_value
         norm_sum += norm.item()
         pred = (logits.reshape(-1) > 0).long() if task == "binary" else logits.argmax(1)
-        correct += int((pred == y).sum())
+        correct += int((pred == (y.argmax(1) if y.is_floating_point() else y)).sum())  # a mix: its main class
         bar.set_postfix(loss=f"{loss_sum / norm_sum:.3f}")
     seconds = time.perf_counter() - t0
     loss_sum, norm_sum, correct, seen = all_reduce_sum(ctx, [loss_sum, norm_sum, correct, seen])  # all ranks
