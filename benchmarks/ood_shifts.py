@@ -25,7 +25,8 @@ check and of both combined (what predict reports as `ood`), the ROC-AUC of the f
 With `--sites N...`, the same images also simulate **whole sites** for `lungcad check`: a site is
 N patient proxies drawn at random (`--site-draws` times) with every slice of theirs shifted (or
 clean: another N patients of the training hospital, the check's false-alarm rate). Each draw is
-judged by check's own rules (lungcad.inference.site_check): the flagged share above 5 %, the
+judged by check's own rules (lungcad.inference.site_check): the flagged share above 5 % (its whole
+95 % Wilson interval), the
 stratified shift test of the OOD scores (each member's held-out site slices against that member's
 held-out clean slices of the *other* patients; null: pseudo-sites of whole reference patients, as
 many as the site's image count suggests, as check does for PNG folders) at alpha 0.01, and the site's median
@@ -55,7 +56,13 @@ from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
 from lungcad.inference.forward import run_engine
 from lungcad.inference.ood import ENSEMBLE_QUANTILE, OODDetector, OutOfFoldScores, cross_fitted_false_flags
-from lungcad.inference.site_check import DEFAULT_ALPHA, DEFAULT_MAX_FLAGGED, compare_appearance, patient_shift_test
+from lungcad.inference.site_check import (
+    DEFAULT_ALPHA,
+    DEFAULT_MAX_FLAGGED,
+    compare_appearance,
+    flagged_share,
+    patient_shift_test,
+)
 from lungcad.models.contract import load_model
 from lungcad.run import RunFolder
 
@@ -187,7 +194,7 @@ def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: 
                 chosen = rng.choice(patients, size=min(n, len(patients) - 1), replace=False)
                 site = np.isin(r["group"], chosen)
                 ref = ~np.isin(clean["group"], chosen)
-                flagged = r["flag"][site].mean() > DEFAULT_MAX_FLAGGED
+                flagged = flagged_share(int(r["flag"][site].sum()), int(site.sum()), DEFAULT_MAX_FLAGGED)["exceeds"]
                 test = patient_shift_test(  # the site's patients estimated from its image count, as for PNG folders
                     [r["ratio"][site & (r["fold"] == k)] for k in folds],
                     [(clean["ratio"][ref & (clean["fold"] == k)], clean["group"][ref & (clean["fold"] == k)])
@@ -341,7 +348,7 @@ def markdown(result: dict) -> str:
                      f"{s['appearance_flagged']:.1%} | {s['flagged']:.1%} | {auc} | {comb} | {mal} |")
     if result.get("sites"):
         lines += ["", "Simulated sites (`lungcad check`'s rules; share of draws that say \"does not match\"):", "",
-                  "| site | patients | flagged share > 5 % | OOD-score shift test | appearance | verdict: does not match |",
+                  "| site | patients | flagged share > 5 % (whole CI) | OOD-score shift test | appearance | verdict: does not match |",
                   "|---|---|---|---|---|---|"]
         for s in result["sites"]:
             lines.append(f"| {s['shift']} | {s['patients']} | {s['flagged_rate']:.0%} | {s['shift_rate']:.0%} | "

@@ -26,7 +26,7 @@ from lungcad.data.split import SplitRow, write_split
 from lungcad.data.transforms import Preprocessing
 from lungcad.inference.appearance import fit_profile
 from lungcad.inference.ood import fit_ood
-from lungcad.inference.site_check import REFERENCE_CACHE, compare_appearance, patient_shift_test, wilson
+from lungcad.inference.site_check import REFERENCE_CACHE, compare_appearance, flagged_share, patient_shift_test, wilson
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.factory import create_model
 from lungcad.run import RunFolder
@@ -261,6 +261,14 @@ def test_shift_test_sizes_strata_and_small_references():
     assert strata["p_value"] > 0.05 and len(strata["strata"]) == 2 and strata["reference_patients"] == 60
     assert not patient_shift_test([np.zeros(3)], [(np.zeros(0), np.zeros(0))])["tested"]
     assert not patient_shift_test([np.zeros(3)], [(np.zeros(4), np.array(["p0"] * 4))])["tested"]  # one patient
+
+
+def test_the_flagged_share_exceeds_the_maximum_only_when_its_whole_interval_does():
+    # 2 of 20 flagged: 10 % > 5 %, but a small site's share is noisy (95 % CI 2.8-30.1 %): no mismatch
+    small = flagged_share(2, 20, 0.05)
+    assert small["share"] == 0.1 and small["ci95"][0] < 0.05 and not small["exceeds"]
+    assert flagged_share(20, 200, 0.05)["exceeds"]  # the same 10 % of 200 images: CI 6.6-15.0 %
+    assert not flagged_share(0, 20, 0.0)["exceeds"] and flagged_share(1, 20, 0.0)["exceeds"]
 
 
 def test_wilson_interval():

@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="folder of the site's unlabelled images or DICOM (recursive)")
     p.add_argument("--out", metavar="DIR", help="where check.json and check.html go (default RUNDIR/check-<DATA's name>)")
     p.add_argument("--max-flagged", type=float, default=0.05, metavar="SHARE",
-                   help="largest share of images flagged out of distribution that still matches (default 0.05)")
+                   help="share of images flagged out of distribution above which the site does not match, when the "
+                        "share's whole 95 %% interval lies above it (default 0.05)")
     p.add_argument("--alpha", type=float, default=0.01,
                    help="significance level of the OOD-score shift test against the reference images (default 0.01)")
     _add_common(p)

@@ -36,8 +36,8 @@ through the deployed model and compared with the model's own in-distribution ref
    e.g. a whole site rendered at a slightly different window, each image within the per-image
    tolerance.
 
-Verdict: "does not match" when the flagged share exceeds `--max-flagged` (the point estimate; the
-interval is reported beside it), the shift test's p-value is below `--alpha`, an appearance
+Verdict: "does not match" when the flagged share exceeds `--max-flagged` (its whole 95 % Wilson
+interval above it: `flagged_share`), the shift test's p-value is below `--alpha`, an appearance
 statistic differs, or more than `--max-flagged` of the files cannot be read; otherwise "matches".
 `lungcad check` exits 0 on "matches" and `EXIT_MISMATCH` (3) on "does not match"; errors exit 1.
 
@@ -71,7 +71,8 @@ from lungcad.inference.appearance import features as appearance_features
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_json, atomic_write_text
 
-__all__ = ["EXIT_MISMATCH", "REFERENCE_CACHE", "format_check", "patient_shift_test", "run_check", "wilson"]
+__all__ = ["EXIT_MISMATCH", "REFERENCE_CACHE", "flagged_share", "format_check", "patient_shift_test", "run_check",
+           "wilson"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,17 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] 
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def flagged_share(k: int, n: int, max_flagged: float) -> dict:
+    """The site's flagged share, its 95 % Wilson interval, and whether it `exceeds` `max_flagged`: when
+    the whole interval lies above it, not merely the point estimate. A small site's share is noisy and
+    flags come in patients (on IQ-OTH/NCCD the 13 flagged clean slices belong to 5 of 126 patient
+    proxies): on simulated clean sites of 5 / 10 / 25 patients the point estimate exceeded 5 % in
+    9 % / 10 % / 6 % of them, the interval in 4 % / 3 % / 0 % (docs/ood.md)."""
+    ci = wilson(k, n)
+    return {"count": k, "images": n, "share": k / n, "ci95": list(ci), "max": max_flagged,
+            "exceeds": bool(ci[0] > max_flagged)}
 
 
 def patient_shift_test(site: list[np.ndarray], reference: list[tuple[np.ndarray, np.ndarray]],
@@ -412,10 +424,9 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
     files = _files(ok)
 
     # 1. flagged share
-    n, k = len(ok), int(sum(p.ood for p in ok))
     kinds = Counter(_reason_kind(r) for p in ok for r in p.ood_reasons)
-    flagged = {"count": k, "images": n, "share": k / n, "ci95": list(wilson(k, n)), "max": max_flagged,
-               "reasons": dict(kinds.most_common())}
+    flagged = {**flagged_share(int(sum(p.ood for p in ok)), len(ok), max_flagged), "reasons": dict(kinds.most_common())}
+    n = len(ok)
 
     # 2. shift of the OOD scores against the reference
     if not contract.ood or any(stratum.threshold is None for stratum in strata):
@@ -463,10 +474,10 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
 
     # verdict
     reasons = []
-    if flagged["share"] > max_flagged:
+    if flagged["exceeds"]:
         lo, hi = flagged["ci95"]
         reasons.append(f"{flagged['share']:.1%} of the images are flagged out of distribution (95 % CI {lo:.1%}-"
-                       f"{hi:.1%}; at most {max_flagged:.1%} allowed)")
+                       f"{hi:.1%}: above the {max_flagged:.1%} allowed)")
     if shift.get("tested") and shift["p_value"] < alpha:
         reasons.append(f"the OOD scores are higher than on the reference images (p = {shift['p_value']:.2g} < alpha "
                        f"{alpha:g}; a site image is further from the training data than a reference image with "
@@ -505,7 +516,7 @@ def format_check(report: dict) -> str:
     f = report["flagged"]
     lines = [f"site {report['site']}: {report['images']} images ({report['unreadable']} unreadable files)",
              f"  flagged out of distribution: {f['count']} ({f['share']:.1%}, 95 % CI {f['ci95'][0]:.1%}-"
-             f"{f['ci95'][1]:.1%}; at most {f['max']:.1%})"]
+             f"{f['ci95'][1]:.1%}; too many when the whole interval is above {f['max']:.1%})"]
     for reason, count in f["reasons"].items():
         lines.append(f"    {count:5d}  {reason}")
     s = report["shift"]
@@ -592,7 +603,8 @@ def render_html(report: dict, site: list[np.ndarray], ref: list[np.ndarray]) -> 
             ("Date (UTC)", report["date"]),
             ("Images", f"{report['images']} ({report['unreadable']} unreadable files)"),
             ("Flagged out of distribution", f"{f['count']} ({f['share']:.1%}; 95 % CI {f['ci95'][0]:.1%}-"
-                                            f"{f['ci95'][1]:.1%}; at most {f['max']:.1%})"),
+                                            f"{f['ci95'][1]:.1%}; too many when the whole interval is above "
+                                            f"{f['max']:.1%})"),
             ("Reference", f"{report['reference']['kind']}: {report['reference']['description']}")]
     if s.get("tested"):
         rows.append(("OOD-score shift", f"P(site score > reference score) = {s['auc']:.3f}; p = {s['p_value']:.3g} "
