@@ -117,3 +117,56 @@ def test_ctrl_c_stops_the_members_cleanly_and_resume_continues_them(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "fold 1: resuming after epoch" in resumed.stderr and "fold 2: resuming after epoch" in resumed.stderr
     assert [m["path"] for m in RunFolder(out).contract().ensemble["members"]] == ["fold-1", "fold-2"]
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(c) for c in fh.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs Linux's /proc/PID/task/PID/children to find the members")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_the_members_never_outlive_the_parent(tmp_path, sig):
+    """SIGTERM to the parent alone (a scheduler's stop, `kill PID`) stops the members as Ctrl-C does;
+    after SIGKILL, which the parent cannot handle, each member notices and stops itself, keeping its
+    checkpoint. Before, both left two orphaned members training on every core."""
+    data = make_dataset(tmp_path / "data", patients=4, slices=3, size=48)
+    out = tmp_path / "cv"
+    cmd = [sys.executable, "-m", "lungcad", "train", "--data", str(data), "--out", str(out), "--pretrained", "none",
+           "--image-size", "32", "--epochs", "200", "--folds", "2", "--jobs", "2", "--batch-size", "8",
+           "--no-progress", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoints = [out / f"fold-{k}" / "checkpoint.pt" for k in (1, 2)]
+    while not all(c.exists() for c in checkpoints) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    members = [c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+    assert len(members) == 2
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while any(_alive(m) for m in members) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(m) for m in members), "a member outlived its parent"
+    finally:
+        for m in members:  # (an orphan would hold the pipes open, and train on)
+            if _alive(m):
+                os.kill(m, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert all(c.exists() for c in checkpoints) and not (out / "model.json").exists()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and "Traceback" not in err
+        assert f"interrupted; resume with: lungcad train --resume --folds 2 --out {out}" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL

@@ -10,7 +10,9 @@ one process and at 9.7 + 9.2 img/s in two one-thread processes (benchmarks/bench
 Each member is an ordinary `train` call in a spawned process (`multiprocessing`'s "spawn": a
 fresh interpreter, no forked torch thread pools), logging with a "fold k:" prefix and without a
 progress bar. When a member fails, the others are stopped: every member keeps its last epoch's
-checkpoint, and `lungcad train --resume --folds K --out RUNDIR` continues them all.
+checkpoint, and `lungcad train --resume --folds K --out RUNDIR` continues them all. The members
+never outlive this process: Ctrl-C or SIGTERM here stops them the same way, and a member whose
+parent is gone (killed with SIGKILL) stops itself within seconds, keeping its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +109,9 @@ def _run(members: list[Member], jobs: int, scan: Path, resume_command: str) -> N
     waiting = list(members)
     running: dict[int, tuple[Member, multiprocessing.process.BaseProcess]] = {}
     failed: tuple[Member, int] | None = None
+    # SIGTERM (a scheduler's or `kill`'s stop) unwinds like Ctrl-C, so that the members are stopped below
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None
     try:
         while running or (waiting and failed is None):
             while waiting and failed is None and len(running) < jobs:
@@ -133,6 +140,8 @@ def _run(members: list[Member], jobs: int, scan: Path, resume_command: str) -> N
         for _, proc in running.values():
             proc.terminate()
             proc.join()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
     if failed is not None:
         member, code = failed
         reasons = {}
@@ -165,6 +174,7 @@ def _member_main(member: Member, threads: int, scan: Path, logging_setup: tuple[
     from lungcad.utils import setup_logging
 
     signal.signal(signal.SIGTERM, _interrupted)  # stopped by the parent: unwind like Ctrl-C (train's cleanup)
+    threading.Thread(target=_stop_with_parent, args=(os.getppid(),), name="lungcad-parent-watch", daemon=True).start()
     level, json_lines = logging_setup
     setup_logging(level <= logging.DEBUG, "json" if json_lines else "text")
     for handler in logging.getLogger().handlers:
@@ -186,3 +196,11 @@ def _member_main(member: Member, threads: int, scan: Path, logging_setup: tuple[
 
 def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _stop_with_parent(parent: int, every: float = 1.0) -> None:
+    """A member's watch on its parent: once the parent is gone (killed outright, so it could not
+    stop the members), SIGTERM to this process, which stops training cleanly (`_interrupted`)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os.kill(os.getpid(), signal.SIGTERM)
