@@ -105,7 +105,7 @@ def flagged_share(k: int, n: int, max_flagged: float) -> dict:
     the whole interval lies above it, not merely the point estimate. A small site's share is noisy and
     flags come in patients (on IQ-OTH/NCCD the 13 flagged clean slices belong to 5 of 126 patient
     proxies): on simulated clean sites of 5 / 10 / 25 patients the point estimate exceeded 5 % in
-    9 % / 10 % / 6 % of them, the interval in 4 % / 3 % / 0 % (docs/ood.md)."""
+    8 % / 11 % / 5 % of them, the interval in 4 % / 3 % / 0 % (docs/ood.md)."""
     ci = wilson(k, n)
     return {"count": k, "images": n, "share": k / n, "ci95": list(ci), "max": max_flagged,
             "exceeds": bool(ci[0] > max_flagged)}
@@ -424,9 +424,9 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
     files = _files(ok)
 
     # 1. flagged share
+    n, k = len(ok), int(sum(p.ood for p in ok))
     kinds = Counter(_reason_kind(r) for p in ok for r in p.ood_reasons)
-    flagged = {**flagged_share(int(sum(p.ood for p in ok)), len(ok), max_flagged), "reasons": dict(kinds.most_common())}
-    n = len(ok)
+    flagged = {**flagged_share(k, n, max_flagged), "reasons": dict(kinds.most_common())}
 
     # 2. shift of the OOD scores against the reference
     if not contract.ood or any(stratum.threshold is None for stratum in strata):

@@ -275,7 +275,7 @@ class _Loop:
     loader: DataLoader
     amp_dtype: torch.dtype | None
     has_val: bool
-    mix: torch.nn.Module | None  # MixUp / CutMix on each batch (`batch_mixing`), or None
+    mix: nn.Module | None  # MixUp / CutMix on each batch (`batch_mixing`), or None
 
     @property
     def kept(self) -> nn.Module:
