@@ -511,12 +511,17 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
 # -------------------------------------------------------------------------------------- output
 
 
+def _flagged_text(f: dict) -> str:
+    """The flagged share as the terminal and the HTML page state it (`flagged_share`'s dict)."""
+    return (f"{f['count']} ({f['share']:.1%}; 95 % CI {f['ci95'][0]:.1%}-{f['ci95'][1]:.1%}; too many when the "
+            f"whole interval is above {f['max']:.1%})")
+
+
 def format_check(report: dict) -> str:
     """The check in a few lines for the terminal."""
     f = report["flagged"]
     lines = [f"site {report['site']}: {report['images']} images ({report['unreadable']} unreadable files)",
-             f"  flagged out of distribution: {f['count']} ({f['share']:.1%}, 95 % CI {f['ci95'][0]:.1%}-"
-             f"{f['ci95'][1]:.1%}; too many when the whole interval is above {f['max']:.1%})"]
+             f"  flagged out of distribution: {_flagged_text(f)}"]
     for reason, count in f["reasons"].items():
         lines.append(f"    {count:5d}  {reason}")
     s = report["shift"]
@@ -602,9 +607,7 @@ def render_html(report: dict, site: list[np.ndarray], ref: list[np.ndarray]) -> 
     rows = [("Run", report["run"]), ("Model sha256", report["model_sha256"]), ("Site folder", report["data"]),
             ("Date (UTC)", report["date"]),
             ("Images", f"{report['images']} ({report['unreadable']} unreadable files)"),
-            ("Flagged out of distribution", f"{f['count']} ({f['share']:.1%}; 95 % CI {f['ci95'][0]:.1%}-"
-                                            f"{f['ci95'][1]:.1%}; too many when the whole interval is above "
-                                            f"{f['max']:.1%})"),
+            ("Flagged out of distribution", _flagged_text(f)),
             ("Reference", f"{report['reference']['kind']}: {report['reference']['description']}")]
     if s.get("tested"):
         rows.append(("OOD-score shift", f"P(site score > reference score) = {s['auc']:.3f}; p = {s['p_value']:.3g} "
