@@ -387,7 +387,8 @@ def _build_loop(ctx: DistContext, cfg: TrainConfig, model: nn.Module, prepared: 
     per_rank = cfg.batch_size // ctx.world_size
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                         drop_last=len(sampler) > per_rank,  # no 1-image batches for BatchNorm
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        worker_init_fn=_worker_stops_quietly)
     steps_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
@@ -405,6 +406,19 @@ def _build_loop(ctx: DistContext, cfg: TrainConfig, model: nn.Module, prepared: 
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     mix = batch_mixing(cfg.mixup, cfg.cutmix, len(output_classes(cfg.task)))
     return _Loop(model, core, optimizer, scheduler, criterion, ema, scaler, sampler, loader, amp_dtype, has_val, mix)
+
+
+def _worker_stops_quietly(worker_id: int) -> None:
+    """A DataLoader worker treats every SIGTERM as a stop: it exits with status 0, as torch's own
+    handler does when the SIGTERM comes from its trainer. A stop sent to the whole process group
+    (`kill -- -PGID`, systemd, docker) would otherwise kill the worker by signal, and the trainer,
+    stopping cleanly on its own SIGTERM, would die instead with "DataLoader worker ... killed by
+    signal" and a traceback."""
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum, frame) -> None:
+    os._exit(0)
 
 
 def _restore(ctx: DistContext, loop: _Loop, state: dict | None) -> _Progress:
