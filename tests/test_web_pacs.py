@@ -227,3 +227,32 @@ def test_serve_refuses_a_malformed_pacs_address(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path / "run"), "--pacs", "PACS@nowhere", "--data-dir", str(tmp_path / "d")]) == 1
     assert "--pacs must be AE@HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_exam_results_reach_orthanc_over_dicomweb_stow_rs(tmp_path):
+    """`serve --pacs http://.../dicom-web`: the same results, filed by STOW-RS in a real DICOMweb server
+    (Debian's Orthanc with its DICOMweb plugin), under the original patient and study."""
+    pytest.importorskip("dicomweb_client")
+    from test_dicom_pacs import DICOMWEB_PLUGIN, ORTHANC, Orthanc
+
+    if ORTHANC is None or not Path(DICOMWEB_PLUGIN).is_file():
+        pytest.skip("Orthanc with its DICOMweb plugin (Debian: orthanc, orthanc-dicomweb) is not installed")
+    pacs = Orthanc(tmp_path / "orthanc", free_port(), dicomweb=True)
+    pacs.start()
+    try:
+        app, bearer, sessions, _ = make_app(tmp_path, f"http://127.0.0.1:{pacs.http}/dicom-web")
+        with TestClient(app) as client:  # the lifespan runs the outbox sender
+            exam_id, originals = upload_series(client, bearer, n=2)
+            r = client.post(f"/api/studies/{exam_id}/send", headers=bearer)
+            assert r.status_code == 202 and r.json()["queued"] == 3, r.text
+            wait_for(lambda: [row.status for row in outbox_rows(sessions)] == ["sent"] * 3, timeout=60,
+                     what="STOW-RS to Orthanc")
+        found = pacs.instances_by_class()
+        assert sorted((k, len(v)) for k, v in found.items()) == sorted([(SR_CLASS, 1), (SC_CLASS, 2)])
+        for iid in (*found[SR_CLASS], *found[SC_CLASS]):
+            tags = pacs.get(f"/instances/{iid}/simplified-tags")
+            assert tags["PatientID"] == PATIENT["PatientID"] and tags["AccessionNumber"] == ACCESSION
+            assert tags["StudyInstanceUID"] == originals[0].StudyInstanceUID
+    finally:
+        pacs.stop()
