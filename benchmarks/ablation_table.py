@@ -85,9 +85,12 @@ def score(run_dir: Path, tta: bool = False, logits: np.ndarray | None = None, na
 def averaged_logits(run_dirs: list[Path]) -> np.ndarray:
     """log of the mean of the runs' out-of-fold probabilities (temperature 1), as logits for `score`
     (the cross-fitted temperature then re-calibrates the average); the runs must share their folds."""
-    oofs = [RunFolder(r).out_of_fold() for r in run_dirs]
-    for r, o in zip(run_dirs[1:], oofs[1:]):
-        if list(o.paths) != list(oofs[0].paths) or not np.array_equal(o.folds, oofs[0].folds):
+    runs = [RunFolder(r) for r in run_dirs]
+    oofs = [run.out_of_fold() for run in runs]
+    # the images under each run's data root (one run may name the data folder relatively, another absolutely)
+    images = [[p.relative_to(run.data_root) for p in o.paths] for run, o in zip(runs, oofs)]
+    for r, o, names in zip(run_dirs[1:], oofs[1:], images[1:]):
+        if names != images[0] or not np.array_equal(o.folds, oofs[0].folds):
             raise SystemExit(f"{r}: not the same images and folds as {run_dirs[0]}: cannot average out of fold")
     task = RunFolder(run_dirs[0]).contract().task
     z = [torch.as_tensor(o.logits, dtype=torch.float64) for o in oofs]
@@ -159,14 +162,18 @@ def main(argv: list[str] | None = None) -> int:
                                            ref["task"], ref["target"], "classical")
         m = metrics_with_intervals(ref["y"], probs, None, ref["groups"], ref["classes"], ref["task"], pred=pred)
         mv = m["malignant_vs_rest"]
-        d = paired_difference(ref["y"], ref["probs"], ref["pred"], probs, pred, ref["groups"], ref["classes"],
-                              ref["task"])
+        # paired against the first run, and against the runs' mean when there is one
+        compared = {"first run": ref, **({"mean": rows[-1]} if args.average else {})}
+        diffs = {who: paired_difference(ref["y"], r["probs"], r["pred"], probs, pred, ref["groups"], ref["classes"],
+                                        ref["task"]) for who, r in compared.items()}
+        text = "; ".join(f"{who} minus texture: {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                         for who, d in diffs.items())
         lines.append(f"| texture baseline (same folds) | {_ci(m, 'balanced_accuracy')} | {_ci(m, 'macro_f1')} | "
                      f"{_ci(m, 'malignant_vs_rest.roc_auc')} | {mv['sensitivity']:.3f} / {mv['specificity']:.3f} | "
-                     f"{calibration_summary(probs, ref['y'], ref['task'])['ece']:.3f} | first run minus texture: "
-                     f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | - |")
+                     f"{calibration_summary(probs, ref['y'], ref['task'])['ece']:.3f} | {text} | - |")
         table.append({"run": "texture baseline", "balanced_accuracy": m["intervals"]["balanced_accuracy"],
-                      "first_minus_texture": d, "fp": mv["fp"], "fn": mv["fn"]})
+                      "first_minus_texture": diffs["first run"], "mean_minus_texture": diffs.get("mean"),
+                      "fp": mv["fp"], "fn": mv["fn"]})
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(table, indent=2, default=str))
