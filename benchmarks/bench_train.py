@@ -41,7 +41,7 @@ def _vm_hwm_mb() -> float:
 
 
 def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, size: int,
-                        bf16: bool = False) -> dict:
+                        bf16: bool = False, compile_: bool = False) -> dict:
     import contextlib
 
     import torch
@@ -64,9 +64,11 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     y = torch.randint(0, 3, (batch,))
     loss_fn = torch.nn.CrossEntropyLoss()
 
+    run = model
+
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(run(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -74,6 +76,12 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     with FlopCounterMode(display=False) as counter:
         step()
     flops_per_image = counter.get_total_flops() / batch
+    compile_s = None
+    if compile_:  # torch.compile (inductor); the first compiled step pays for the compilation
+        run = torch.compile(model)
+        t0 = time.perf_counter()
+        step()
+        compile_s = round(time.perf_counter() - t0, 1)
     step()  # warm-up: oneDNN primitive creation
     times = []
     for _ in range(steps):
@@ -84,9 +92,10 @@ def run_training_config(strategy: str, optimizer: str, batch: int, steps: int, s
     median = times[len(times) // 2]
     ips = batch / median
     return {
-        "what": f"train {strategy}{' bf16' if bf16 else ''}", "optimizer": optimizer, "batch": batch, "image_size": size,
+        "what": f"train {strategy}{' bf16' if bf16 else ''}{' compiled' if compile_ else ''}", "optimizer": optimizer, "batch": batch, "image_size": size,
         "images_per_s": round(ips, 2), "gflop_per_image": round(flops_per_image / 1e9, 2),
         "peak_rss_mb": round(_vm_hwm_mb()), "step_times_s": [round(t, 3) for t in times],
+        **({"compile_s": compile_s} if compile_ else {}),
     }
 
 
@@ -125,6 +134,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="also run each training configuration as this many processes at once (cores shared)")
     ap.add_argument("--bf16", action="store_true", help="training steps under bf16 autocast")
+    ap.add_argument("--compile", action="store_true", help="training steps through torch.compile (inductor)")
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -142,7 +152,8 @@ def main() -> None:
             result = _machine.measure(torch.get_num_threads(), args.size, 16, args.baseline_seconds).to_dict()
         elif kind == "train":
             strategy, optimizer, batch = rest
-            result = run_training_config(strategy, optimizer, int(batch), args.steps, args.size, args.bf16)
+            result = run_training_config(strategy, optimizer, int(batch), args.steps, args.size, args.bf16,
+                                         args.compile)
         else:
             result = run_data_pipeline(512, args.size, int(rest[0]))
         print(json.dumps(result))
@@ -162,7 +173,7 @@ def main() -> None:
     def command(cfg: str, threads: int = 0) -> list[str]:
         return [sys.executable, __file__, "--child", cfg, "--steps", str(args.steps), "--size", str(args.size),
                 "--baseline-seconds", str(args.baseline_seconds), "--threads", str(threads),
-                *(["--bf16"] if args.bf16 else [])]
+                *(["--bf16"] if args.bf16 else []), *(["--compile"] if args.compile else [])]
 
     def result_of(cfg: str, returncode: int, stdout: str, stderr: str) -> dict | None:
         if returncode != 0:
