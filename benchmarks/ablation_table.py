@@ -92,7 +92,7 @@ def averaged_logits(run_dirs: list[Path]) -> np.ndarray:
     for r, o, names in zip(run_dirs[1:], oofs[1:], images[1:]):
         if names != images[0] or not np.array_equal(o.folds, oofs[0].folds):
             raise SystemExit(f"{r}: not the same images and folds as {run_dirs[0]}: cannot average out of fold")
-    task = RunFolder(run_dirs[0]).contract().task
+    task = runs[0].contract().task
     z = [torch.as_tensor(o.logits, dtype=torch.float64) for o in oofs]
     if task == "binary":  # one logit: average the sigmoids, back to a logit
         p = torch.stack([torch.sigmoid(x) for x in z]).mean(0).clamp(1e-12, 1 - 1e-12)
