@@ -1,7 +1,8 @@
 """Results of a web-app exam sent to a PACS (`lungcad serve --pacs`, issue 14 item 3): the SR and the key
 slices' Secondary Captures rebuilt under the ORIGINAL patient, study and instance UIDs (the data folder
 holds only de-identified copies), queued in the DICOM outbox, delivered to an in-process pynetdicom
-Storage SCP on loopback; the PACS down (queued, shown to administrators, delivered later); refusals.
+Storage SCP on loopback, or by STOW-RS to Orthanc's DICOMweb plugin; the PACS down (queued, shown to
+administrators, delivered later); refusals.
 
 test_web's fake predictor stands in for the model; the slices are pydicom's CT_small.dcm (conftest.ct_slice).
 """
