@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -91,6 +96,39 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     model, contract = load_model(run)
     assert isinstance(model, torch.nn.Module) and contract.preprocessing.image_size == 64
     assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 1  # finished: nothing to resume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True], ids=["to-the-process", "to-the-group"])
+def test_sigterm_stops_training_like_ctrl_c(tmp_path, group):
+    """`kill PID` (a scheduler's stop), or SIGTERM to the whole process group with its DataLoader
+    worker (systemd, docker), during a single-process `lungcad train`: the resume hint and exit 130,
+    the last epoch's checkpoint kept, no traceback. Before, the process died at the signal's default
+    action (exit -15) without a word."""
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", patients=4, slices=3, size=48)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lungcad", "train", "--data", str(data), "--out", str(run), "--pretrained", "none",
+           "--image-size", "32", "--epochs", "200", "--batch-size", "8", "--workers", "1", "--no-progress",
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not (run / "checkpoint.pt").exists() and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before it could be stopped"
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert f"lungcad train: interrupted; resume with: lungcad train --resume --out {run}" in err
+    assert (run / "checkpoint.pt").is_file() and not (run / "model.json").exists()
 
 
 @pytest.mark.slow
