@@ -194,6 +194,24 @@ def test_each_rule_is_flagged(soft_run):
         assert all(";" not in r for r in found)
 
 
+def test_black_lifted_to_dim_grey_is_flagged_by_the_dim_share(soft_run):
+    """Black lifted to a dim grey (a pedestal; video levels 16-235; a contrast x0.85 export maps 0 to
+    19) stays under the near-black limit, so the near-black fraction cannot see it. The share of dim
+    but not black pixels does; a profile without that statistic (a contract written before it) does
+    not, and still loads."""
+    contract = read_contract(soft_run)
+    profile, pp = contract.appearance, contract.preprocessing
+    clean = window_to_uint8(_ct_small_hu(), *SOFT)
+    assert check(clean, prepare(clean, pp), profile, pp) == []
+    pedestal = np.where(clean <= 2, 16, clean).astype(np.uint8)  # only black changes
+    found = check(pedestal, prepare(pedestal, pp), profile, pp)
+    assert len(found) == 1 and found[0].startswith("black level unlike the training images (dim grey fraction ")
+    older = {**profile, "features": {k: v for k, v in profile["features"].items() if k != "dim"}}
+    assert check(pedestal, prepare(pedestal, pp), older, pp) == []
+    video = np.round(16 + clean * (219 / 255)).astype(np.uint8)
+    assert any(r.startswith("black level unlike") for r in check(video, prepare(video, pp), profile, pp))
+
+
 def test_feature_space_flag_has_its_own_reason(untrained_run):
     predictor = Predictor(untrained_run)
     predictor.ood_detector.threshold = -1e9

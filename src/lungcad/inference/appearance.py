@@ -8,7 +8,10 @@ user can act on:
 - a colour photograph given to a greyscale CT model (or a greyscale image to a colour model);
 - a CT slice rendered at another window, contrast or tone curve than the training images (a DICOM
   rendered at the lung window for a model trained on soft-tissue-window JPEGs looks nothing like
-  them: see docs/window.md), or sharper, smoother or noisier than they were.
+  them: see docs/window.md), or sharper, smoother or noisier than they were;
+- black that is not black: air and lung, black in a windowed export, lifted to a dim grey by a
+  narrower output range (video levels 16-235), a reduced contrast or added noise. Per image this
+  is the one cue of a contrast x0.85 export, which costs the classifier (docs/ood.md).
 
 `fit_profile` summarises the prepared training images (the uint8 model inputs, after `prepare`) in
 a few intensity statistics, each with its spread over the training set; it is stored in the model
@@ -34,21 +37,25 @@ __all__ = ["PROFILE_VERSION", "check", "features", "fit_profile"]
 
 PROFILE_VERSION = 1
 DARK = 20  # grey level at or below which a pixel counts as near-black (air, and lung at soft-tissue windows)
+BLACK = 2  # at or below: black (air below a window's lower end, padding; JPEG leaves it at 0-2)
 WHITE = 235  # at or above: near-white (bone at narrow windows, saturation)
 QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
 WIDEN = 0.25  # the accepted range is the 1st-99th percentile range widened by this share of it,
 RELATIVE = 0.1  # by at least this share of the median (two exports of one kind differ by ~10 %)...
 FLOOR = {  # ...and by at least this much (fractions, or grey levels)
-    "dark": 0.05, "bright": 0.03, "mean": 8.0, "fg_q10": 8.0, "fg_q50": 8.0, "fg_q90": 8.0,
+    "dark": 0.05, "dim": 0.03, "bright": 0.03, "mean": 8.0, "fg_q10": 8.0, "fg_q50": 8.0, "fg_q90": 8.0,
     "gradient": 1.5, "noise": 1.5, "saturation": 6.0,
 }
 NAMES = {
-    "dark": "near-black fraction", "bright": "near-white fraction", "mean": "mean grey level",
+    "dark": "near-black fraction", "dim": "dim grey fraction",
+    "bright": "near-white fraction", "mean": "mean grey level",
     "fg_q10": "10th percentile of the body's grey levels", "fg_q50": "median grey level of the body",
     "fg_q90": "90th percentile of the body's grey levels", "gradient": "mean gradient", "noise": "noise level",
     "saturation": "colour saturation",
 }
 WINDOW = ("dark", "fg_q10", "fg_q50", "fg_q90", "bright", "mean")  # what a window / tone curve changes
+BLACK_LEVEL = ("dim",)  # what an output range, a contrast or noise does to black
+FRACTIONS = ("dark", "dim", "bright")  # statistics that are shares of pixels, not grey levels
 TEXTURE = ("gradient", "noise")  # sharpness, noise, resampling
 # raw colour test for greyscale models: share of pixels whose channels differ by more than CHROMA levels
 CHROMA, CHROMA_SHARE = 24, 0.05
@@ -62,6 +69,11 @@ def features(batch: torch.Tensor) -> dict[str, np.ndarray]:
     n = grey.shape[0]
     flat = grey.reshape(n, -1)
     dark = (flat <= DARK).float().mean(1)
+    # Air and lung below the window's lower end are black in a windowed export; a narrower output
+    # range (video levels 16-235, a reduced-contrast export) lifts them to a dim grey, which the
+    # near-black fraction and the body's percentiles cannot see. The square padding added by
+    # `prepare` is black whatever the input, so it never counts as dim.
+    dim = ((flat > BLACK) & (flat <= DARK)).float().mean(1)
     bright = (flat >= WHITE).float().mean(1)
     mean = flat.mean(1)
     fg_q = np.zeros((n, 3), dtype=np.float64)
@@ -84,7 +96,8 @@ def features(batch: torch.Tensor) -> dict[str, np.ndarray]:
     else:
         saturation = torch.zeros(n)
     return {
-        "dark": dark.numpy().astype(np.float64), "bright": bright.numpy().astype(np.float64),
+        "dark": dark.numpy().astype(np.float64), "dim": dim.numpy().astype(np.float64),
+        "bright": bright.numpy().astype(np.float64),
         "mean": mean.numpy().astype(np.float64), "fg_q10": fg_q[:, 0], "fg_q50": fg_q[:, 1], "fg_q90": fg_q[:, 2],
         "gradient": ((dx + dy) / 2).numpy().astype(np.float64), "noise": noise.numpy().astype(np.float64),
         "saturation": saturation.numpy().astype(np.float64),
@@ -111,7 +124,7 @@ def fit_profile(cache: torch.Tensor, chunk: int = 256) -> dict:
 
 
 def _fmt(name: str, value: float) -> str:
-    return f"{value:.2f}" if name in ("dark", "bright") else f"{value:.1f}"
+    return f"{value:.2f}" if name in FRACTIONS else f"{value:.1f}"
 
 
 def _describe(found: dict[str, float], profile: dict, names: tuple[str, ...]) -> str:
@@ -167,6 +180,9 @@ def check(raw_pixels: np.ndarray | None, prepared: torch.Tensor, profile: dict, 
     if pp.colour == "grey" and any(k in out for k in WINDOW):
         reasons.append(f"rendered at a different window or contrast than the training images "
                        f"({_describe(out, profile, WINDOW)})")
+    if pp.colour == "grey" and any(k in out for k in BLACK_LEVEL):
+        reasons.append(f"black level unlike the training images ({_describe(out, profile, BLACK_LEVEL)}): another "
+                       f"output range, contrast or window, or added noise")
     if any(k in out for k in TEXTURE):
         reasons.append(f"sharpness or noise unlike the training images ({_describe(out, profile, TEXTURE)})")
     if pp.colour == "rgb" and any(k in out for k in WINDOW + ("saturation",)):

@@ -66,7 +66,7 @@ import torch
 
 import lungcad
 from lungcad.errors import LungcadError
-from lungcad.inference.appearance import NAMES, PROFILE_VERSION
+from lungcad.inference.appearance import FRACTIONS, NAMES, PROFILE_VERSION
 from lungcad.inference.appearance import features as appearance_features
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_json, atomic_write_text
@@ -376,7 +376,7 @@ def compare_appearance(site: dict[str, np.ndarray], profile: dict) -> dict:
 
 
 def _fmt_stat(name: str, v: float) -> str:
-    return f"{v:.2f}" if name in ("dark", "bright") else f"{v:.1f}"
+    return f"{v:.2f}" if name in FRACTIONS else f"{v:.1f}"
 
 
 def default_out(run_dir: str | Path, data: str | Path) -> Path:
