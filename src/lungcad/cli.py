@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="label-free site adaptation: a copy of a run with its BatchNorm statistics "
                                      "re-estimated on a site's unlabelled images (AdaBN)",
                        epilog="No labels are used: the temperature, thresholds and operating point are the source's, "
-                              "not validated at the site; confirm them on labelled local cases before clinical use.")
+                              "not validated at the site; re-fit them on labelled local cases (lungcad calibrate) before "
+                              "clinical use.")
     p.add_argument("run", metavar="RUNDIR", help="a finished run or fold ensemble (left unchanged)")
     p.add_argument("data", metavar="DATA", help="folder of the site's unlabelled images or DICOM (recursive)")
     p.add_argument("--out", required=True, metavar="RUNDIR2", help="the adapted run folder to create")
@@ -169,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache takes N x C x S x S bytes, ~300 MB at 224 px in colour)")
     p.add_argument("--batch-size", type=int, default=32, help="images per pass while re-estimating (default 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_common(p)
+
+    p = sub.add_parser("calibrate", help="re-fit the temperature and malignant threshold on a site's labelled cases "
+                                         "(a copy of the run; the weights are unchanged)",
+                       epilog="The site's figures at the source's operating point and at the re-fitted one (cross-fitted "
+                              "over the site's patients, 95 %% group-bootstrap intervals) are printed and written to "
+                              "RUNDIR2/calibration.json.")
+    p.add_argument("run", metavar="RUNDIR", help="a finished run or fold ensemble, e.g. one made by adapt (left unchanged)")
+    p.add_argument("data", metavar="DATA", help="the site's labelled images: class folders or a manifest, as evaluate "
+                                                "--data reads them")
+    p.add_argument("--out", required=True, metavar="RUNDIR2", help="the calibrated run folder to create")
+    p.add_argument("--label-map", action="append", default=[], metavar="FOLDER=LABEL")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="malignant sensitivity the threshold must reach on the site cases (default: the source's, "
+                        "usually 0.95)")
     _add_common(p)
 
     from lungcad.web.commands import _db_args, add_web_commands  # argparse only: the web extra loads when run
@@ -363,6 +379,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report["verdict"] == "matches" else EXIT_MISMATCH
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from lungcad.evaluation.site_calibration import calibrate_run, format_report
+
+    report = calibrate_run(args.run, args.data, args.out, label_map=args.label_map,
+                           target_sensitivity=args.target_sensitivity, progress=args.progress)
+    print(format_report(report))
+    print(f"calibrated: {args.out} (report: {Path(args.out) / 'calibration.json'})")
+    return 0
+
+
 def cmd_adapt(args: argparse.Namespace) -> int:
     from lungcad.training.adapt import adapt_run
 
@@ -405,6 +431,7 @@ COMMANDS["export"] = cmd_export
 COMMANDS["predict"] = cmd_predict
 COMMANDS["check"] = cmd_check
 COMMANDS["adapt"] = cmd_adapt
+COMMANDS["calibrate"] = cmd_calibrate
 COMMANDS["dicom-node"] = cmd_dicom_node
 
 

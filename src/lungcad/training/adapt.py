@@ -33,7 +33,8 @@ What RUNDIR2 is:
 
 What it does not do: no labels are used, so the temperature, the thresholds and the operating
 point are the source's, not validated at the site (a warning, and `init["operating_point"]`);
-labelled local cases must confirm the operating point before clinical use. The metrics in
+labelled local cases must confirm the operating point before clinical use (`lungcad calibrate
+RUNDIR2 LOCAL --out RUNDIR3` re-fits it on them: lungcad.evaluation.site_calibration). The metrics in
 model.json, metrics.json and crossval.json are the source's, measured before adaptation
 (`init["metrics"]`). The site images should be a sample of its usual case mix: the statistics
 follow whatever they are given.
@@ -75,7 +76,8 @@ from lungcad.models.contract import (
 from lungcad.training.init_from import SOURCE_KIND, adapt_batchnorm
 from lungcad.utils import atomic_write_json, sha256_file
 
-__all__ = ["MAX_IMAGES", "METHOD", "MIN_IMAGES", "SKIPPED", "SiteImages", "adapt_run", "read_site"]
+__all__ = ["MAX_IMAGES", "METHOD", "MIN_IMAGES", "SKIPPED", "SiteImages", "adapt_run", "check_copy_out", "read_site",
+           "site_fingerprint", "skip_source_results"]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ def site_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _check_out(out: Path, run_dir: Path) -> None:
+def check_copy_out(out: Path, run_dir: Path) -> None:
     """--out must be new (or an empty folder), outside RUNDIR, somewhere writable."""
     from lungcad.training.trainer import check_out_dir
 
@@ -153,7 +155,8 @@ def _check_out(out: Path, run_dir: Path) -> None:
     check_out_dir(out)
 
 
-def _ignore(folder: str, names: list[str]) -> set[str]:
+def skip_source_results(folder: str, names: list[str]) -> set[str]:
+    """`shutil.copytree`'s ignore: the entries of SKIPPED (results of the source's weights)."""
     import fnmatch
 
     return {n for n in names for pattern in SKIPPED if fnmatch.fnmatch(n, pattern)}
@@ -175,7 +178,7 @@ def adapt_run(run_dir: str | Path, data: str | Path, out: str | Path, max_images
         raise LungcadError("site folder not found", data)
     if not data.is_dir():
         raise LungcadError("not a folder (lungcad adapt takes the folder of a site's unlabelled images)", data)
-    _check_out(out, run_dir)
+    check_copy_out(out, run_dir)
     dev = resolve_device(device)
 
     predictor = Predictor(run_dir)  # the source's reading path: DICOM at the contract's window
@@ -198,14 +201,14 @@ def adapt_run(run_dir: str | Path, data: str | Path, out: str | Path, max_images
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.adapting-"))
     try:
-        shutil.copytree(run_dir, tmp, ignore=_ignore, dirs_exist_ok=True)
+        shutil.copytree(run_dir, tmp, ignore=skip_source_results, dirs_exist_ok=True)
         models = _adapt_models(tmp, run_dir, contract, site.cache, lineage, fit_profile(site.cache), batch_size, dev)
         os.replace(tmp, out)  # an empty --out folder is replaced too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.warning("%s: temperature, thresholds and operating point are the source's and were not validated at the "
-                "site (no labels were used); confirm the operating point on labelled local cases before clinical use",
+                "site (no labels were used); re-fit it on labelled local cases (lungcad calibrate) before clinical use",
                 out)
     return {"out": str(out), "images": n, "unreadable": len(site.unreadable), "files": site.found, "models": models}
 
