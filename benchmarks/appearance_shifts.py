@@ -12,9 +12,10 @@ clean, contrast x0.85, gamma 0.67, blur, lower resolution).
 
 Sites, as `ood_shifts.py --sites` draws them: every slice of N random patient proxies, judged by
 `check`'s appearance rule (`site_check.compare_appearance`: a statistic differs when the site's
-median leaves the training 5th-95th percentile range) against the ensemble's profile (fold 1's,
-as `train --folds` stores it). The clean rows are other patients of the training hospital: their
-rates are false alarms.
+typical value leaves the training 5th-95th percentile range) against the ensemble's profile (fold
+1's, as `train --folds` stores it), the typical value being the median over the site's images and
+the median of its patients' medians (each patient once, as `check` does since stop 17). The clean
+rows are other patients of the training hospital: their rates are false alarms.
 
 `--drop STAT...` also reports everything with those statistics left out of the profile (as a
 contract written before they existed is checked): the ablation of a statistic.
@@ -49,6 +50,7 @@ from ood_shifts import SHIFTS  # noqa: E402
 from _machine import detect  # noqa: E402
 
 PER_IMAGE_SHIFTS = [name for name in SHIFTS if name != "tiny (24 px)"]  # 24 px: refused by size, not appearance
+SITE_MEDIANS = ("images", "patients")  # the site's typical value: median of its images, or of its patients' medians
 
 
 def _without(profile: dict, drop: list[str]) -> dict:
@@ -100,14 +102,16 @@ def measure(data: Path, image_size: int, window: str | None, folds: int, seed: i
     for name, st in stats.items():
         for n in sizes:
             draw = np.random.default_rng(seed)
-            hits = dict.fromkeys(arms, 0)
+            hits = {(arm, by): 0 for arm in arms for by in SITE_MEDIANS}
             for _ in range(draws):
                 site = np.isin(groups, draw.choice(patients, size=min(n, len(patients) - 1), replace=False))
                 values = {k: v[site] for k, v in st.items()}
                 for arm, profiles in arms.items():
-                    hits[arm] += bool(compare_appearance(values, profiles[1])["differs"])
+                    for by in SITE_MEDIANS:
+                        found = compare_appearance(values, profiles[1], groups[site] if by == "patients" else None)
+                        hits[arm, by] += bool(found["differs"])
             sites.append({"shift": name, "patients": n, "draws": draws,
-                          **{f"differs [{arm}]": h / draws for arm, h in hits.items()}})
+                          **{f"differs [{arm}, median over {by}]": h / draws for (arm, by), h in hits.items()}})
     return {"data": str(data), "cpu": detect().cpu, "image_size": image_size, "window": window, "folds": folds,
             "seed": seed, "images": len(raws), "patients": int(len(patients)), "arms": list(arms),
             "per_image": rows, "sites": sites}
@@ -115,14 +119,15 @@ def measure(data: Path, image_size: int, window: str | None, folds: int, seed: i
 
 def markdown(result: dict) -> str:
     arms = result["arms"]
+    site_cols = [k for k in result["sites"][0] if k.startswith("differs [")]
+    sizes = "/".join(str(s["patients"]) for s in result["sites"] if s["shift"] == "clean")
     lines = ["| input | " + " | ".join(f"flagged per image ({a})" for a in arms) + " | "
-             + " | ".join(f"site differs, {'/'.join(str(s['patients']) for s in result['sites'] if s['shift'] == 'clean')}"
-                          f" patients ({a})" for a in arms) + " |",
-             "|---|" + "---|" * (2 * len(arms))]
+             + " | ".join(f"site {c}, {sizes} patients" for c in site_cols) + " |",
+             "|---|" + "---|" * (len(arms) + len(site_cols))]
     for row in result["per_image"]:
         site = [s for s in result["sites"] if s["shift"] == row["shift"]]
         cells = [f"{100 * row[f'flagged [{a}]']:.1f} %" for a in arms]
-        cells += [" / ".join(f"{100 * s[f'differs [{a}]']:.0f}%" for s in site) for a in arms]
+        cells += [" / ".join(f"{100 * s[c]:.0f}%" for s in site) for c in site_cols]
         lines.append(f"| {row['shift']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

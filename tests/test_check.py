@@ -322,6 +322,37 @@ def test_fold_ensemble_is_checked_against_out_of_fold_reference(tmp_path, site_o
     assert main(["check", str(cv), str(colour_tiles(tmp_path / "tiles")), "--no-progress"]) == 3
 
 
+def test_a_patient_with_many_slices_counts_once_in_the_site_median():
+    """A site of 5 patients where one unusual patient has 40 slices and the others 3 each: over
+    images that patient is the site's median; over patients' medians it is one of five."""
+    profile = {"version": 1, "images": 100, "features": {
+        "mean": {"q01": 40, "q05": 45, "median": 60, "q95": 75, "q99": 80, "lo": 30, "hi": 90}}}
+    values = np.r_[np.full(40, 85.0), np.tile([55.0, 60.0, 62.0, 58.0], 3)]
+    patients = np.r_[np.zeros(40, int), np.tile([1, 2, 3, 4], 3)]
+    by_image = compare_appearance({"mean": values}, profile)
+    assert by_image["differs"] == ["mean"] and by_image["statistics"]["mean"]["site_median"] == 85.0
+    by_patient = compare_appearance({"mean": values}, profile, patients)
+    assert by_patient["differs"] == [] and by_patient["patients"] == 5
+    assert by_patient["statistics"]["mean"]["site_median"] == 60.0  # median of 85, 55, 60, 62, 58
+    # a whole site that is unusual still differs
+    assert compare_appearance({"mean": values + 20}, profile, patients)["differs"] == ["mean"]
+
+
+def test_the_check_counts_image_files_by_their_inferred_patients(first_check, site_ok):
+    """site_ok: 36 PNGs of 4 synthetic patients per class, 3 numbered slices each: counted by the
+    patient proxies training would infer for them (12 slice runs, or fewer where two synthetic
+    patients look alike), not by image."""
+    from lungcad.data.discovery import Sample
+    from lungcad.data.grouping import assign_groups, scan_images
+
+    samples = [Sample(f, "") for f in sorted(site_ok.rglob("*.png"))]
+    proxies = len(set(assign_groups(samples, scan_images(samples)[0])))
+    a = first_check["report"]["appearance"]
+    assert a["images"] == 36 and 9 <= a["patients"] == proxies <= 12
+    assert a["patients_from"].startswith("inferred as for training")
+    assert a["rule"].startswith("a statistic differs when the median of the site's patients' medians")
+
+
 def test_site_patients_are_its_dicom_studies_when_every_image_has_one():
     from lungcad.inference.results import Prediction
     from lungcad.inference.site_check import _site_patients
