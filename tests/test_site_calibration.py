@@ -91,8 +91,18 @@ def test_a_higher_target_sensitivity_gives_a_threshold_no_higher(source, site, t
     assert p[malignant].min() >= read_contract(tmp_path / "1.0").decision_threshold()  # no cancer of the site missed
 
 
+def test_a_binary_model_is_calibrated_on_its_malignant_probability(module_tmp, site, tmp_path):
+    source = make_run(module_tmp("calibrate-binary") / "run", task="binary", pp=PP, seed=1)
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", str(source), str(site), "--out", str(out), "--no-progress"]) == 0
+    new = read_contract(out)
+    assert new.task == "binary" and new.temperature == new.training["operating_point"]["temperature"]
+    p, malignant = _site_probabilities(out, site)
+    assert new.decision_threshold() == pytest.approx(choose_threshold(p, malignant, 0.95)["threshold"], abs=1e-6)
+
+
 @pytest.mark.parametrize("case", ["one class", "too few malignant", "out inside source", "out not empty",
-                                  "no data", "bad target"])
+                                  "no data", "bad target", "zero target"])
 def test_bad_input_is_one_line_and_writes_nothing(source, site, tmp_path, capsys, case):
     data, out, extra = site, tmp_path / "out", []
     if case in ("one class", "too few malignant"):
@@ -109,7 +119,7 @@ def test_bad_input_is_one_line_and_writes_nothing(source, site, tmp_path, capsys
     elif case == "no data":
         data = tmp_path / "missing"
     else:
-        extra = ["--target-sensitivity", "1.5"]
+        extra = ["--target-sensitivity", "1.5" if case == "bad target" else "0"]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["calibrate", str(source), str(data), "--out", str(out), "--no-progress", *extra]) == 1
     err = capsys.readouterr().err.strip()

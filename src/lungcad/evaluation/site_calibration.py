@@ -118,7 +118,8 @@ def calibrate_run(run_dir: str | Path, data: str | Path, out: str | Path, label_
         raise LungcadError(f"the model's classes ({', '.join(contract.classes)}) have no malignant class: "
                            "there is no malignant threshold to fit", run_dir)
     source_op = contract.training.get("operating_point") or {}
-    target = target_sensitivity or (source_op.get("validation") or {}).get("target_sensitivity") or TARGET_SENSITIVITY
+    target = (target_sensitivity if target_sensitivity is not None else
+              (source_op.get("validation") or {}).get("target_sensitivity") or TARGET_SENSITIVITY)
     if not 0.0 < target <= 1.0:
         raise LungcadError(f"--target-sensitivity must be in (0, 1], not {target}")
     check_copy_out(out, run_dir)
