@@ -57,16 +57,23 @@ def _without(profile: dict, drop: list[str]) -> dict:
     return {**profile, "features": {k: v for k, v in profile["features"].items() if k not in drop}}
 
 
-def measure(data: Path, image_size: int, window: str | None, folds: int, seed: int, sizes: list[int], draws: int,
-            drop: list[str]) -> dict:
+def grouped_folds(data: Path, folds: int, seed: int, val_fraction: float = 0.0) -> tuple[list, np.ndarray, list]:
+    """(readable samples, their patient proxies, one subset array per fold) as `train --folds K --seed S`
+    makes them (`lungcad.training.crossval.cross_validate`)."""
     samples = discover(data)
     infos, _ = scan_images(samples, progress=False)
     groups_all = assign_groups(samples, infos)
     keep = sorted(i.index for i in infos)
     samples = [samples[i] for i in keep]
     groups = np.array([groups_all[i] for i in keep])
+    return samples, groups, fold_splits(np.array([s.label for s in samples]), groups, folds, val_fraction, seed)
+
+
+def measure(data: Path, image_size: int, window: str | None, folds: int, seed: int, sizes: list[int], draws: int,
+            drop: list[str]) -> dict:
+    samples, groups, subsets = grouped_folds(data, folds, seed)
     fold = np.zeros(len(samples), dtype=int)
-    for k, subset in enumerate(fold_splits(np.array([s.label for s in samples]), groups, folds, 0.0, seed), 1):
+    for k, subset in enumerate(subsets, 1):
         fold[subset == "test"] = k
     pp = Preprocessing(image_size=image_size).with_window(window)
     raws = [decode_image(s.path, pp.colour) for s in samples]

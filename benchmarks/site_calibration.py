@@ -27,13 +27,11 @@ import numpy as np
 from PIL import Image
 
 from lungcad.cli import main as lungcad_main
-from lungcad.data.discovery import discover
-from lungcad.data.grouping import assign_groups, scan_images
 from lungcad.data.images import decode_image
 from lungcad.data.split import SplitRow, read_split, write_split
-from lungcad.training.crossval import fold_splits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from appearance_shifts import grouped_folds  # noqa: E402
 from ood_shifts import SHIFTS  # noqa: E402
 
 VAL_FRACTION = 0.15
@@ -41,13 +39,8 @@ VAL_FRACTION = 0.15
 
 def write_fold_split(data: Path, out: Path, fold: int, folds: int, seed: int) -> None:
     """split.csv: fold `fold` is the test subset (the site), a validation carve of the rest, the rest training."""
-    samples = discover(data)
-    infos, _ = scan_images(samples, progress=False)
-    groups_all = assign_groups(samples, infos)
-    keep = sorted(i.index for i in infos)
-    samples = [samples[i] for i in keep]
-    groups = np.array([groups_all[i] for i in keep])
-    subset = fold_splits(np.array([s.label for s in samples]), groups, folds, VAL_FRACTION, seed)[fold - 1]
+    samples, groups, subsets = grouped_folds(data, folds, seed, VAL_FRACTION)
+    subset = subsets[fold - 1]
     write_split(out, [SplitRow(s.path, s.label, g, sub) for s, g, sub in zip(samples, groups, subset)], data)
 
 
