@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +47,7 @@ from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import CONTRACT_FILE, load_model, read_contract
 from lungcad.models.ensemble import combine_member_logits
 from lungcad.models.factory import logits_to_probs, target_index
-from lungcad.training.adapt import check_copy_out, site_fingerprint, skip_source_results
+from lungcad.training.adapt import check_copy_out, run_copy, site_fingerprint
 from lungcad.utils import atomic_write_json
 
 __all__ = ["FOLDS", "MIN_PER_CLASS", "calibrate_run", "fit_site_operating_point"]
@@ -191,19 +188,12 @@ def calibrate_run(run_dir: str | Path, data: str | Path, out: str | Path, label_
         contract.init = {**contract.init, "operating_point": f"re-fitted on {len(y)} labelled site images "
                                                               f"({report['groups']} groups): lungcad calibrate"}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.calibrating-"))
-    try:
-        shutil.copytree(run_dir, tmp, ignore=skip_source_results, dirs_exist_ok=True)
+    with run_copy(run_dir, out, "calibrating") as tmp:
         atomic_write_json(tmp / CONTRACT_FILE, contract.to_dict())
         if (tmp / "init.json").is_file():
             atomic_write_json(tmp / "init.json", contract.init)
         atomic_write_json(tmp / REPORT, report)
         load_model(tmp)  # the copy loads as a model before it is called done
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

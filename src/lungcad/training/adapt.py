@@ -51,11 +51,13 @@ Nothing half-written: RUNDIR2 is built in a hidden sibling folder and renamed at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +79,7 @@ from lungcad.training.init_from import SOURCE_KIND, adapt_batchnorm
 from lungcad.utils import atomic_write_json, sha256_file
 
 __all__ = ["MAX_IMAGES", "METHOD", "MIN_IMAGES", "SKIPPED", "SiteImages", "adapt_run", "check_copy_out", "read_site",
-           "site_fingerprint", "skip_source_results"]
+           "run_copy", "site_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +157,27 @@ def check_copy_out(out: Path, run_dir: Path) -> None:
     check_out_dir(out)
 
 
-def skip_source_results(folder: str, names: list[str]) -> set[str]:
+def _skip_source_results(folder: str, names: list[str]) -> set[str]:
     """`shutil.copytree`'s ignore: the entries of SKIPPED (results of the source's weights)."""
     import fnmatch
 
     return {n for n in names for pattern in SKIPPED if fnmatch.fnmatch(n, pattern)}
+
+
+@contextlib.contextmanager
+def run_copy(run_dir: Path, out: Path, doing: str) -> Iterator[Path]:
+    """A copy of `run_dir` without SKIPPED, under a temporary name beside `out`, to be edited in the
+    block; renamed to `out` when the block completes (an empty `out` folder is replaced), removed on
+    any error or interruption: nothing half-written. `doing` names the temporary folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{doing}-"))
+    try:
+        shutil.copytree(run_dir, tmp, ignore=_skip_source_results, dirs_exist_ok=True)
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def adapt_run(run_dir: str | Path, data: str | Path, out: str | Path, max_images: int = MAX_IMAGES,
@@ -198,15 +216,8 @@ def adapt_run(run_dir: str | Path, data: str | Path, out: str | Path, max_images
                "site_data_fingerprint_sha256": site_fingerprint(site.files), "operating_point": OPERATING_POINT,
                "metrics": METRICS}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.adapting-"))
-    try:
-        shutil.copytree(run_dir, tmp, ignore=skip_source_results, dirs_exist_ok=True)
+    with run_copy(run_dir, out, "adapting") as tmp:
         models = _adapt_models(tmp, run_dir, contract, site.cache, lineage, fit_profile(site.cache), batch_size, dev)
-        os.replace(tmp, out)  # an empty --out folder is replaced too
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.warning("%s: temperature, thresholds and operating point are the source's and were not validated at the "
                 "site (no labels were used); re-fit it on labelled local cases (lungcad calibrate) before clinical use",
                 out)
