@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lungcad import __version__
 from lungcad.errors import LungcadError, os_error_message
-from lungcad.utils import atomic_write_json, setup_logging
+from lungcad.utils import atomic_write_json, setup_logging, sigterm_as_ctrl_c
 
 log = logging.getLogger("lungcad")
 
@@ -435,35 +435,14 @@ COMMANDS["calibrate"] = cmd_calibrate
 COMMANDS["dicom-node"] = cmd_dicom_node
 
 
-def _interrupted(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (`kill PID`, a scheduler's or a service manager's stop) unwinds like Ctrl-C: what a
-    command keeps on Ctrl-C (train's last checkpoint, predict's finished rows) is kept, and it says
-    how to resume, instead of dying silently at the signal's default action. Servers (`serve`,
-    `dicom-node`) install their own handlers over it."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lungcad` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, getattr(args, "log_format", "text"))
     try:
-        with _sigterm_as_ctrl_c():
+        # what a command keeps on Ctrl-C (train's checkpoint, predict's finished rows) it keeps on SIGTERM
+        # too, and it says how to resume; servers (serve, dicom-node) install their own handlers over it
+        with sigterm_as_ctrl_c():
             return COMMANDS[args.command](args)
     except LungcadError as exc:
         print(f"lungcad {args.command}: error: {exc}", file=sys.stderr)

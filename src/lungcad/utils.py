@@ -149,3 +149,27 @@ def cpu_has_native_bf16() -> bool:
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def raise_keyboard_interrupt(signum, frame) -> None:
+    """A signal handler that unwinds like Ctrl-C (`KeyboardInterrupt`)."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill PID`, a scheduler's or a service manager's stop) unwinds like Ctrl-C inside the
+    block, so that what Ctrl-C keeps is kept; the previous handler comes back after it. Outside the
+    main thread (where Python cannot set handlers) it does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lungcad.errors import LungcadError, os_error_message
 from lungcad.training.config import TrainConfig
-from lungcad.utils import JsonLogFormatter
+from lungcad.utils import JsonLogFormatter, raise_keyboard_interrupt, sigterm_as_ctrl_c
 
 __all__ = ["Member", "check_jobs", "member_threads", "train_in_parallel"]
 
@@ -110,38 +110,35 @@ def _run(members: list[Member], jobs: int, scan: Path, resume_command: str) -> N
     running: dict[int, tuple[Member, multiprocessing.process.BaseProcess]] = {}
     failed: tuple[Member, int] | None = None
     # SIGTERM (a scheduler's or `kill`'s stop) unwinds like Ctrl-C, so that the members are stopped below
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous_term = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None
-    try:
-        while running or (waiting and failed is None):
-            while waiting and failed is None and len(running) < jobs:
-                # a member that will run alone (the last of an odd number) gets every core
-                threads = member_threads(waiting[0].cfg, min(jobs, len(running) + len(waiting)))
-                member = waiting.pop(0)
-                proc = ctx.Process(target=_member_main, name=f"lungcad-fold-{member.fold}",
-                                   args=(member, threads, scan, logging_setup, errors))
-                # Ctrl-C reaches every process of the terminal's group. The members start with SIGINT
-                # ignored (inherited through exec, so even while they import): this process takes it
-                # and stops them with SIGTERM, which each member turns into a clean interruption.
-                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-                try:
-                    proc.start()
-                finally:
-                    signal.signal(signal.SIGINT, previous)
-                running[proc.sentinel] = (member, proc)
-            for sentinel in multiprocessing.connection.wait(list(running)):
-                member, proc = running.pop(sentinel)
+    with sigterm_as_ctrl_c():
+        try:
+            while running or (waiting and failed is None):
+                while waiting and failed is None and len(running) < jobs:
+                    # a member that will run alone (the last of an odd number) gets every core
+                    threads = member_threads(waiting[0].cfg, min(jobs, len(running) + len(waiting)))
+                    member = waiting.pop(0)
+                    proc = ctx.Process(target=_member_main, name=f"lungcad-fold-{member.fold}",
+                                       args=(member, threads, scan, logging_setup, errors))
+                    # Ctrl-C reaches every process of the terminal's group. The members start with SIGINT
+                    # ignored (inherited through exec, so even while they import): this process takes it
+                    # and stops them with SIGTERM, which each member turns into a clean interruption.
+                    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    try:
+                        proc.start()
+                    finally:
+                        signal.signal(signal.SIGINT, previous)
+                    running[proc.sentinel] = (member, proc)
+                for sentinel in multiprocessing.connection.wait(list(running)):
+                    member, proc = running.pop(sentinel)
+                    proc.join()
+                    if proc.exitcode != 0 and failed is None:
+                        failed = (member, proc.exitcode)
+                        for _, other in running.values():  # stop the others; their checkpoints stay
+                            other.terminate()
+        finally:
+            for _, proc in running.values():
+                proc.terminate()
                 proc.join()
-                if proc.exitcode != 0 and failed is None:
-                    failed = (member, proc.exitcode)
-                    for _, other in running.values():  # stop the others; their checkpoints stay
-                        other.terminate()
-    finally:
-        for _, proc in running.values():
-            proc.terminate()
-            proc.join()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
     if failed is not None:
         member, code = failed
         reasons = {}
@@ -173,7 +170,7 @@ def _member_main(member: Member, threads: int, scan: Path, logging_setup: tuple[
     from lungcad.training.trainer import train
     from lungcad.utils import setup_logging
 
-    signal.signal(signal.SIGTERM, _interrupted)  # stopped by the parent: unwind like Ctrl-C (train's cleanup)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # stopped by the parent: unwind like Ctrl-C
     threading.Thread(target=_stop_with_parent, args=(os.getppid(),), name="lungcad-parent-watch", daemon=True).start()
     level, json_lines = logging_setup
     setup_logging(level <= logging.DEBUG, "json" if json_lines else "text")
@@ -194,13 +191,9 @@ def _member_main(member: Member, threads: int, scan: Path, logging_setup: tuple[
         sys.exit(130)
 
 
-def _interrupted(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def _stop_with_parent(parent: int, every: float = 1.0) -> None:
     """A member's watch on its parent: once the parent is gone (killed outright, so it could not
-    stop the members), SIGTERM to this process, which stops training cleanly (`_interrupted`)."""
+    stop the members), SIGTERM to this process, which stops training cleanly (`raise_keyboard_interrupt`)."""
     while os.getppid() == parent:
         time.sleep(every)
     os.kill(os.getpid(), signal.SIGTERM)
