@@ -26,11 +26,12 @@ With `--sites N...`, the same images also simulate **whole sites** for `lungcad 
 N patient proxies drawn at random (`--site-draws` times) with every slice of theirs shifted (or
 clean: another N patients of the training hospital, the check's false-alarm rate). Each draw is
 judged by check's own rules (lungcad.inference.site_check): the flagged share above 5 % (its whole
-95 % Wilson interval), the
+95 % interval, the site's patients counted as clusters; also reported with slices counted as
+independent, the rule before stop 18), the
 stratified shift test of the OOD scores (each member's held-out site slices against that member's
 held-out clean slices of the *other* patients; null: pseudo-sites of whole reference patients, as
-many as the site's image count suggests, as check does for PNG folders) at alpha 0.01, and the site's median
-appearance statistics against the training profile. Reported: the share of draws each rule and the
+many as the site's image count suggests, as check does for PNG folders) at alpha 0.01, and the site's
+appearance statistics (the median of its patients' medians) against the training profile. Reported: the share of draws each rule and the
 verdict call "does not match".
 
     python benchmarks/ood_shifts.py RUN [--histo DIR] [--shifts NAME...] [--per-fold N] [--json FILE] [--markdown]
@@ -189,19 +190,25 @@ def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: 
     for n in sizes:
         for name, r in sites.items():
             rng = np.random.default_rng(seed)
-            tally = {"flagged": 0, "shift": 0, "appearance": 0, "verdict": 0}
+            tally = {"flagged": 0, "flagged_images": 0, "shift": 0, "appearance": 0, "verdict": 0}
             for d in range(draws):
                 chosen = rng.choice(patients, size=min(n, len(patients) - 1), replace=False)
                 site = np.isin(r["group"], chosen)
                 ref = ~np.isin(clean["group"], chosen)
-                flagged = flagged_share(int(r["flag"][site].sum()), int(site.sum()), DEFAULT_MAX_FLAGGED)["exceeds"]
+                k, n_site = int(r["flag"][site].sum()), int(site.sum())
+                per_patient = [(int(r["flag"][site & (r["group"] == g)].sum()), int((site & (r["group"] == g)).sum()))
+                               for g in chosen]
+                flagged = flagged_share(k, n_site, DEFAULT_MAX_FLAGGED, per_patient)["exceeds"]
+                flagged_images = flagged_share(k, n_site, DEFAULT_MAX_FLAGGED)["exceeds"]  # slices as independent
                 test = patient_shift_test(  # the site's patients estimated from its image count, as for PNG folders
                     [r["ratio"][site & (r["fold"] == k)] for k in folds],
                     [(clean["ratio"][ref & (clean["fold"] == k)], clean["group"][ref & (clean["fold"] == k)])
                      for k in folds], pseudo_sites=999, seed=d)
                 shifted = bool(test.get("tested")) and test["p_value"] < DEFAULT_ALPHA
-                looks = bool(compare_appearance({k: v[site] for k, v in r["app_stats"].items()}, profile)["differs"])
-                for key, hit in (("flagged", flagged), ("shift", shifted), ("appearance", looks),
+                looks = bool(compare_appearance({k: v[site] for k, v in r["app_stats"].items()}, profile,
+                                                r["group"][site])["differs"])
+                for key, hit in (("flagged", flagged), ("flagged_images", flagged_images), ("shift", shifted),
+                                 ("appearance", looks),
                                  ("verdict", flagged or shifted or looks)):
                     tally[key] += int(hit)
             out.append({"shift": name, "patients": int(n), "draws": draws,
@@ -348,10 +355,12 @@ def markdown(result: dict) -> str:
                      f"{s['appearance_flagged']:.1%} | {s['flagged']:.1%} | {auc} | {comb} | {mal} |")
     if result.get("sites"):
         lines += ["", "Simulated sites (`lungcad check`'s rules; share of draws that say \"does not match\"):", "",
-                  "| site | patients | flagged share > 5 % (whole CI) | OOD-score shift test | appearance | verdict: does not match |",
-                  "|---|---|---|---|---|---|"]
+                  "| site | patients | flagged share > 5 % (whole CI, patients as clusters) | the same, slices as "
+                  "independent | OOD-score shift test | appearance | verdict: does not match |",
+                  "|---|---|---|---|---|---|---|"]
         for s in result["sites"]:
-            lines.append(f"| {s['shift']} | {s['patients']} | {s['flagged_rate']:.0%} | {s['shift_rate']:.0%} | "
+            lines.append(f"| {s['shift']} | {s['patients']} | {s['flagged_rate']:.0%} | "
+                         f"{s.get('flagged_images_rate', float('nan')):.0%} | {s['shift_rate']:.0%} | "
                          f"{s['appearance_rate']:.0%} | {s['verdict_rate']:.0%} |")
     return "\n".join(lines)
 

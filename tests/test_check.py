@@ -26,7 +26,14 @@ from lungcad.data.split import SplitRow, write_split
 from lungcad.data.transforms import Preprocessing
 from lungcad.inference.appearance import fit_profile
 from lungcad.inference.ood import fit_ood
-from lungcad.inference.site_check import REFERENCE_CACHE, compare_appearance, flagged_share, patient_shift_test, wilson
+from lungcad.inference.site_check import (
+    REFERENCE_CACHE,
+    compare_appearance,
+    design_effect,
+    flagged_share,
+    patient_shift_test,
+    wilson,
+)
 from lungcad.models.contract import ModelContract, save_model
 from lungcad.models.factory import create_model
 from lungcad.run import RunFolder
@@ -110,6 +117,9 @@ def test_in_distribution_site_matches_and_writes_check_json_and_html(check_run, 
     f = report["flagged"]
     assert f["count"] / f["images"] == pytest.approx(f["share"]) and f["share"] <= 0.25
     assert f["ci95"][0] <= f["share"] <= f["ci95"][1] and f["max"] == 0.25
+    # the interval counts the site's patients (inferred from the PNGs as training would) as clusters
+    assert f["patients"] == report["appearance"]["patients"] and f["patients_from"].startswith("inferred")
+    assert f["design_effect"] >= 1.0 and f["effective_images"] <= f["images"]
     s = report["shift"]
     assert s["tested"] and s["p_value"] >= 0.01 and 0.0 <= s["auc"] <= 1.0 and s["pseudo_sites"] == 9999
     assert s["reference_patients"] == 24 and s["site_patients"] == 12  # 36 PNGs / 3 slices per reference patient
@@ -269,6 +279,41 @@ def test_the_flagged_share_exceeds_the_maximum_only_when_its_whole_interval_does
     assert small["share"] == 0.1 and small["ci95"][0] < 0.05 and not small["exceeds"]
     assert flagged_share(20, 200, 0.05)["exceeds"]  # the same 10 % of 200 images: CI 6.6-15.0 %
     assert not flagged_share(0, 20, 0.0)["exceeds"] and flagged_share(1, 20, 0.0)["exceeds"]
+
+
+def test_flags_of_one_patient_weigh_as_one_patient_in_the_flagged_share():
+    # a clean site of 25 patients as a 128 px model saw it (docs/ood.md): all 30 flags are slices of one
+    # noisier patient with 59 slices; the other 24 patients have 117 slices
+    site = [(30, 59)] + [(0, 5)] * 21 + [(0, 34)] * 3
+    k, n = sum(f for f, _ in site), sum(m for _, m in site)
+    assert (k, n) == (30, 266)
+    independent = flagged_share(k, n, 0.05)
+    assert independent["exceeds"]  # slices counted as independent: CI 8.0-15.6 %, wholly above 5 %
+    clustered = flagged_share(k, n, 0.05, site)
+    assert not clustered["exceeds"] and clustered["ci95"][0] < 0.05 < independent["ci95"][0]
+    assert clustered["share"] == independent["share"] and clustered["patients"] == 25
+    assert clustered["patients_flagged"] == 1 and clustered["design_effect"] > 10
+    assert clustered["effective_images"] == pytest.approx(n / clustered["design_effect"], abs=0.1)
+    # the same share spread over most patients is the site, not one patient: too many
+    spread = [(2, 10)] * 15 + [(0, 10)] * 10
+    assert flagged_share(30, 250, 0.05, spread)["exceeds"]
+    # a shifted site is flagged on every patient: still too many, whatever the clustering
+    assert flagged_share(n, n, 0.05, [(m, m) for _, m in site])["exceeds"]
+    # 5 of 10 patients flagged on every slice: a real finding, not one odd patient
+    half = [(6, 6)] * 5 + [(0, 6)] * 5
+    assert flagged_share(30, 60, 0.05, half)["exceeds"]
+
+
+def test_design_effect():
+    # flags spread evenly over patients: as informative as independent images
+    assert design_effect([(1, 10)] * 20) == 1.0
+    # by hand: p = 4/20, cluster-robust variance m/(m-1) * sum((k - p n)^2) / n^2, binomial p(1-p)/n
+    per = [(4, 10), (0, 5), (0, 5)]
+    p, n, m = 0.2, 20, 3
+    robust = m / (m - 1) * ((4 - p * 10) ** 2 + 2 * (0 - p * 5) ** 2) / n**2
+    assert design_effect(per) == pytest.approx(robust / (p * (1 - p) / n))
+    assert design_effect([(3, 12)]) == 12.0  # one patient, some of his slices flagged: one observation
+    assert design_effect([(0, 12), (0, 3)]) == 1.0 and design_effect([(5, 5), (2, 2)]) == 1.0
 
 
 def test_wilson_interval():

@@ -7,6 +7,8 @@ through the deployed model and compared with the model's own in-distribution ref
    feature-space detector or the appearance check, exactly as `lungcad predict` flags them), with
    a 95 % Wilson interval and the reasons tallied. On in-distribution images about 1 % are
    flagged (the detector's threshold is the 99th percentile of unseen in-distribution images).
+   Flags come in patients (slices of one patient are alike), so the interval counts the site's
+   patients as clusters: Wilson at the effective image count (`flagged_share`, `design_effect`).
 2. **Shift of the OOD-score distribution.** The site's OOD scores against those of reference
    images the scoring network never saw: for a single run its test split; for a fold ensemble
    every development image in split.csv, each scored by the one member that never saw it (its
@@ -37,8 +39,8 @@ through the deployed model and compared with the model's own in-distribution ref
    tolerance. The site's median is the median of its patients' medians (DICOM: its studies; image
    files: the patient proxies training infers), so a patient with many slices counts once.
 
-Verdict: "does not match" when the flagged share exceeds `--max-flagged` (its whole 95 % Wilson
-interval above it: `flagged_share`), the shift test's p-value is below `--alpha`, an appearance
+Verdict: "does not match" when the flagged share exceeds `--max-flagged` (its whole 95 % interval
+above it: `flagged_share`), the shift test's p-value is below `--alpha`, an appearance
 statistic differs, or more than `--max-flagged` of the files cannot be read; otherwise "matches".
 `lungcad check` exits 0 on "matches" and `EXIT_MISMATCH` (3) on "does not match"; errors exit 1.
 
@@ -72,8 +74,8 @@ from lungcad.inference.appearance import features as appearance_features
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_json, atomic_write_text
 
-__all__ = ["EXIT_MISMATCH", "REFERENCE_CACHE", "flagged_share", "format_check", "patient_shift_test", "run_check",
-           "wilson"]
+__all__ = ["EXIT_MISMATCH", "REFERENCE_CACHE", "design_effect", "flagged_share", "format_check", "patient_shift_test",
+           "run_check", "wilson", "wilson_share"]
 
 log = logging.getLogger(__name__)
 
@@ -85,31 +87,64 @@ REFERENCE_CACHE = "site-check-reference.json"
 CACHE_VERSION = 2  # 2: scores carry their patient groups
 CHECK_FILE, CHECK_HTML = "check.json", "check.html"
 MAX_LISTED = 100  # unreadable files listed in check.json (all are counted)
+Z95 = 1.959963984540054  # the standard normal quantile of a two-sided 95 % interval
 
 
 # ----------------------------------------------------------------------------------- statistics
 
 
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     """95 % Wilson score interval of k successes in n trials (None when n = 0)."""
-    if n <= 0:
-        return None
-    p = k / n
+    return wilson_share(k / n, n, z) if n > 0 else None
+
+
+def wilson_share(p: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a share p observed on n (possibly effective, fractional) trials."""
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / denom
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
 
 
-def flagged_share(k: int, n: int, max_flagged: float) -> dict:
+def design_effect(per_patient: list[tuple[int, int]]) -> float:
+    """How much less a share of images says than as many independent images, when the images come in
+    patients: the cluster-robust (between-patient) variance of the share over the binomial one
+    (Kish's design effect; the ratio estimator's linearised variance, as survey statistics computes
+    it), never below 1. `per_patient`: (flagged, images) of each patient. A single patient holding
+    both flagged and unflagged images is one observation (its design effect is its image count); a
+    share of exactly 0 or 1 has no spread to inflate (1)."""
+    flagged = np.array([f for f, _ in per_patient], dtype=np.float64)
+    images = np.array([n for _, n in per_patient], dtype=np.float64)
+    n, m = images.sum(), len(images)
+    p = flagged.sum() / n if n else 0.0
+    if n == 0 or p in (0.0, 1.0):
+        return 1.0
+    if m < 2:
+        return float(n)
+    clustered = m / (m - 1) * float(((flagged - p * images) ** 2).sum()) / n**2
+    return max(1.0, float(clustered / (p * (1 - p) / n)))
+
+
+def flagged_share(k: int, n: int, max_flagged: float, per_patient: list[tuple[int, int]] | None = None) -> dict:
     """The site's flagged share, its 95 % Wilson interval, and whether it `exceeds` `max_flagged`: when
-    the whole interval lies above it, not merely the point estimate. A small site's share is noisy and
-    flags come in patients (on IQ-OTH/NCCD the 13 flagged clean slices belong to 5 of 126 patient
-    proxies): on simulated clean sites of 5 / 10 / 25 patients the point estimate exceeded 5 % in
-    8 % / 11 % / 5 % of them, the interval in 4 % / 3 % / 0 % (docs/ood.md)."""
-    ci = wilson(k, n)
-    return {"count": k, "images": n, "share": k / n, "ci95": list(ci), "max": max_flagged,
-            "exceeds": bool(ci[0] > max_flagged)}
+    the whole interval lies above it, not merely the point estimate.
+
+    `per_patient` ((flagged, images) of each patient): the interval is then the Wilson interval at the
+    *effective* number of images, n over the `design_effect` (Korn & Graubard's way with clustered
+    proportions), so that one patient whose slices are all flagged weighs as one patient, not as his
+    slice count. Flags come in patients: on IQ-OTH/NCCD the 13 flagged clean slices of the main job
+    belong to 5 of 126 patient proxies, and a 128 px model flagged 22 slices of one noisier patient
+    with 59 slices in a clean 25-patient site (docs/ood.md). Without `per_patient`, images count as
+    independent."""
+    deff = design_effect(per_patient) if per_patient else 1.0
+    n_eff = n / deff
+    ci = wilson_share(k / n, n_eff)
+    out = {"count": k, "images": n, "share": k / n, "ci95": list(ci), "max": max_flagged,
+           "exceeds": bool(ci[0] > max_flagged)}
+    if per_patient:
+        out.update(patients=len(per_patient), design_effect=round(deff, 3), effective_images=round(n_eff, 1),
+                   patients_flagged=sum(1 for f, _ in per_patient if f))
+    return out
 
 
 def patient_shift_test(site: list[np.ndarray], reference: list[tuple[np.ndarray, np.ndarray]],
@@ -366,6 +401,21 @@ def _site_patient_ids(preds: list, files: list[str]) -> tuple[np.ndarray | None,
     return np.array(assign_groups(samples, infos)), "inferred as for training (slice runs, near duplicates)"
 
 
+def _per_patient(preds: list, files: list[str], patients: np.ndarray | None) -> list[tuple[int, int]] | None:
+    """(flagged, images) per patient of the readable predictions; a file without a patient (it could
+    not be prepared for the appearance statistics) is a patient of its own."""
+    if patients is None:
+        return None
+    patient_of = dict(zip(files, patients.tolist()))
+    tally: dict[str, list[int]] = {}
+    for p in preds:
+        f = _file_of(p)
+        t = tally.setdefault(str(patient_of.get(f, f)), [0, 0])
+        t[0] += int(bool(p.ood))
+        t[1] += 1
+    return [(f, n) for f, n in tally.values()]
+
+
 def compare_appearance(site: dict[str, np.ndarray], profile: dict, patients: np.ndarray | None = None) -> dict:
     """The site's per-statistic distribution against the contract's training profile.
 
@@ -460,10 +510,17 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         raise LungcadError(f"none of the {len(preds)} files could be read (e.g. {bad[0].source}: {bad[0].error})", data)
     files = _files(ok)
 
-    # 1. flagged share
+    # the site's patients: its DICOM studies, else the patient proxies training would infer
+    site_stats, kept = _site_appearance(predictor, files)
+    patients, patients_from = _site_patient_ids(ok, kept) if kept else (None, "")
+
+    # 1. flagged share, patients counted as clusters
     n, k = len(ok), int(sum(p.ood for p in ok))
     kinds = Counter(_reason_kind(r) for p in ok for r in p.ood_reasons)
-    flagged = {**flagged_share(k, n, max_flagged), "reasons": dict(kinds.most_common())}
+    flagged = {**flagged_share(k, n, max_flagged, _per_patient(ok, kept, patients)),
+               "reasons": dict(kinds.most_common())}
+    if patients is not None:
+        flagged["patients_from"] = patients_from
 
     # 2. shift of the OOD scores against the reference
     if not contract.ood or any(stratum.threshold is None for stratum in strata):
@@ -507,8 +564,6 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
             shift["note"] = "; ".join(notes)
 
     # 3. appearance
-    site_stats, kept = _site_appearance(predictor, files)
-    patients, patients_from = _site_patient_ids(ok, kept) if kept else (None, "")
     appearance = compare_appearance(site_stats, contract.appearance or {}, patients)
     if patients is not None:
         appearance["patients_from"] = patients_from
@@ -554,8 +609,11 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
 
 def _flagged_text(f: dict) -> str:
     """The flagged share as the terminal and the HTML page state it (`flagged_share`'s dict)."""
-    return (f"{f['count']} ({f['share']:.1%}; 95 % CI {f['ci95'][0]:.1%}-{f['ci95'][1]:.1%}; too many when the "
-            f"whole interval is above {f['max']:.1%})")
+    where = (f"in {f['patients_flagged']} of {f['patients']} patients; " if f.get("patients") else "")
+    clusters = (f", patients counted as clusters: design effect {f['design_effect']:.1f}"
+                if f.get("patients") else "")
+    return (f"{f['count']} ({f['share']:.1%}; {where}95 % CI {f['ci95'][0]:.1%}-{f['ci95'][1]:.1%}{clusters}; too "
+            f"many when the whole interval is above {f['max']:.1%})")
 
 
 def format_check(report: dict) -> str:
