@@ -29,8 +29,8 @@ judged by check's own rules (lungcad.inference.site_check): the flagged share ab
 95 % interval, the site's patients counted as clusters; also reported with slices counted as
 independent, the rule before stop 18), the
 stratified shift test of the OOD scores (each member's held-out site slices against that member's
-held-out clean slices of the *other* patients; null: pseudo-sites of whole reference patients, as
-many as the site's image count suggests, as check does for PNG folders) at alpha 0.01, and the site's
+held-out clean slices of the *other* patients; null: pseudo-sites of as many whole reference
+patients as the site has; check infers them for PNG folders as training does) at alpha 0.01, and the site's
 appearance statistics (the median of its patients' medians) against the training profile. Reported: the share of draws each rule and the
 verdict call "does not match".
 
@@ -200,10 +200,10 @@ def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: 
                                for g in chosen]
                 flagged = flagged_share(k, n_site, DEFAULT_MAX_FLAGGED, per_patient)["exceeds"]
                 flagged_images = flagged_share(k, n_site, DEFAULT_MAX_FLAGGED)["exceeds"]  # slices as independent
-                test = patient_shift_test(  # the site's patients estimated from its image count, as for PNG folders
+                test = patient_shift_test(  # the site's patients: its proxies, as check infers them for PNG folders
                     [r["ratio"][site & (r["fold"] == k)] for k in folds],
                     [(clean["ratio"][ref & (clean["fold"] == k)], clean["group"][ref & (clean["fold"] == k)])
-                     for k in folds], pseudo_sites=999, seed=d)
+                     for k in folds], site_patients=len(chosen), pseudo_sites=999, seed=d)
                 shifted = bool(test.get("tested")) and test["p_value"] < DEFAULT_ALPHA
                 looks = bool(compare_appearance({k: v[site] for k, v in r["app_stats"].items()}, profile,
                                                 r["group"][site])["differs"])

@@ -122,8 +122,10 @@ def test_in_distribution_site_matches_and_writes_check_json_and_html(check_run, 
     assert f["design_effect"] >= 1.0 and f["effective_images"] <= f["images"]
     s = report["shift"]
     assert s["tested"] and s["p_value"] >= 0.01 and 0.0 <= s["auc"] <= 1.0 and s["pseudo_sites"] == 9999
-    assert s["reference_patients"] == 24 and s["site_patients"] == 12  # 36 PNGs / 3 slices per reference patient
-    assert s["site_patients_from"].startswith("estimated") and s["pseudo_site_patients"] == 12
+    # the site's patients for the null: the proxies inferred from its PNGs, as the reference's were
+    assert s["reference_patients"] == 24 and s["site_patients"] == report["appearance"]["patients"]
+    assert "inferred as for training" in s["site_patients_from"]
+    assert s["pseudo_site_patients"] == min(s["site_patients"], 12)
     assert report["reference"]["kind"] == "test split" and report["reference"]["images"] == 72
     assert report["appearance"]["compared"] and report["appearance"]["differs"] == []
     assert report["model_sha256"] == RunFolder(run).contract().model_sha256 and report["date"].endswith("+00:00")
@@ -400,13 +402,12 @@ def test_the_check_counts_image_files_by_their_inferred_patients(first_check, si
 
 def test_site_patients_are_its_dicom_studies_when_every_image_has_one():
     from lungcad.inference.results import Prediction
-    from lungcad.inference.site_check import _site_patients
+    from lungcad.inference.site_check import _site_patient_ids
 
-    def pred(study: str | None, error: str = "") -> Prediction:
+    def pred(name: str, study: str | None) -> Prediction:
         dicom = {"StudyInstanceUID": study} if study else {}
-        return (Prediction.failed("x.dcm", error, dicom=dicom) if error else
-                Prediction("x.dcm", {}, "normal", 0.1, "not malignant", False, 0.5, dicom=dicom))
+        return Prediction(name, {}, "normal", 0.1, "not malignant", False, 0.5, dicom=dicom)
 
-    assert _site_patients([pred("1.2.1"), pred("1.2.1"), pred("1.2.2"), pred(None, "unreadable")]) == 2
-    assert _site_patients([pred("1.2.1"), pred(None)]) is None  # a PNG among them: estimated instead
-    assert _site_patients([pred(None, "unreadable")]) is None
+    preds = [pred("a.dcm", "1.2.1"), pred("b.dcm", "1.2.1"), pred("c.dcm", "1.2.2")]
+    ids, source = _site_patient_ids(preds, ["a.dcm", "b.dcm", "c.dcm"])
+    assert ids.tolist() == ["1.2.1", "1.2.1", "1.2.2"] and source == "DICOM studies"

@@ -18,8 +18,10 @@ through the deployed model and compared with the model's own in-distribution ref
    the members' U), i.e. the probability that a site image lies further from the training data
    than a reference image (`auc`; 0.5 = no shift). Its null is *new patients of the training
    hospital*: pseudo-sites of m whole reference patients, each against the rest of the reference
-   (`patient_shift_test`), with m the site's patient count (its DICOM studies; for image files, its
-   image count over the reference's images per patient). Shuffling single images instead would
+   (`patient_shift_test`), with m the site's patient count: its DICOM studies, or for image files
+   the patient proxies training infers (slice runs, near duplicates), as the reference's patients
+   were inferred. (Before stop 18 image files were counted as the site's image count over the
+   reference's images per patient, which overcounts a site that exports more slices per patient.) Shuffling single images instead would
    treat slices as independent, but slices of one patient are alike: on the IQ-OTH/NCCD main job it
    called 24-25 % of clean simulated sites shifted at alpha 0.01. Why this statistic: the OOD score
    measures distance from the training manifold, which is what a shift harmful to the model
@@ -266,12 +268,6 @@ def _files(preds: list) -> list[str]:
 
 def _file_of(pred) -> str:
     return pred.source.split("#")[0] if pred.level == "frame" else pred.source
-
-
-def _site_patients(preds: list) -> int | None:
-    """How many patients the site's images come from, when every image says (its DICOM study); else None."""
-    studies = [p.dicom.get("StudyInstanceUID") for p in preds if not p.error]
-    return len(set(studies)) if studies and all(studies) else None
 
 
 class _Stratum(NamedTuple):
@@ -541,7 +537,8 @@ def run_check(run_dir: str | Path, data: str | Path, out: str | Path | None = No
         else:
             site_scores = [_normalised(ok, strata[0].threshold)]
         shift = patient_shift_test(site_scores, [(r, s["groups"]) for r, s in zip(ref_scores, ref)],
-                                   _site_patients(ok), pseudo_sites, seed, site_patients_from="the site's DICOM studies")
+                                   len(np.unique(patients)) if patients is not None else None, pseudo_sites, seed,
+                                   site_patients_from=f"the site's patients, {patients_from}")
         shift["alpha"] = alpha
         shift["statistic"] = ("one-sided test of the Mann-Whitney U of the OOD scores (site > reference"
                               + (", stratified by member" if contract.ensemble else "")
