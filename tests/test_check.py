@@ -322,6 +322,12 @@ def test_wilson_interval():
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(0, 0) is None
+    # the hand-written interval (it takes the fractional effective counts scipy's does not) agrees with scipy's
+    from scipy.stats import binomtest
+
+    for k, n in ((0, 7), (3, 40), (17, 176), (50, 50)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
 def test_appearance_comparison_uses_the_site_median():
