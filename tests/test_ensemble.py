@@ -43,6 +43,21 @@ def cv_run(module_tmp) -> Path:
     return out
 
 
+def test_fold_seed_trains_a_replicate_on_the_same_folds(cv_run, tmp_path):
+    """Another --seed with --fold-seed 0: the same folds as cv_run (seed 0), other members."""
+    out = tmp_path / "replicate"
+    data = json.loads((cv_run / "config.json").read_text())["data"]
+    assert main(["train", "--data", data, "--out", str(out), "--pretrained", "none", "--image-size", "32",
+                 "--epochs", "1", "--folds", "2", "--batch-size", "8", "--seed", "5", "--fold-seed", "0",
+                 "--no-progress"]) == 0
+    for k in (1, 2):
+        assert (out / f"fold-{k}.split.csv").read_text() == (cv_run / f"fold-{k}.split.csv").read_text()
+    ours, theirs = RunFolder(out).contract(), RunFolder(cv_run).contract()
+    assert ours.training["seed"] == 5 and ours.training["fold_seed"] == 0 == theirs.training["fold_seed"]
+    assert (out / "fold-1" / "model.safetensors").read_bytes() != (cv_run / "fold-1" / "model.safetensors").read_bytes()
+    assert main(["train", "--data", data, "--out", str(tmp_path / "other"), "--fold-seed", "1"]) == 1  # needs --folds
+
+
 def test_contract_lists_members_and_loads_as_one_model(cv_run):
     run = RunFolder(cv_run)
     contract = run.contract()

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="input size in px (default 224, or the --init-from source's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fold-seed", type=int, default=None, metavar="N",
+                   help="with --folds: seed of the fold assignment (default: --seed); another --seed with the same "
+                        "--fold-seed trains a replicate on the same folds")
     p.add_argument("--split", metavar="FILE", help="reuse a split.csv (path,label,group,subset)")
     p.add_argument("--label-map", action="append", default=[], metavar="FOLDER=LABEL")
     p.add_argument("--colour", choices=["auto", "grey", "rgb"], default=None,
@@ -242,6 +245,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.resume and not args.data:
         raise LungcadError("train needs --data (or --resume with --out RUNDIR)")
+    if args.fold_seed is not None and not args.folds:
+        raise LungcadError("--fold-seed seeds the fold assignment of a cross-validation: it needs --folds K")
     if args.jobs != 1 and not args.folds:
         raise LungcadError("--jobs trains the members of a cross-validation side by side: it needs --folds K")
     if args.window:
@@ -255,7 +260,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs if args.epochs is not None else 20,
         patience=args.patience, image_size=args.image_size if args.image_size is not None else TrainConfig.image_size,
-        batch_size=args.batch_size, seed=args.seed, split=args.split, label_map=args.label_map,
+        batch_size=args.batch_size, seed=args.seed, fold_seed=args.fold_seed, split=args.split,
+        label_map=args.label_map,
         colour=args.colour or TrainConfig.colour, window=args.window, workers=args.workers,
         threads=args.threads, progress=args.progress, extra_data=args.extra_data, augment=args.augment,
         device=args.device, amp=args.amp, target_sensitivity=args.target_sensitivity,

@@ -34,6 +34,9 @@ class TrainConfig:
     # no measured cost (docs/ablations.md, with lr 1.5e-3); the main job uses it (Makefile)
     batch_size: int = 16
     seed: int = 0
+    # --folds: the seed of the fold assignment (None: `seed`). Another training seed on the same folds
+    # is a replicate that a paired comparison can score (benchmarks/ablation_table.py --average)
+    fold_seed: int | None = None
     split: str | None = None  # reuse an existing split.csv instead of computing one
     label_map: list[str] = field(default_factory=list)
     colour: str = "auto"  # auto: greyscale if every image is greyscale (CT), else RGB (histopathology)
