@@ -195,11 +195,11 @@ def site_checks(sites: dict[str, dict], profile: dict, sizes: list[int], draws: 
                 chosen = rng.choice(patients, size=min(n, len(patients) - 1), replace=False)
                 site = np.isin(r["group"], chosen)
                 ref = ~np.isin(clean["group"], chosen)
-                k, n_site = int(r["flag"][site].sum()), int(site.sum())
+                n_flagged, n_site = int(r["flag"][site].sum()), int(site.sum())
                 per_patient = [(int(r["flag"][site & (r["group"] == g)].sum()), int((site & (r["group"] == g)).sum()))
                                for g in chosen]
-                flagged = flagged_share(k, n_site, DEFAULT_MAX_FLAGGED, per_patient)["exceeds"]
-                flagged_images = flagged_share(k, n_site, DEFAULT_MAX_FLAGGED)["exceeds"]  # slices as independent
+                flagged = flagged_share(n_flagged, n_site, DEFAULT_MAX_FLAGGED, per_patient)["exceeds"]
+                flagged_images = flagged_share(n_flagged, n_site, DEFAULT_MAX_FLAGGED)["exceeds"]  # slices independent
                 test = patient_shift_test(  # the site's patients: its proxies, as check infers them for PNG folders
                     [r["ratio"][site & (r["fold"] == k)] for k in folds],
                     [(clean["ratio"][ref & (clean["fold"] == k)], clean["group"][ref & (clean["fold"] == k)])
