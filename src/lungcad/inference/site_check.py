@@ -21,8 +21,9 @@ through the deployed model and compared with the model's own in-distribution ref
    (`patient_shift_test`), with m the site's patient count: its DICOM studies, or for image files
    the patient proxies training infers (slice runs, near duplicates), as the reference's patients
    were inferred. (Before stop 18 image files were counted as the site's image count over the
-   reference's images per patient, which overcounts a site that exports more slices per patient.) Shuffling single images instead would
-   treat slices as independent, but slices of one patient are alike: on the IQ-OTH/NCCD main job it
+   reference's images per patient, which overcounts a site that exports more slices per patient.)
+   Shuffling single images instead would treat slices as independent, but slices of one patient
+   are alike: on the IQ-OTH/NCCD main job it
    called 24-25 % of clean simulated sites shifted at alpha 0.01. Why this statistic: the OOD score
    measures distance from the training manifold, which is what a shift harmful to the model
    changes; a test on the features themselves (MMD, energy distance) would also flag a site whose

@@ -77,6 +77,10 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
+    def resolved_fold_seed(self) -> int:
+        """The seed of the fold assignment (`--fold-seed`, else `--seed`)."""
+        return self.seed if self.fold_seed is None else self.fold_seed
+
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr

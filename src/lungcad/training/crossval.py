@@ -129,7 +129,7 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, jobs: int
     labels = np.array([s.label for s in samples])
     check_two_classes(list(labels), cfg.task, data)  # before the run folder appears
     groups = np.array([groups_all[i] for i in keep])
-    splits = fold_splits(labels, groups, folds, cfg.val_fraction, cfg.seed if cfg.fold_seed is None else cfg.fold_seed)
+    splits = fold_splits(labels, groups, folds, cfg.val_fraction, cfg.resolved_fold_seed())
     fold_of = np.zeros(len(samples), dtype=int)
     for k, subset in enumerate(splits, start=1):
         fold_of[subset == "test"] = k
@@ -257,7 +257,7 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
         arch=first.arch, task=cfg.task, classes=classes, preprocessing=first.preprocessing, init=first.init,
         training={
             "data": cfg.data, "folds": folds, "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
-            "seed": cfg.seed, "fold_seed": cfg.seed if cfg.fold_seed is None else cfg.fold_seed,
+            "seed": cfg.seed, "fold_seed": cfg.resolved_fold_seed(),
             "lr": cfg.resolved_lr(), "operating_point": op,
             "data_fingerprints_sha256": [m.training.get("data_fingerprint_sha256") for m in members],
         },
