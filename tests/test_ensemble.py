@@ -148,6 +148,16 @@ def test_predict_evaluate_and_export_load_the_ensemble(cv_run, tmp_path):
         assert a.label == b.label and abs(a.malignant_probability - b.malignant_probability) < 1e-3
 
 
+def test_evaluate_on_new_data_thresholds_baselines_out_of_fold(cv_run, tmp_path):
+    """A fold ensemble has no validation split: the baselines' thresholds come from their own
+    out-of-fold probabilities on the development images (this used to crash on the empty split)."""
+    data = RunFolder(cv_run).data_root
+    assert main(["evaluate", str(cv_run), "--data", str(data), "--out", str(tmp_path / "eval"), "--no-report",
+                 "--bootstrap", "200", "--no-progress"]) == 0
+    rows = {r["method"][:3]: r for r in json.loads((tmp_path / "eval" / "metrics.json").read_text())["comparison"]}
+    assert rows["(b)"]["threshold"] is not None and rows["(c)"]["threshold"] is not None
+
+
 def test_web_app_serves_the_ensemble(cv_run, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

@@ -30,7 +30,7 @@ from lungcad.evaluation.calibration import choose_threshold
 from lungcad.evaluation.metrics import malignant_index, predict_labels
 
 __all__ = [
-    "classical_model", "majority_probs", "metadata_features", "metadata_model", "out_of_fold_baseline",
+    "classical_model", "fit_quietly", "majority_probs", "metadata_features", "metadata_model", "out_of_fold_baseline",
     "run_feature_baselines", "texture_features",
 ]
 
@@ -90,10 +90,15 @@ def metadata_features(paths: Sequence[Path]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def _fit_predict(model, x_train: np.ndarray, y_train: np.ndarray, xs: list[np.ndarray], n_classes: int) -> list[np.ndarray]:
+def fit_quietly(model, x_train: np.ndarray, y_train: np.ndarray):
+    """`model.fit` without scikit-learn's convergence chatter (tiny synthetic sets); returns the model."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter on tiny synthetic sets
-        model.fit(x_train, y_train)
+        warnings.simplefilter("ignore")
+        return model.fit(x_train, y_train)
+
+
+def _fit_predict(model, x_train: np.ndarray, y_train: np.ndarray, xs: list[np.ndarray], n_classes: int) -> list[np.ndarray]:
+    fit_quietly(model, x_train, y_train)
     out = []
     for x in xs:
         p = np.zeros((len(x), n_classes))
@@ -120,16 +125,24 @@ def metadata_model(seed: int = 0):
 
 def run_feature_baselines(
     features: dict[str, np.ndarray], targets: dict[str, np.ndarray], classes: list[str], task: str,
-    target_sensitivity: float, which: str, seed: int = 0,
+    target_sensitivity: float, which: str, seed: int = 0, folds: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float | None, dict]:
     """Fit on train, choose the malignant threshold on val, return (eval probabilities, threshold, info).
 
     `features`/`targets` hold "train", "val" and "eval" arrays; `which` is "classical" or "metadata".
+    A fold ensemble has no validation split: with `folds` (the training images' folds), the
+    threshold is chosen on the baseline's out-of-fold probabilities instead, as the ensemble's is.
     """
     model = classical_model(seed) if which == "classical" else metadata_model(seed)
     n_classes = len(classes)
-    val_p, eval_p = _fit_predict(model, features["train"], targets["train"], [features["val"], features["eval"]],
-                                 n_classes)
+    if folds is not None:
+        (eval_p,) = _fit_predict(model, features["train"], targets["train"], [features["eval"]], n_classes)
+        val_p, _ = out_of_fold_baseline(features["train"], targets["train"], folds, classes, task, target_sensitivity,
+                                        which, seed)
+        targets = {**targets, "val": targets["train"]}
+    else:
+        val_p, eval_p = _fit_predict(model, features["train"], targets["train"], [features["val"], features["eval"]],
+                                     n_classes)
     m = malignant_index(classes)
     threshold, info = None, {}
     if m is not None and len(val_p):

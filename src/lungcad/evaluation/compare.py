@@ -27,7 +27,8 @@ from lungcad.evaluation.bootstrap import metrics_with_intervals, paired_differen
 from lungcad.evaluation.calibration import TARGET_SENSITIVITY
 from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import ModelContract, load_model
-from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.models.factory import target_index
+from lungcad.models.fusion import contract_probs
 from lungcad.run import RunFolder
 
 __all__ = ["baseline_rows", "comparison_row", "init_text", "out_of_fold_baseline_rows", "score_probs"]
@@ -131,19 +132,31 @@ def baseline_rows(run_dir: Path, contract: ModelContract, cache: torch.Tensor, p
             log.warning("baselines (b), (c) skipped: %s", exc)
             rows.append({"method": "(b), (c)", "note": f"skipped: training images unavailable ({exc})"})
             return rows + _compare_rows(compare, paths, common)
-        feats = {k: texture_features(v, progress) for k, v in caches.items()}
+        # a fold ensemble has no validation split: thresholds on the baselines' out-of-fold probabilities
+        folds = _training_folds(run_dir, train) if not val else None
+        feats = {k: texture_features(v, progress) for k, v in caches.items() if len(v)}
         feats["eval"] = texture_features(cache, progress)
-        p, thr, info = run_feature_baselines(feats, t, classes, task, target, "classical", seed)
+        p, thr, info = run_feature_baselines(feats, t, classes, task, target, "classical", seed, folds)
         rows.append(score_probs("(b) classical texture model",
                                 "intensity histogram + GLCM + LBP features, logistic regression; "
                                 "threshold on validation", probs=p, threshold=thr, validation=info, **common))
         meta = {"train": metadata_features([r.path for r in train]), "val": metadata_features([r.path for r in val]),
                 "eval": metadata_features(paths)}
-        p, thr, info = run_feature_baselines(meta, t, classes, task, target, "metadata", seed)
+        p, thr, info = run_feature_baselines(meta, t, classes, task, target, "metadata", seed, folds)
         rows.append(score_probs("(c) metadata shortcut", "audit's depth-3 tree on file size, image size, "
                                 "mode, format only; threshold on validation", probs=p, threshold=thr,
                                 validation=info, **common))
     return rows + _compare_rows(compare, paths, common)
+
+
+def _training_folds(run_dir: Path, train: list) -> np.ndarray:
+    """The fold of each training image of a fold ensemble (from its oof.csv)."""
+    oof = RunFolder(run_dir).out_of_fold()
+    fold_of = {Path(p).resolve(): int(f) for p, f in zip(oof.paths, oof.folds)}
+    try:
+        return np.array([fold_of[Path(r.path).resolve()] for r in train])
+    except KeyError as exc:
+        raise LungcadError(f"training image {exc} is not in oof.csv", run_dir) from None
 
 
 def _compare_rows(compare: list, paths: list[Path], common: dict) -> list[dict]:
@@ -166,7 +179,7 @@ def _compare_rows(compare: list, paths: list[Path], common: dict) -> list[dict]:
         if bad:
             raise LungcadError(f"cannot decode {len(bad)} evaluation image(s) for the compare run", other)
         logits = infer_logits(model.to(memory_format=torch.channels_last), cache, c.preprocessing)
-        probs = logits_to_probs(logits, c.task, c.temperature).numpy()
+        probs = contract_probs(logits, cache, c)
         rows.append(score_probs(f"(d) {other.name}", f"ResNet-50, {init_text(c)} (run folder {other})",
                                 probs=probs, threshold=c.decision_threshold(), **common))
     return rows
