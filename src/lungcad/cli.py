@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"MixUp on each batch with Beta(ALPHA, ALPHA) weights, 0 = off (default {TrainConfig.mixup})")
     p.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
                    help=f"CutMix likewise (default {TrainConfig.cutmix}); with --mixup too, one of them per batch")
+    p.add_argument("--fusion", choices=["none", "texture"], default=None,
+                   help="with --folds: fuse a texture head (intensity, GLCM, LBP features; logistic regression) "
+                        f"with the network, equal weights (default {TrainConfig.fusion}; docs/ablations.md)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help=f"validation share (default {TrainConfig.val_fraction}; with --folds 0: fixed epochs, "
                         "calibration on the pooled out-of-fold predictions)")
@@ -249,6 +252,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LungcadError("--fold-seed seeds the fold assignment of a cross-validation: it needs --folds K")
     if args.jobs != 1 and not args.folds:
         raise LungcadError("--jobs trains the members of a cross-validation side by side: it needs --folds K")
+    if args.fusion == "texture" and not args.folds:
+        raise LungcadError("--fusion texture fits its head and the fused threshold on out-of-fold predictions: "
+                           "it needs --folds K")
     if args.window:
         from lungcad.dicom.reader import parse_window
 
@@ -267,7 +273,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, target_sensitivity=args.target_sensitivity,
         **{k: v for k, v in (("augment_policy", args.augment_policy), ("balance", args.balance),
                              ("label_smoothing", args.label_smoothing), ("ema_decay", args.ema_decay),
-                             ("mixup", args.mixup), ("cutmix", args.cutmix))
+                             ("mixup", args.mixup), ("cutmix", args.cutmix), ("fusion", args.fusion))
            if v is not None},
     )
     if args.val_fraction is not None:

@@ -56,6 +56,8 @@ class OutOfFold:
     probs: np.ndarray  # (N, C) calibrated with the temperature fitted on the *other* folds
     logits: np.ndarray  # (N, O) raw logits of the member that never saw the image
     predicted: list[str]  # the decision at the threshold fitted on the other folds
+    # (N, C) the texture head's out-of-fold probabilities (a `--fusion texture` run), else None
+    texture: np.ndarray | None = None
 
 
 class RunFolder:
@@ -176,6 +178,7 @@ class RunFolder:
             raise LungcadError("oof.csv is empty", path)
         p_cols = [c for c in rows[0] if c.startswith("p_")]
         z_cols = [c for c in rows[0] if c.startswith("logit_")]
+        t_cols = [c for c in rows[0] if c.startswith("texture_p_")]
         root = self.data_root
         return OutOfFold(
             paths=[p if (p := Path(r["path"])).is_absolute() else root / p for r in rows],
@@ -184,4 +187,5 @@ class RunFolder:
             probs=np.array([[float(r[c]) for c in p_cols] for r in rows]),
             logits=np.array([[float(r[c]) for c in z_cols] for r in rows]),
             predicted=[r["predicted"] for r in rows],
+            texture=np.array([[float(r[c]) for c in t_cols] for r in rows]) if t_cols else None,
         )

@@ -34,6 +34,7 @@ from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import ModelContract, load_model
 from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.models.fusion import TextureHead, contract_probs, fuse
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_json
 
@@ -121,9 +122,9 @@ def _scored(model, contract: ModelContract, es: EvalSet, progress: bool) -> Scor
     if not keep:
         raise LungcadError("no readable images to evaluate", es.source)
     logits = infer_logits(model, cache, contract.preprocessing)
-    probs = logits_to_probs(logits, contract.task, contract.temperature).numpy()
+    probs = contract_probs(logits, cache, contract)
     return Scored(es.subset, [es.paths[i] for i in keep], np.array([targets[i] for i in keep], dtype=int),
-                  np.array([es.groups[i] for i in keep]), cache, logits_to_probs(logits, contract.task, 1.0).numpy(),
+                  np.array([es.groups[i] for i in keep]), cache, contract_probs(logits, cache, contract, temperature=1.0),
                   probs, predict_labels(probs, contract.task, contract.decision_threshold(), contract.classes),
                   skipped)
 
@@ -138,6 +139,8 @@ def _out_of_fold(run: RunFolder, contract: ModelContract, progress: bool) -> Sco
                            run.data_root)
     classes, task = contract.classes, contract.task
     raw = logits_to_probs(torch.as_tensor(oof.logits, dtype=torch.float32), task, 1.0).numpy()
+    if oof.texture is not None:  # a --fusion texture run: raw as inference would fuse it, at temperature 1
+        raw = fuse(raw, oof.texture, TextureHead.from_dict(contract.fusion).weight)
     return Scored("out-of-fold", oof.paths,
                   np.array([target_index(lab, classes, task, run.file("oof.csv")) for lab in oof.labels]),
                   np.array([f"{f}:{g}" for f, g in zip(oof.folds, oof.groups)]), cache, raw, oof.probs,

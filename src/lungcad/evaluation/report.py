@@ -203,7 +203,7 @@ def write_report(path: Path, metrics: dict, *, contract, run_dir: Path, y: np.nd
         "contract_json": json.dumps(contract.to_dict(), indent=2, default=str),
         "figs": figures(metrics, y, probs, history, classes, contract.task),
         "data": data_summary, "audit": audit, "examples": ex, "heatmap_note": heat_note,
-        "headline": HEADLINE, "per_class_keys": PER_CLASS,
+        "headline": HEADLINE, "per_class_keys": PER_CLASS, "fused": bool(contract.fusion),
         "interval_notes": sorted({v["note"] for part in (metrics, metrics["group_level"])
                                   for v in part["intervals"].values() if v.get("note")}),
     })

@@ -47,6 +47,7 @@ from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import CONTRACT_FILE, load_model, read_contract
 from lungcad.models.ensemble import combine_member_logits
 from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.models.fusion import TextureHead, fuse, texture_probs
 from lungcad.training.adapt import check_copy_out, run_copy, site_fingerprint
 from lungcad.utils import atomic_write_json
 
@@ -59,24 +60,28 @@ FOLDS = 5  # at most: the cross-fitted estimate's folds (fewer when the site has
 REPORT = "calibration.json"
 
 
-def _probs(member_logits: torch.Tensor, task: str, temperature: float) -> np.ndarray:
-    """The deployed probabilities from (K, N, O) member logits (K = 1: a single model)."""
-    return logits_to_probs(combine_member_logits(member_logits, task, temperature), task, 1.0).double().numpy()
+def _probs(member_logits: torch.Tensor, task: str, temperature: float, texture: np.ndarray | None = None
+           ) -> np.ndarray:
+    """The deployed probabilities from (K, N, O) member logits (K = 1: a single model); `texture`:
+    a fused texture head's probabilities for the same images (lungcad.models.fusion)."""
+    p = logits_to_probs(combine_member_logits(member_logits, task, temperature), task, 1.0).double().numpy()
+    return p if texture is None else fuse(p, texture)
 
 
-def _nll(member_logits: torch.Tensor, y: np.ndarray, task: str, temperature: float) -> float:
-    p = np.clip(_probs(member_logits, task, temperature)[np.arange(len(y)), y], 1e-12, None)
+def _nll(member_logits: torch.Tensor, y: np.ndarray, task: str, temperature: float,
+         texture: np.ndarray | None = None) -> float:
+    p = np.clip(_probs(member_logits, task, temperature, texture)[np.arange(len(y)), y], 1e-12, None)
     return float(-np.log(p).mean())
 
 
 def fit_site_operating_point(member_logits: torch.Tensor, y: np.ndarray, task: str, classes: list[str],
-                             target_sensitivity: float) -> dict:
+                             target_sensitivity: float, texture: np.ndarray | None = None) -> dict:
     """Temperature (of the members, before their mean) minimising the NLL of the deployed
     probabilities, then the malignant threshold on the calibrated ones."""
-    res = minimize_scalar(lambda log_t: _nll(member_logits, y, task, math.exp(log_t)),
+    res = minimize_scalar(lambda log_t: _nll(member_logits, y, task, math.exp(log_t), texture),
                           bounds=tuple(math.log(t) for t in T_RANGE), method="bounded", options={"xatol": 1e-4})
     temperature = float(math.exp(res.x))
-    probs = _probs(member_logits, task, temperature)
+    probs = _probs(member_logits, task, temperature, texture)
     m = malignant_index(classes)
     op = choose_threshold(probs[:, m], y == m, target_sensitivity)
     return {"temperature": temperature, "threshold": op["threshold"],
@@ -141,7 +146,9 @@ def calibrate_run(run_dir: str | Path, data: str | Path, out: str | Path, label_
     logits = _member_logits(model, cache, pp, ensemble)
     source_t = float(contract.ensemble["member_temperature"]) if ensemble else float(contract.temperature)
     source_threshold = contract.decision_threshold()
-    before_probs = _probs(logits, task, source_t)
+    # a fused texture head: its probabilities are fixed (only the network's temperature is refitted)
+    texture = texture_probs(TextureHead.from_dict(contract.fusion), cache) if contract.fusion else None
+    before_probs = _probs(logits, task, source_t, texture)
     before = metrics_with_intervals(y, before_probs, source_threshold, groups, classes, task, seed=seed)
 
     # cross-fitted: each fold of the site's patients at the operating point fitted on the others
@@ -152,8 +159,9 @@ def calibrate_run(run_dir: str | Path, data: str | Path, out: str | Path, label_
         probs, pred = np.zeros_like(before_probs), np.zeros(len(y), dtype=int)
         folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         for rest, held in folds.split(np.zeros(len(y)), malignant, groups):
-            op = fit_site_operating_point(logits[:, rest], y[rest], task, classes, target)
-            probs[held] = _probs(logits[:, held], task, op["temperature"])
+            op = fit_site_operating_point(logits[:, rest], y[rest], task, classes, target,
+                                          None if texture is None else texture[rest])
+            probs[held] = _probs(logits[:, held], task, op["temperature"], None if texture is None else texture[held])
             pred[held] = predict_labels(probs[held], task, op["threshold"], classes)
         after = metrics_with_intervals(y, probs, None, groups, classes, task, seed=seed, pred=pred)
         estimate = {"folds": k, "metrics": _summary(after), "ece": expected_calibration_error(probs, y)}
@@ -163,7 +171,7 @@ def calibrate_run(run_dir: str | Path, data: str | Path, out: str | Path, label_
                                         "estimated; gather more labelled patients"}
         log.warning("no cross-fitted estimate: %s", estimate["note"])
 
-    fitted = fit_site_operating_point(logits, y, task, classes, target)
+    fitted = fit_site_operating_point(logits, y, task, classes, target, texture)
     fitted_on = f"labelled site cases: {data.resolve()}"
     report = {
         "source": str(run_dir.resolve()), "data": str(data.resolve()), "images": int(len(y)),

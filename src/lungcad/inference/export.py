@@ -7,6 +7,11 @@ produces and returns three outputs:
     features (N, 2048)     pooled penultimate features (the out-of-distribution detector's space)
     probabilities (N, C)   calibrated: temperature applied, softmax / sigmoid, as `logits_to_probs`
 
+A `--fusion texture` model's texture head is not in the graph (its features are computed from the
+prepared uint8 image with scikit-image): its parameters travel in the contract's `fusion`, and
+lungcad's engines fuse after the graph (`lungcad.models.fusion.contract_probs`). A consumer of the
+graph alone gets the network's part of the probabilities.
+
 Preprocessing, classes, thresholds and OOD parameters travel in the exported contract, a JSON
 file beside the model (`<model file name>.json`): the run's model.json plus an `export` section
 (format, precision, file sha256, source weights sha256 and, for INT8, the calibration set and
@@ -38,6 +43,7 @@ from lungcad.inference.engines import OnnxEngine, TorchEngine
 from lungcad.inference.forward import cache_batches, run_engine
 from lungcad.models.contract import ModelContract, load_model, parse_contract_file
 from lungcad.models.factory import logits_to_probs, split_head
+from lungcad.models.fusion import contract_probs
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_path, atomic_write_json, sha256_file
 
@@ -369,7 +375,7 @@ def _measure_int8(run_dir: Path, model: nn.Module, contract: ModelContract, int8
     probs = {}
     for name, engine in engines.items():
         logits, _ = run_engine(engine, cache, contract.preprocessing, 16, progress, desc=f"test split {name}")
-        probs[name] = logits_to_probs(torch.from_numpy(logits), contract.task, contract.temperature).numpy()
+        probs[name] = contract_probs(logits, cache, contract)
     threshold = contract.decision_threshold()  # the one decision rule, as `evaluate` and `predict` use it
     metrics = {k: classification_metrics(targets, p, contract.classes, contract.task, threshold)
                for k, p in probs.items()}

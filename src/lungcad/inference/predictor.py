@@ -58,7 +58,7 @@ from lungcad.inference.results import (
     write_predictions,
 )
 from lungcad.models.contract import load_model
-from lungcad.models.factory import logits_to_probs
+from lungcad.models.fusion import contract_probs
 
 # Prediction, write_predictions, iter_inputs and sniff moved to lungcad.inference.results / .inputs;
 # they are re-exported here for the callers that import them from the predictor.
@@ -174,10 +174,9 @@ class Predictor:
 
     def _run(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Prepared uint8 tensors -> (probabilities (N, C), ood flags, ood scores)."""
-        batch = normalise(torch.stack(tensors), self.pp).numpy()
-        logits, features = self.engine.run(batch)
-        probs = logits_to_probs(torch.as_tensor(np.asarray(logits), dtype=torch.float32),
-                                self.contract.task, self.contract.temperature).numpy()
+        cache = torch.stack(tensors)
+        logits, features = self.engine.run(normalise(cache, self.pp).numpy())
+        probs = contract_probs(logits, cache, self.contract)
         if self.ood_detector is None:
             return probs, None, None
         flags, scores = self.ood_detector.is_ood(np.asarray(features))

@@ -26,7 +26,7 @@ __all__ = [
     "parse_contract_file", "read_contract", "save_model",
 ]
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: `fusion` (a lungcad that ignored it would decide on the network alone)
 MODEL_FILE = "model.safetensors"
 CONTRACT_FILE = "model.json"
 
@@ -49,6 +49,9 @@ class ModelContract:
     # fold ensemble (`lungcad train --folds K`): {"members": [{"path", "model_sha256"}, ...],
     # "member_temperature": T}; empty for a single network. See lungcad.models.ensemble.
     ensemble: dict = field(default_factory=dict)
+    # a texture head fused with the network (`train --folds K --fusion texture`; lungcad.models.fusion);
+    # empty: the network alone
+    fusion: dict = field(default_factory=dict)
     model_sha256: str = ""
     format_version: int = CONTRACT_VERSION
 

@@ -67,6 +67,9 @@ class TrainConfig:
     # mixing weight, 0 = off; with both on, each batch gets one of the two
     mixup: float = 0.0
     cutmix: float = 0.0
+    # fold ensembles only: "texture" fuses a texture head with the network (lungcad.models.fusion;
+    # chosen in docs/ablations.md), "none" the network alone
+    fusion: str = "none"
     device: str = "auto"  # auto: this rank's GPU if any, else CPU
     # mixed precision: auto = bf16 on GPUs that have it (else fp16) and on CPUs with native bf16
     # (AVX512-BF16 or AMX, detected at run time; about 2x a fp32 step there), off on other CPUs
@@ -92,4 +95,4 @@ class TrainConfig:
 # TrainConfig fields that make up the training recipe (recorded in the contract, compared in ablations)
 RECIPE_KEYS = ("image_size", "epochs", "batch_size", "optimizer", "weight_decay", "augment", "augment_policy",
                "balance", "label_smoothing", "ema_decay", "mixup", "cutmix", "amp", "finetune", "head_epochs",
-               "adapt_bn")
+               "adapt_bn", "fusion")

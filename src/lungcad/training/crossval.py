@@ -42,9 +42,10 @@ from lungcad.data.discovery import discover, parse_label_map
 from lungcad.data.grouping import assign_groups, scan_images, scan_results
 from lungcad.data.split import SplitRow, check_no_leak, portable_path, split_summary, write_split
 from lungcad.errors import LungcadError
+from lungcad.evaluation.baselines import texture_features
 from lungcad.evaluation.bootstrap import attach_intervals, bootstrap_ci, weighted_metrics
-from lungcad.evaluation.calibration import fit_operating_point
-from lungcad.evaluation.metrics import classification_metrics, predict_labels
+from lungcad.evaluation.calibration import choose_threshold, expected_calibration_error, fit_operating_point
+from lungcad.evaluation.metrics import classification_metrics, malignant_index, predict_labels
 from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
 from lungcad.inference.forward import run_engine
@@ -58,6 +59,7 @@ from lungcad.models.contract import (
     read_contract,
 )
 from lungcad.models.factory import logits_to_probs, target_index
+from lungcad.models.fusion import TextureHead, fuse
 from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import check_two_classes, output_classes
@@ -156,14 +158,14 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, jobs: int
         log.info("fold %d/%d: %d train, %d val, %d test images", k, folds,
                  *(int((subset == s).sum()) for s in ("train", "val", "test")))
         if (fold_dir / "checkpoint.pt").is_file():
-            todo.append(Member(k, dataclasses.replace(cfg, out=str(fold_dir)), resume=True))
+            todo.append(Member(k, dataclasses.replace(cfg, out=str(fold_dir), fusion="none"), resume=True))
             continue
         if fold_dir.exists():  # a member that died before its first checkpoint: start it again
             import shutil
 
             shutil.rmtree(fold_dir)
         write_split(split_file, rows, data)
-        todo.append(Member(k, dataclasses.replace(cfg, out=str(fold_dir), split=str(split_file))))
+        todo.append(Member(k, dataclasses.replace(cfg, out=str(fold_dir), split=str(split_file), fusion="none")))
     if jobs > 1 and len(todo) > 1:
         train_in_parallel(todo, jobs, known, f"lungcad train --resume --folds {folds} --out {out}")
     else:
@@ -205,26 +207,62 @@ def _oof(fold_dir: Path, rows: list[SplitRow], fold: int, cfg: TrainConfig) -> l
     detector = load_ood_detector(fold_dir, contract.ood)
     ood = detector.score(features) if detector is not None else np.full(len(rows), np.nan)
     classes = output_classes(cfg.task)
+    # the texture head's inputs (--fusion texture), from the same prepared images the member saw
+    texture = texture_features(cache) if cfg.fusion == "texture" else [None] * len(rows)
     return [{"path": r.path, "label": r.label, "group": r.group, "fold": fold,
              "y": target_index(r.label, classes, cfg.task), "logits": z, "ood_score": float(s),
-             "appearance_flag": bool(appearance.check(None, x, contract.appearance or {}, pp))}
-            for r, z, s, x in zip(rows, logits, ood, cache)]
+             "appearance_flag": bool(appearance.check(None, x, contract.appearance or {}, pp)), "texture": t}
+            for r, z, s, x, t in zip(rows, logits, ood, cache, texture)]
+
+
+def out_of_fold_texture(features: np.ndarray, y: np.ndarray, folds: np.ndarray, n_classes: int,
+                        seed: int = 0) -> np.ndarray:
+    """The texture head's out-of-fold probabilities: fold k's images by a head fitted on the other
+    folds, as each network member was trained."""
+    probs = np.zeros((len(y), n_classes))
+    for k in np.unique(folds):
+        mine = folds == k
+        probs[mine] = TextureHead.fit(features[~mine], y[~mine], n_classes, seed).predict_proba(features[mine])
+    return probs
+
+
+def operating_point(logits: torch.Tensor, y: np.ndarray, task: str, classes: list[str], target_sensitivity: float,
+                    fitted_on: str, texture: np.ndarray | None = None) -> dict:
+    """`fit_operating_point` on the network's logits; with a texture head's probabilities for the
+    same images, the malignant threshold is then chosen again on the fused probabilities (the ones
+    inference will produce: temperature on the network, then the fixed-weight mean)."""
+    op = fit_operating_point(logits, y, task, classes, target_sensitivity, fitted_on=fitted_on)
+    m = malignant_index(classes)
+    if texture is None or m is None:
+        return op
+    fused = fuse(logits_to_probs(logits, task, op["temperature"]).numpy(), texture)
+    chosen = choose_threshold(fused[:, m], y == m, target_sensitivity)
+    op["threshold"] = chosen["threshold"]
+    op["fusion"] = "threshold chosen on the texture-fused probabilities (temperature: the network's)"
+    op["validation"] = {**op["validation"], **{k: v for k, v in chosen.items() if k != "threshold"},
+                        "ece_after": expected_calibration_error(fused, y)}
+    return op
 
 
 def cross_fitted(logits: torch.Tensor, y: np.ndarray, folds: np.ndarray, task: str, classes: list[str],
-                 target_sensitivity: float) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
+                 target_sensitivity: float, texture: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
     """Calibrated probabilities and decisions for every out-of-fold image, with the temperature and
     threshold fitted on the *other* folds' out-of-fold predictions (so no image helps choose its
     own operating point: the sensitivity reported is the one a new patient would meet, not the
-    target by construction). Returns (probs, predictions, operating point per fold)."""
+    target by construction). `texture`: the texture head's out-of-fold probabilities, fused as
+    inference fuses them. Returns (probs, predictions, operating point per fold)."""
     probs = np.zeros((len(y), len(classes)))
     pred = np.zeros(len(y), dtype=int)
     per_fold = {}
     for k in np.unique(folds):
         mine = folds == k
-        op = fit_operating_point(logits[~mine], y[~mine], task, classes, target_sensitivity,
-                                 fitted_on=f"out-of-fold predictions outside fold {k}")
+        op = operating_point(logits[~mine], y[~mine], task, classes, target_sensitivity,
+                             f"out-of-fold predictions outside fold {k}",
+                             None if texture is None else texture[~mine])
         probs[mine] = logits_to_probs(logits[mine], task, op["temperature"]).numpy()
+        if texture is not None:
+            probs[mine] = fuse(probs[mine], texture[mine])
         pred[mine] = predict_labels(probs[mine], task, op["threshold"], classes)
         per_fold[int(k)] = {"temperature": op["temperature"], "threshold": op["threshold"]}
     return probs, pred, per_fold
@@ -234,19 +272,24 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
     classes = output_classes(cfg.task)
     logits = torch.as_tensor(np.stack([o["logits"] for o in oof]), dtype=torch.float32)
     y = np.array([o["y"] for o in oof])
+    fold_of = np.array([o["fold"] for o in oof])
+    texture, head = None, None
+    if cfg.fusion == "texture":
+        features = np.stack([o["texture"] for o in oof])
+        texture = out_of_fold_texture(features, y, fold_of, len(classes), cfg.seed)
+        head = TextureHead.fit(features, y, len(classes), cfg.seed)  # the deployed head: every image
     # the deployed operating point: fitted on every out-of-fold prediction
-    op = fit_operating_point(logits, y, cfg.task, classes, cfg.target_sensitivity,
-                             fitted_on="pooled out-of-fold predictions")
+    op = operating_point(logits, y, cfg.task, classes, cfg.target_sensitivity, "pooled out-of-fold predictions",
+                         texture)
     # the honest estimate of what it does on new patients: cross-fitted (see cross_fitted)
-    probs, pred, fold_ops = cross_fitted(logits, y, np.array([o["fold"] for o in oof]), cfg.task, classes,
-                                         cfg.target_sensitivity)
+    probs, pred, fold_ops = cross_fitted(logits, y, fold_of, cfg.task, classes, cfg.target_sensitivity, texture)
     op["cross_fitted"] = fold_ops
     for o, p, pr in zip(oof, pred, probs):
         o["pred"], o["probs"] = int(p), pr
     summary = summarise(per_fold, oof, cfg.task, classes)
     summary["operating_point"] = op
     atomic_write_json(out / "crossval.json", summary)
-    _write_oof(out / "oof.csv", oof, classes, Path(cfg.data))
+    _write_oof(out / "oof.csv", oof, classes, Path(cfg.data), texture)
     metrics = {"subset": "out-of-fold", "folds": folds,
                **classification_metrics(y, probs, classes, cfg.task, y_pred=pred)}
     atomic_write_json(out / "metrics.json", metrics)
@@ -274,6 +317,7 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
                               for k, m in enumerate(members, start=1)],
                   "member_temperature": op["temperature"],
                   "combine": "mean of the members' probabilities at member_temperature"},
+        fusion=head.to_dict() if head is not None else {},
         model_sha256=ensemble_sha256([m.model_sha256 for m in members]),
     )
     atomic_write_json(out / CONTRACT_FILE, contract.to_dict())
@@ -344,15 +388,18 @@ def _mean_sd(vals: list) -> dict:
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None, "n_folds": int(len(v))}
 
 
-def _write_oof(path: Path, oof: list[dict], classes: list[str], root: Path) -> None:
+def _write_oof(path: Path, oof: list[dict], classes: list[str], root: Path, texture: np.ndarray | None = None) -> None:
+    """oof.csv; with a texture head, its out-of-fold probabilities too (texture_p_*: what the
+    cross-fitted fusion was computed from)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     n_logits = len(oof[0]["logits"]) if oof else 0
     w.writerow(["path", "label", "group", "fold", "predicted", *(f"p_{c}" for c in classes),
-                *(f"logit_{i}" for i in range(n_logits))])
-    for o in oof:
+                *(f"logit_{i}" for i in range(n_logits)), *(f"texture_p_{c}" for c in classes if texture is not None)])
+    for i, o in enumerate(oof):
         w.writerow([portable_path(o["path"], root), o["label"], o["group"], o["fold"], classes[o["pred"]],
-                    *(f"{p:.6f}" for p in o["probs"]), *(f"{z:.6f}" for z in o["logits"])])
+                    *(f"{p:.6f}" for p in o["probs"]), *(f"{z:.6f}" for z in o["logits"]),
+                    *(f"{p:.6f}" for p in (texture[i] if texture is not None else ()))])
     atomic_write_text(path, buf.getvalue())
 
 
