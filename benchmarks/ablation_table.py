@@ -9,13 +9,16 @@ reference) and against the texture baseline on the same folds.
 With `--tta`, each run gets a second row with test-time flip averaging: the out-of-fold logits
 are recomputed by each member on its held-out fold, averaged over the image and its mirror.
 
+With `--fuse-texture`, each run gets a row fused with a texture head cross-validated on its folds,
+scored exactly as a `train --folds K --fusion texture` run scores itself (lungcad.models.fusion).
+
 With `--average`, the runs are taken as replicates of one recipe on the same folds (another seed,
 or the same seed trained with other thread counts) and a last row scores the mean of their
 out-of-fold probabilities: each image then has several members that never saw it, which measures
 out of fold what averaging members buys (the deployed ensemble averages the K members of a run,
 which out-of-fold figures of one run cannot show).
 
-    python benchmarks/ablation_table.py RUN_A RUN_B ... [--texture] [--tta] [--average] [--json FILE]
+    python benchmarks/ablation_table.py RUN_A RUN_B ... [--texture] [--tta] [--fuse-texture] [--average] [--json FILE]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from lungcad.inference.forward import cache_batches
 from lungcad.models.contract import load_model
 from lungcad.models.factory import target_index
 from lungcad.run import RunFolder
-from lungcad.training.crossval import cross_fitted
+from lungcad.training.crossval import cross_fitted, out_of_fold_texture
 
 
 def flip_tta_logits(run: RunFolder) -> np.ndarray:
@@ -61,7 +64,19 @@ def flip_tta_logits(run: RunFolder) -> np.ndarray:
     return out
 
 
-def score(run_dir: Path, tta: bool = False, logits: np.ndarray | None = None, name: str | None = None) -> dict:
+def texture_oof(run: RunFolder, y: np.ndarray) -> np.ndarray:
+    """A texture head's out-of-fold probabilities on a run's folds (what `--fusion texture` would
+    have fused): features of the run's prepared images, one head per fold fitted on the others."""
+    contract, oof = run.contract(), run.out_of_fold()
+    cache, bad = load_cache(oof.paths, contract.preprocessing, progress=False)
+    if bad:
+        raise SystemExit(f"{bad[0][0]}: {bad[0][1]}")
+    return out_of_fold_texture(texture_features(cache), y, oof.folds, len(contract.classes),
+                               int(run.config.get("seed", 0)))
+
+
+def score(run_dir: Path, tta: bool = False, logits: np.ndarray | None = None, name: str | None = None,
+          fuse_texture: bool = False) -> dict:
     run = RunFolder(run_dir)
     contract = run.contract()
     oof = run.out_of_fold()
@@ -71,8 +86,12 @@ def score(run_dir: Path, tta: bool = False, logits: np.ndarray | None = None, na
     target = contract.training["operating_point"]["validation"]["target_sensitivity"]
     if logits is None:
         logits = flip_tta_logits(run) if tta else oof.logits
+    texture = oof.texture  # a --fusion texture run's own head
+    if fuse_texture and texture is None:
+        texture = texture_oof(run, y)
+        name = name or f"{run_dir.name} + texture head"
     probs, pred, _ = cross_fitted(torch.as_tensor(logits, dtype=torch.float32), y, oof.folds, task, classes,
-                                  target)
+                                  target, texture)
     m = metrics_with_intervals(y, probs, None, groups, classes, task, pred=pred)
     recipe = contract.training.get("recipe", {})
     seconds = [float(r["seconds"]) for member in run.members() for r in member.history()]
@@ -116,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--texture", action="store_true", help="add the texture baseline on the first run's folds")
     ap.add_argument("--tta", action="store_true",
                     help="add a row per run with test-time flip averaging (recomputes its out-of-fold logits)")
+    ap.add_argument("--fuse-texture", action="store_true",
+                    help="add a row per run fused with a texture head fitted on its folds (as --fusion texture)")
     ap.add_argument("--average", action="store_true",
                     help="add a row for the mean of the runs' out-of-fold probabilities (replicates on the same folds)")
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
@@ -125,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(score(r))
         if args.tta:
             rows.append(score(r, tta=True))
+        if args.fuse_texture:
+            rows.append(score(r, fuse_texture=True))
     if args.average:
         rows.append(score(args.runs[0], logits=averaged_logits(args.runs),
                           name="mean of " + " + ".join(r.name for r in args.runs)))
@@ -163,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         m = metrics_with_intervals(ref["y"], probs, None, ref["groups"], ref["classes"], ref["task"], pred=pred)
         mv = m["malignant_vs_rest"]
         # paired against the first run, and against the runs' mean when there is one
-        compared = {"first run": ref, **({"mean": rows[-1]} if args.average else {})}
+        compared = {"first run": ref, **({"mean": rows[-1]} if args.average else {}),
+                    **{r["run"]: r for r in rows if r["run"].endswith("+ texture head")}}
         diffs = {who: paired_difference(ref["y"], r["probs"], r["pred"], probs, pred, ref["groups"], ref["classes"],
                                         ref["task"]) for who, r in compared.items()}
         text = "; ".join(f"{who} minus texture: {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
@@ -173,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{calibration_summary(probs, ref['y'], ref['task'])['ece']:.3f} | {text} | - |")
         table.append({"run": "texture baseline", "balanced_accuracy": m["intervals"]["balanced_accuracy"],
                       "first_minus_texture": diffs["first run"], "mean_minus_texture": diffs.get("mean"),
+                      "fused_minus_texture": {k: v for k, v in diffs.items() if k.endswith("+ texture head")},
                       "fp": mv["fp"], "fn": mv["fn"]})
     print("\n".join(lines))
     if args.json:
