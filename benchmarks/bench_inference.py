@@ -204,6 +204,16 @@ def main() -> None:
         results["throughput"][name] = {"img_per_s": round(ips, 2), **r}
         print(f"  {name:28s} {ips:6.1f} img/s  {_machine.format_ratios(r)}", flush=True)
 
+    # a --fusion texture model adds its texture head after the engine (lungcad.models.fusion): its
+    # features of the prepared uint8 images (scikit-image, one thread), whatever the engine
+    from lungcad.evaluation.baselines import texture_features
+
+    jpegs = sorted(args.data.rglob("*.jpg"))[::29][: args.batch]
+    cache = torch.stack([prepare(decode_image(f, pp.colour), pp) for f in jpegs])
+    ips = throughput(texture_features, cache, args.seconds)
+    results["throughput"]["texture head (fusion)"] = {"img_per_s": round(ips, 2)}
+    print(f"  {'texture head (fusion)':28s} {ips:6.1f} img/s  (added to an engine's time; one thread)", flush=True)
+
     files = sorted(args.data.rglob("*.jpg"))[::17][: args.latency_repeats] or sys.exit(f"no JPEGs in {args.data}")
     print("\nsingle image, decode + preprocess + infer (JPEG from disk):")
     for name, engine in engines.items():
