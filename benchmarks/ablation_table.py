@@ -12,13 +12,16 @@ are recomputed by each member on its held-out fold, averaged over the image and 
 With `--fuse-texture`, each run gets a row fused with a texture head cross-validated on its folds,
 scored exactly as a `train --folds K --fusion texture` run scores itself (lungcad.models.fusion).
 
+With `--unfused`, a `--fusion texture` run also gets a row for its network alone (the same
+out-of-fold logits, calibrated and thresholded without the head).
+
 With `--average`, the runs are taken as replicates of one recipe on the same folds (another seed,
 or the same seed trained with other thread counts) and a last row scores the mean of their
 out-of-fold probabilities: each image then has several members that never saw it, which measures
 out of fold what averaging members buys (the deployed ensemble averages the K members of a run,
 which out-of-fold figures of one run cannot show).
 
-    python benchmarks/ablation_table.py RUN_A RUN_B ... [--texture] [--tta] [--fuse-texture] [--average] [--json FILE]
+    python benchmarks/ablation_table.py RUN_A RUN_B ... [--texture] [--tta] [--fuse-texture] [--unfused] [--average] [--json FILE]
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def texture_oof(run: RunFolder, y: np.ndarray) -> np.ndarray:
 
 
 def score(run_dir: Path, tta: bool = False, logits: np.ndarray | None = None, name: str | None = None,
-          fuse_texture: bool = False) -> dict:
+          fuse_texture: bool = False, unfused: bool = False) -> dict:
     run = RunFolder(run_dir)
     contract = run.contract()
     oof = run.out_of_fold()
@@ -86,7 +89,9 @@ def score(run_dir: Path, tta: bool = False, logits: np.ndarray | None = None, na
     target = contract.training["operating_point"]["validation"]["target_sensitivity"]
     if logits is None:
         logits = flip_tta_logits(run) if tta else oof.logits
-    texture = oof.texture  # a --fusion texture run's own head
+    texture = None if unfused else oof.texture  # a --fusion texture run's own head
+    if unfused and oof.texture is not None:
+        name = name or f"{run_dir.name} (network alone)"
     if fuse_texture and texture is None:
         texture = texture_oof(run, y)
         name = name or f"{run_dir.name} + texture head"
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="add a row per run with test-time flip averaging (recomputes its out-of-fold logits)")
     ap.add_argument("--fuse-texture", action="store_true",
                     help="add a row per run fused with a texture head fitted on its folds (as --fusion texture)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="add a row per --fusion texture run scoring its network alone (its fold members' logits)")
     ap.add_argument("--average", action="store_true",
                     help="add a row for the mean of the runs' out-of-fold probabilities (replicates on the same folds)")
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(score(r, tta=True))
         if args.fuse_texture:
             rows.append(score(r, fuse_texture=True))
+        if args.unfused and RunFolder(r).out_of_fold().texture is not None:
+            rows.append(score(r, unfused=True))
     if args.average:
         rows.append(score(args.runs[0], logits=averaged_logits(args.runs),
                           name="mean of " + " + ".join(r.name for r in args.runs)))
