@@ -34,7 +34,7 @@ from lungcad.evaluation.metrics import predict_labels
 from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import ModelContract, load_model
 from lungcad.models.factory import logits_to_probs, target_index
-from lungcad.models.fusion import TextureHead, contract_probs, fuse
+from lungcad.models.fusion import TextureHead, contract_probs, contract_texture, fuse
 from lungcad.run import RunFolder
 from lungcad.utils import atomic_write_json
 
@@ -122,9 +122,11 @@ def _scored(model, contract: ModelContract, es: EvalSet, progress: bool) -> Scor
     if not keep:
         raise LungcadError("no readable images to evaluate", es.source)
     logits = infer_logits(model, cache, contract.preprocessing)
-    probs = contract_probs(logits, cache, contract)
+    texture = contract_texture(cache, contract)  # once, for both temperatures
+    probs = contract_probs(logits, cache, contract, texture=texture)
+    raw = contract_probs(logits, cache, contract, temperature=1.0, texture=texture)
     return Scored(es.subset, [es.paths[i] for i in keep], np.array([targets[i] for i in keep], dtype=int),
-                  np.array([es.groups[i] for i in keep]), cache, contract_probs(logits, cache, contract, temperature=1.0),
+                  np.array([es.groups[i] for i in keep]), cache, raw,
                   probs, predict_labels(probs, contract.task, contract.decision_threshold(), contract.classes),
                   skipped)
 

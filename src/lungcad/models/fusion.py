@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["FUSION_KINDS", "TEXTURE_WEIGHT", "TextureHead", "contract_probs", "fuse", "texture_probs"]
+__all__ = ["TEXTURE_WEIGHT", "TextureHead", "contract_probs", "contract_texture", "fuse",
+           "texture_probs"]
 
-FUSION_KINDS = ("none", "texture")
 TEXTURE_WEIGHT = 0.5  # equal weights: the one choice that needs no data to make
 FEATURES = "texture-v1"  # lungcad.evaluation.baselines.texture_features as of 0.x (intensity + GLCM + LBP)
 
@@ -99,16 +99,24 @@ def texture_probs(head: TextureHead, cache: torch.Tensor) -> np.ndarray:
     return head.predict_proba(texture_features(cache))
 
 
-def contract_probs(logits, cache: torch.Tensor, contract, temperature: float | None = None) -> np.ndarray:
+def contract_texture(cache: torch.Tensor, contract) -> np.ndarray | None:
+    """The contract's texture head's probabilities for a uint8 cache; None for the network alone."""
+    return texture_probs(TextureHead.from_dict(contract.fusion), cache) if contract.fusion else None
+
+
+def contract_probs(logits, cache: torch.Tensor, contract, temperature: float | None = None,
+                   texture: np.ndarray | None = None) -> np.ndarray:
     """The model's probabilities (N, C) for engine logits and the prepared uint8 images they came from:
     temperature (the contract's unless given) and softmax/sigmoid (`logits_to_probs`), then the
-    contract's fusion if it has one. Every path from logits to a decision goes through here
-    (predict, serve, evaluate, compare, export's checks)."""
+    contract's fusion if it has one (`texture`: `contract_texture` of the same images, when the
+    caller needs it for more than one temperature). Every path from logits to a decision goes
+    through here (predict, serve, evaluate, compare, export's checks)."""
     from lungcad.models.factory import logits_to_probs
 
     t = contract.temperature if temperature is None else temperature
     probs = logits_to_probs(torch.as_tensor(np.asarray(logits), dtype=torch.float32), contract.task, t).numpy()
     if not contract.fusion:
         return probs
-    head = TextureHead.from_dict(contract.fusion)
-    return fuse(probs, texture_probs(head, cache), head.weight)
+    if texture is None:
+        texture = contract_texture(cache, contract)
+    return fuse(probs, texture, float(contract.fusion["weight"]))
