@@ -21,11 +21,12 @@ from conftest import make_dataset
 from lungcad.cli import main
 from lungcad.errors import LungcadError
 from lungcad.evaluation.baselines import classical_model, fit_quietly, texture_features
+from lungcad.evaluation.calibration import expected_calibration_error, fit_operating_point, fit_temperature
 from lungcad.inference.predictor import Predictor
 from lungcad.models.factory import logits_to_probs
 from lungcad.models.fusion import TEXTURE_WEIGHT, TextureHead, contract_probs, fuse
 from lungcad.run import RunFolder
-from lungcad.training.crossval import cross_fitted, operating_point, out_of_fold_texture
+from lungcad.training.crossval import cross_fitted, out_of_fold_texture
 
 CLASSES = ["normal", "benign", "malignant"]
 
@@ -89,9 +90,35 @@ def test_cross_fitted_fusion_keeps_each_fold_away_from_its_own_images():
     network = logits_to_probs(logits[folds == 1], "multiclass", ops[1]["temperature"]).numpy()
     np.testing.assert_allclose(probs[folds == 1], fuse(network, texture[folds == 1]), atol=1e-6)
     # the fused threshold gives the target sensitivity on the fused probabilities it was chosen on
-    op = operating_point(logits, y, "multiclass", CLASSES, 0.95, "all", texture)
+    op = fit_operating_point(logits, y, "multiclass", CLASSES, 0.95, "all", texture)
     fused = fuse(logits_to_probs(logits, "multiclass", op["temperature"]).numpy(), texture)
     assert (fused[y == 2, 2] >= op["threshold"]).mean() >= 0.95 and "fusion" in op
+
+
+def test_a_fused_model_is_calibrated_as_fused():
+    """The temperature minimises the likelihood of the fused probabilities (what inference
+    produces), not the network's alone: for an overconfident network fused with a soft head, the
+    network's own temperature over-softens the mean."""
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 100)
+    right = rng.random(300) < 0.8  # the network is right 80 % of the time, and sure of itself either way
+    shown = np.where(right, y, (y + 1) % 3)
+    logits = torch.as_tensor(4.0 * np.eye(3)[shown] + rng.normal(size=(300, 3)), dtype=torch.float32)
+    texture = 0.25 + 0.25 * np.eye(3)[y]  # a soft head that leans the right way
+
+    def nll(t):
+        p = fuse(logits_to_probs(logits, "multiclass", t).numpy(), texture)
+        return -np.log(p[np.arange(300), y]).mean()
+
+    alone = fit_operating_point(logits, y, "multiclass", CLASSES, 0.95)["temperature"]
+    fused = fit_operating_point(logits, y, "multiclass", CLASSES, 0.95, "all", texture)
+    assert fused["temperature"] == pytest.approx(fit_temperature(logits, y, "multiclass", texture))
+    assert fused["temperature"] < alone  # the head already softens; the network needs less
+    assert nll(fused["temperature"]) < nll(alone) - 0.01
+    for t in (0.5 * fused["temperature"], 2.0 * fused["temperature"]):
+        assert nll(fused["temperature"]) <= nll(t) + 1e-9
+    assert fused["validation"]["ece_after"] == pytest.approx(
+        expected_calibration_error(fuse(logits_to_probs(logits, "multiclass", fused["temperature"]).numpy(), texture), y))
 
 
 def test_out_of_fold_texture_never_fits_on_the_fold_it_predicts():
@@ -127,8 +154,8 @@ def test_fused_run_stores_its_head_and_fused_operating_point(fused_run):
     assert RunFolder(fused_run / "fold-1").contract().fusion == {}  # a member alone is the network alone
     y = np.array([contract.classes.index(lab) for lab in oof.labels])
     assert oof.texture is not None and oof.texture.shape == (36, 3)
-    op = operating_point(torch.as_tensor(oof.logits, dtype=torch.float32), y, contract.task, contract.classes, 0.95,
-                         "pooled", oof.texture)
+    op = fit_operating_point(torch.as_tensor(oof.logits, dtype=torch.float32), y, contract.task, contract.classes,
+                             0.95, "pooled", oof.texture)
     assert contract.thresholds["malignant"] == pytest.approx(op["threshold"], abs=1e-5)
     probs, _, _ = cross_fitted(torch.as_tensor(oof.logits, dtype=torch.float32), y, oof.folds, contract.task,
                                contract.classes, 0.95, oof.texture)

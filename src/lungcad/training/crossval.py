@@ -44,8 +44,8 @@ from lungcad.data.split import SplitRow, check_no_leak, portable_path, split_sum
 from lungcad.errors import LungcadError
 from lungcad.evaluation.baselines import texture_features
 from lungcad.evaluation.bootstrap import attach_intervals, bootstrap_ci, weighted_metrics
-from lungcad.evaluation.calibration import choose_threshold, expected_calibration_error, fit_operating_point
-from lungcad.evaluation.metrics import classification_metrics, malignant_index, predict_labels
+from lungcad.evaluation.calibration import deployed_probs, fit_operating_point
+from lungcad.evaluation.metrics import classification_metrics, predict_labels
 from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
 from lungcad.inference.forward import run_engine
@@ -58,8 +58,8 @@ from lungcad.models.contract import (
     load_model,
     read_contract,
 )
-from lungcad.models.factory import logits_to_probs, target_index
-from lungcad.models.fusion import TextureHead, fuse
+from lungcad.models.factory import target_index
+from lungcad.models.fusion import TextureHead
 from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import check_two_classes, output_classes
@@ -226,24 +226,6 @@ def out_of_fold_texture(features: np.ndarray, y: np.ndarray, folds: np.ndarray, 
     return probs
 
 
-def operating_point(logits: torch.Tensor, y: np.ndarray, task: str, classes: list[str], target_sensitivity: float,
-                    fitted_on: str, texture: np.ndarray | None = None) -> dict:
-    """`fit_operating_point` on the network's logits; with a texture head's probabilities for the
-    same images, the malignant threshold is then chosen again on the fused probabilities (the ones
-    inference will produce: temperature on the network, then the fixed-weight mean)."""
-    op = fit_operating_point(logits, y, task, classes, target_sensitivity, fitted_on=fitted_on)
-    m = malignant_index(classes)
-    if texture is None or m is None:
-        return op
-    fused = fuse(logits_to_probs(logits, task, op["temperature"]).numpy(), texture)
-    chosen = choose_threshold(fused[:, m], y == m, target_sensitivity)
-    op["threshold"] = chosen["threshold"]
-    op["fusion"] = "threshold chosen on the texture-fused probabilities (temperature: the network's)"
-    op["validation"] = {**op["validation"], **{k: v for k, v in chosen.items() if k != "threshold"},
-                        "ece_after": expected_calibration_error(fused, y)}
-    return op
-
-
 def cross_fitted(logits: torch.Tensor, y: np.ndarray, folds: np.ndarray, task: str, classes: list[str],
                  target_sensitivity: float, texture: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
@@ -257,12 +239,10 @@ def cross_fitted(logits: torch.Tensor, y: np.ndarray, folds: np.ndarray, task: s
     per_fold = {}
     for k in np.unique(folds):
         mine = folds == k
-        op = operating_point(logits[~mine], y[~mine], task, classes, target_sensitivity,
-                             f"out-of-fold predictions outside fold {k}",
-                             None if texture is None else texture[~mine])
-        probs[mine] = logits_to_probs(logits[mine], task, op["temperature"]).numpy()
-        if texture is not None:
-            probs[mine] = fuse(probs[mine], texture[mine])
+        op = fit_operating_point(logits[~mine], y[~mine], task, classes, target_sensitivity,
+                                 f"out-of-fold predictions outside fold {k}",
+                                 None if texture is None else texture[~mine])
+        probs[mine] = deployed_probs(logits[mine], task, op["temperature"], None if texture is None else texture[mine])
         pred[mine] = predict_labels(probs[mine], task, op["threshold"], classes)
         per_fold[int(k)] = {"temperature": op["temperature"], "threshold": op["threshold"]}
     return probs, pred, per_fold
@@ -279,8 +259,8 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
         texture = out_of_fold_texture(features, y, fold_of, len(classes), cfg.seed)
         head = TextureHead.fit(features, y, len(classes), cfg.seed)  # the deployed head: every image
     # the deployed operating point: fitted on every out-of-fold prediction
-    op = operating_point(logits, y, cfg.task, classes, cfg.target_sensitivity, "pooled out-of-fold predictions",
-                         texture)
+    op = fit_operating_point(logits, y, cfg.task, classes, cfg.target_sensitivity, "pooled out-of-fold predictions",
+                             texture)
     # the honest estimate of what it does on new patients: cross-fitted (see cross_fitted)
     probs, pred, fold_ops = cross_fitted(logits, y, fold_of, cfg.task, classes, cfg.target_sensitivity, texture)
     op["cross_fitted"] = fold_ops
