@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,7 +27,7 @@ from lungcad.inference.predictor import Predictor
 from lungcad.models.factory import logits_to_probs
 from lungcad.models.fusion import TEXTURE_WEIGHT, TextureHead, contract_probs, fuse
 from lungcad.run import RunFolder
-from lungcad.training.crossval import cross_fitted, out_of_fold_texture
+from lungcad.training.crossval import cross_fitted, fused_operating_point, out_of_fold_texture
 
 CLASSES = ["normal", "benign", "malignant"]
 
@@ -90,7 +91,7 @@ def test_cross_fitted_fusion_keeps_each_fold_away_from_its_own_images():
     network = logits_to_probs(logits[folds == 1], "multiclass", ops[1]["temperature"]).numpy()
     np.testing.assert_allclose(probs[folds == 1], fuse(network, texture[folds == 1]), atol=1e-6)
     # the fused threshold gives the target sensitivity on the fused probabilities it was chosen on
-    op = fit_operating_point(logits, y, "multiclass", CLASSES, 0.95, "all", texture)
+    op = fused_operating_point(logits, y, "multiclass", CLASSES, 0.95, "all", texture)
     fused = fuse(logits_to_probs(logits, "multiclass", op["temperature"]).numpy(), texture)
     assert (fused[y == 2, 2] >= op["threshold"]).mean() >= 0.95 and "fusion" in op
 
@@ -111,8 +112,8 @@ def test_a_fused_model_is_calibrated_as_fused():
         return -np.log(p[np.arange(300), y]).mean()
 
     alone = fit_operating_point(logits, y, "multiclass", CLASSES, 0.95)["temperature"]
-    fused = fit_operating_point(logits, y, "multiclass", CLASSES, 0.95, "all", texture)
-    assert fused["temperature"] == pytest.approx(fit_temperature(logits, y, "multiclass", texture))
+    fused = fused_operating_point(logits, y, "multiclass", CLASSES, 0.95, "all", texture)
+    assert fused["temperature"] == pytest.approx(fit_temperature(logits, y, "multiclass", partial(fuse, p_texture=texture)))
     assert fused["temperature"] < alone  # the head already softens; the network needs less
     assert nll(fused["temperature"]) < nll(alone) - 0.01
     for t in (0.5 * fused["temperature"], 2.0 * fused["temperature"]):
@@ -154,8 +155,8 @@ def test_fused_run_stores_its_head_and_fused_operating_point(fused_run):
     assert RunFolder(fused_run / "fold-1").contract().fusion == {}  # a member alone is the network alone
     y = np.array([contract.classes.index(lab) for lab in oof.labels])
     assert oof.texture is not None and oof.texture.shape == (36, 3)
-    op = fit_operating_point(torch.as_tensor(oof.logits, dtype=torch.float32), y, contract.task, contract.classes,
-                             0.95, "pooled", oof.texture)
+    op = fused_operating_point(torch.as_tensor(oof.logits, dtype=torch.float32), y, contract.task, contract.classes,
+                               0.95, "pooled", oof.texture)
     assert contract.thresholds["malignant"] == pytest.approx(op["threshold"], abs=1e-5)
     probs, _, _ = cross_fitted(torch.as_tensor(oof.logits, dtype=torch.float32), y, oof.folds, contract.task,
                                contract.classes, 0.95, oof.texture)

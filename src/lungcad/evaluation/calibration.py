@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,14 +18,15 @@ from scipy.optimize import minimize_scalar
 
 from lungcad.evaluation.metrics import malignant_index
 from lungcad.models.factory import logits_to_probs
-from lungcad.models.fusion import fuse
 
 __all__ = [
-    "TARGET_SENSITIVITY", "brier_score", "calibration_summary", "choose_threshold", "deployed_probs",
-    "expected_calibration_error", "fit_operating_point", "fit_temperature", "reliability_bins", "top_label",
+    "TARGET_SENSITIVITY", "brier_score", "calibration_summary", "choose_threshold", "expected_calibration_error",
+    "fit_operating_point", "fit_temperature", "reliability_bins", "scaled_probs", "top_label",
 ]
 
 log = logging.getLogger(__name__)
+
+Then = Callable[[np.ndarray], np.ndarray] | None  # what a model does to its calibrated probabilities
 
 N_BINS = 15  # reliability bins: the usual choice (Guo et al., 2017); fewer would hide miscalibration
 TARGET_SENSITIVITY = 0.95  # default malignant operating point: miss at most 1 in 20 cancers on validation
@@ -32,10 +34,9 @@ TARGET_SENSITIVITY = 0.95  # default malignant operating point: miss at most 1 i
 T_RANGE = (0.05, 20.0)
 
 
-def _nll(logits: torch.Tensor, targets: torch.Tensor, task: str, temperature: float,
-         texture: np.ndarray | None = None) -> float:
-    if texture is not None:  # the fused model's probabilities: what inference produces
-        p = deployed_probs(logits, task, temperature, texture)[np.arange(len(targets)), targets.numpy()]
+def _nll(logits: torch.Tensor, targets: torch.Tensor, task: str, temperature: float, then: Then = None) -> float:
+    if then is not None:  # the model's own probabilities (e.g. fused): what inference produces
+        p = scaled_probs(logits, task, temperature, then)[np.arange(len(targets)), targets.numpy()]
         return float(-np.log(np.clip(p, 1e-12, None)).mean())
     z = logits / temperature
     if task == "binary":
@@ -43,20 +44,20 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor, task: str, temperature: fl
     return float(torch.nn.functional.cross_entropy(z, targets))
 
 
-def deployed_probs(logits, task: str, temperature: float, texture: np.ndarray | None = None) -> np.ndarray:
-    """Probabilities at `temperature`, fused with a texture head's (`texture`, lungcad.models.fusion)
-    when the model has one: what inference produces from these logits."""
+def scaled_probs(logits, task: str, temperature: float, then: Then = None) -> np.ndarray:
+    """Probabilities at `temperature`, passed through `then` when the model transforms them further
+    (a fused model's mean with its texture head: `lungcad.models.fusion`), as inference does."""
     probs = logits_to_probs(torch.as_tensor(logits), task, temperature).double().numpy()
-    return probs if texture is None else fuse(probs, texture)
+    return probs if then is None else then(probs)
 
 
-def fit_temperature(logits: torch.Tensor | np.ndarray, targets, task: str, texture: np.ndarray | None = None) -> float:
+def fit_temperature(logits: torch.Tensor | np.ndarray, targets, task: str, then: Then = None) -> float:
     """The temperature minimising validation negative log-likelihood (Guo et al., 2017).
 
     One scalar: it changes confidence, never the ranking of a binary model or the argmax of a
     multiclass one. Returns 1.0 when there is nothing to fit (fewer than 2 samples or one class).
-    With `texture` (a fused texture head's probabilities for the same images), the likelihood is
-    that of the fused probabilities, the ones inference produces: the network alone is
+    With `then` (e.g. the mean with a fused texture head's probabilities for the same images), the
+    likelihood is that of `then`'s probabilities, the ones inference produces: a network alone is
     overconfident, the fused mean much less so, and a temperature fitted on the network alone
     over-softens the fused output (out of fold in six runs: ECE 0.039-0.113 instead of 0.050-0.119,
     docs/ablations.md). There the temperature also sets how much the network weighs in the mean.
@@ -67,7 +68,7 @@ def fit_temperature(logits: torch.Tensor | np.ndarray, targets, task: str, textu
         log.warning("temperature scaling skipped: validation has %d image(s), %d class(es)", len(y),
                     len(torch.unique(y)))
         return 1.0
-    res = minimize_scalar(lambda log_t: _nll(logits, y, task, math.exp(log_t), texture),
+    res = minimize_scalar(lambda log_t: _nll(logits, y, task, math.exp(log_t), then),
                           bounds=tuple(math.log(t) for t in T_RANGE), method="bounded", options={"xatol": 1e-4})
     return float(math.exp(res.x))
 
@@ -147,26 +148,24 @@ def choose_threshold(p_malignant: np.ndarray, is_malignant: np.ndarray, target_s
 
 def fit_operating_point(val_logits: torch.Tensor, val_targets, task: str, classes: list[str],
                         target_sensitivity: float = TARGET_SENSITIVITY, fitted_on: str = "validation",
-                        texture: np.ndarray | None = None) -> dict:
+                        then: Then = None) -> dict:
     """Temperature, then the malignant threshold on the *calibrated* validation probabilities.
 
     The order matters for multiclass: the temperature can reorder p(malignant) between images,
-    and the stored threshold must live on the probabilities inference will produce. With `texture`
-    (a fused model's texture head probabilities for the same images) both are fitted on the fused
-    probabilities, for the same reason.
+    and the stored threshold must live on the probabilities inference will produce. With `then`
+    (what the model does to its calibrated probabilities, e.g. fuse them with a texture head's)
+    both are fitted on the transformed probabilities, for the same reason.
     """
     y = np.asarray(val_targets, dtype=int)
-    temperature = fit_temperature(val_logits, y, task, texture)
-    before = deployed_probs(val_logits, task, 1.0, texture)
-    after = deployed_probs(val_logits, task, temperature, texture)
+    temperature = fit_temperature(val_logits, y, task, then)
+    before = scaled_probs(val_logits, task, 1.0, then)
+    after = scaled_probs(val_logits, task, temperature, then)
     m = malignant_index(classes)
     op = choose_threshold(after[:, m], y == m, target_sensitivity) if m is not None else {"threshold": 0.5}
     result = {
         "temperature": temperature,
         "threshold": op["threshold"],
         "fitted_on": fitted_on,
-        **({"fusion": "temperature and threshold fitted on the texture-fused probabilities"}
-           if texture is not None else {}),
         "validation": {
             "n": int(len(y)),
             "ece_before": expected_calibration_error(before, y) if len(y) else None,

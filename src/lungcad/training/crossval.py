@@ -29,6 +29,7 @@ import dataclasses
 import io
 import logging
 import platform
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from lungcad.data.split import SplitRow, check_no_leak, portable_path, split_sum
 from lungcad.errors import LungcadError
 from lungcad.evaluation.baselines import texture_features
 from lungcad.evaluation.bootstrap import attach_intervals, bootstrap_ci, weighted_metrics
-from lungcad.evaluation.calibration import deployed_probs, fit_operating_point
+from lungcad.evaluation.calibration import fit_operating_point, scaled_probs
 from lungcad.evaluation.metrics import classification_metrics, predict_labels
 from lungcad.inference import appearance
 from lungcad.inference.engines import TorchEngine
@@ -59,7 +60,7 @@ from lungcad.models.contract import (
     read_contract,
 )
 from lungcad.models.factory import target_index
-from lungcad.models.fusion import TextureHead
+from lungcad.models.fusion import TextureHead, fuse
 from lungcad.run import RunFolder
 from lungcad.training.config import RECIPE_KEYS, TrainConfig
 from lungcad.training.data import check_two_classes, output_classes
@@ -226,6 +227,21 @@ def out_of_fold_texture(features: np.ndarray, y: np.ndarray, folds: np.ndarray, 
     return probs
 
 
+def _fused_with(texture: np.ndarray | None):
+    return None if texture is None else partial(fuse, p_texture=texture)
+
+
+def fused_operating_point(logits: torch.Tensor, y: np.ndarray, task: str, classes: list[str],
+                          target_sensitivity: float, fitted_on: str, texture: np.ndarray | None = None) -> dict:
+    """`fit_operating_point`, with a texture head's probabilities for the same images (`texture`):
+    temperature and threshold are then fitted on the fused probabilities, the ones inference
+    produces (the network alone is overconfident, the fused mean much less: docs/ablations.md)."""
+    op = fit_operating_point(logits, y, task, classes, target_sensitivity, fitted_on, _fused_with(texture))
+    if texture is not None:
+        op["fusion"] = "temperature and threshold fitted on the texture-fused probabilities"
+    return op
+
+
 def cross_fitted(logits: torch.Tensor, y: np.ndarray, folds: np.ndarray, task: str, classes: list[str],
                  target_sensitivity: float, texture: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
@@ -239,10 +255,11 @@ def cross_fitted(logits: torch.Tensor, y: np.ndarray, folds: np.ndarray, task: s
     per_fold = {}
     for k in np.unique(folds):
         mine = folds == k
-        op = fit_operating_point(logits[~mine], y[~mine], task, classes, target_sensitivity,
-                                 f"out-of-fold predictions outside fold {k}",
-                                 None if texture is None else texture[~mine])
-        probs[mine] = deployed_probs(logits[mine], task, op["temperature"], None if texture is None else texture[mine])
+        op = fused_operating_point(logits[~mine], y[~mine], task, classes, target_sensitivity,
+                                   f"out-of-fold predictions outside fold {k}",
+                                   None if texture is None else texture[~mine])
+        probs[mine] = scaled_probs(logits[mine], task, op["temperature"],
+                                   _fused_with(None if texture is None else texture[mine]))
         pred[mine] = predict_labels(probs[mine], task, op["threshold"], classes)
         per_fold[int(k)] = {"temperature": op["temperature"], "threshold": op["threshold"]}
     return probs, pred, per_fold
@@ -259,8 +276,8 @@ def _finish_ensemble(out: Path, cfg: TrainConfig, folds: int, per_fold: list[dic
         texture = out_of_fold_texture(features, y, fold_of, len(classes), cfg.seed)
         head = TextureHead.fit(features, y, len(classes), cfg.seed)  # the deployed head: every image
     # the deployed operating point: fitted on every out-of-fold prediction
-    op = fit_operating_point(logits, y, cfg.task, classes, cfg.target_sensitivity, "pooled out-of-fold predictions",
-                             texture)
+    op = fused_operating_point(logits, y, cfg.task, classes, cfg.target_sensitivity, "pooled out-of-fold predictions",
+                               texture)
     # the honest estimate of what it does on new patients: cross-fitted (see cross_fitted)
     probs, pred, fold_ops = cross_fitted(logits, y, fold_of, cfg.task, classes, cfg.target_sensitivity, texture)
     op["cross_fitted"] = fold_ops
