@@ -133,9 +133,6 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, jobs: int
     check_two_classes(list(labels), cfg.task, data)  # before the run folder appears
     groups = np.array([groups_all[i] for i in keep])
     splits = fold_splits(labels, groups, folds, cfg.val_fraction, cfg.resolved_fold_seed())
-    fold_of = np.zeros(len(samples), dtype=int)
-    for k, subset in enumerate(splits, start=1):
-        fold_of[subset == "test"] = k
     if not resume:
         out.mkdir(parents=True)
         atomic_write_json(out / "config.json", {**dataclasses.asdict(cfg), "folds": folds})
