@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     target = contract.training["operating_point"]["validation"]["target_sensitivity"]
     labels, groups = np.asarray(oof.labels), np.asarray(oof.groups)
     y = np.array([target_index(lab, classes, task) for lab in labels])
-    own_k, own_seed = len(set(oof.folds.tolist())), int(run.config.get("fold_seed") or run.config.get("seed", 0))
+    fold_seed = run.config.get("fold_seed")  # None: the folds were drawn with the training seed (TrainConfig)
+    own_k, own_seed = len(set(oof.folds.tolist())), int(run.config.get("seed", 0) if fold_seed is None else fold_seed)
     if not np.array_equal(fold_numbers(labels, groups, own_k, own_seed), oof.folds):
         raise SystemExit(f"{args.run}: its folds are not fold_splits(seed={own_seed}); was the data changed?")
     cache, bad = load_cache(oof.paths, contract.preprocessing, progress=False)
