@@ -164,7 +164,7 @@ def test_fused_run_stores_its_head_and_fused_operating_point(fused_run):
 
 
 @pytest.mark.slow
-def test_predict_evaluate_and_onnx_apply_the_same_head(fused_run, tmp_path):
+def test_predict_evaluate_and_onnx_apply_the_same_head(fused_run, tmp_path, monkeypatch):
     run = RunFolder(fused_run)
     contract = run.contract()
     malignant = run.data_root / "Malignant cases"
@@ -183,9 +183,26 @@ def test_predict_evaluate_and_onnx_apply_the_same_head(fused_run, tmp_path):
     got = {r.source: [r.probabilities[c] for c in contract.classes] for r in rows}
     np.testing.assert_allclose([got[str(f)] for f in files], expected, atol=1e-5)
 
+    import lungcad.evaluation.baselines as baselines_module
+    import lungcad.evaluation.compare as compare_module
+    import lungcad.evaluation.evaluate as evaluate_module
+
+    computed = []
+
+    def counted(cache, progress=False):
+        computed.append(len(cache))
+        return texture_features(cache, progress)
+
+    for module in (baselines_module, compare_module, evaluate_module):
+        monkeypatch.setattr(module, "texture_features", counted)
     assert main(["evaluate", str(fused_run), "--data", str(run.data_root), "--out", str(tmp_path / "eval"),
                  "--no-report", "--bootstrap", "200", "--no-progress"]) == 0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 36
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 36
+    # the evaluation images' features once (fusion head and baseline (b)), the training images' once
+    assert computed == [36, 36]
+    assert any(row["method"].startswith("(b)") and "balanced_accuracy" in row for row in metrics["comparison"])
+    monkeypatch.undo()
 
     pytest.importorskip("onnxruntime")
     assert main(["export", str(fused_run), "--format", "onnx", "--no-progress"]) == 0

@@ -103,7 +103,9 @@ def out_of_fold_baseline_rows(contract: ModelContract, s, n_boot: int, seed: int
 
 def baseline_rows(run_dir: Path, contract: ModelContract, cache: torch.Tensor, paths: list[Path], y: np.ndarray,
                   groups: np.ndarray, compare: list, baselines: bool, progress: bool, n_boot: int,
-                  seed: int) -> list[dict]:
+                  seed: int, features: np.ndarray | None = None) -> list[dict]:
+    """Rows (a)-(c) and --compare's runs, on the evaluation images (`cache`; `features`: their texture
+    features when the caller has computed them already)."""
     classes, task = contract.classes, contract.task
     target = _target_sensitivity(contract)
     common = dict(y=y, groups=groups, classes=classes, task=task, n_boot=n_boot, seed=seed)
@@ -135,7 +137,7 @@ def baseline_rows(run_dir: Path, contract: ModelContract, cache: torch.Tensor, p
         # a fold ensemble has no validation split: thresholds on the baselines' out-of-fold probabilities
         folds = _training_folds(run_dir, train) if not val else None
         feats = {k: texture_features(v, progress) for k, v in caches.items() if len(v)}
-        feats["eval"] = texture_features(cache, progress)
+        feats["eval"] = texture_features(cache, progress) if features is None else features
         p, thr, info = run_feature_baselines(feats, t, classes, task, target, "classical", seed, folds)
         rows.append(score_probs("(b) classical texture model",
                                 "intensity histogram + GLCM + LBP features, logistic regression; "

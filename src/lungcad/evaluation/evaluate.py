@@ -27,6 +27,7 @@ import torch
 from lungcad.data.dataset import load_readable
 from lungcad.data.discovery import CLASSES, discover, parse_label_map
 from lungcad.errors import LungcadError
+from lungcad.evaluation.baselines import texture_features
 from lungcad.evaluation.bootstrap import N_BOOT, metrics_with_intervals
 from lungcad.evaluation.calibration import calibration_summary
 from lungcad.evaluation.compare import comparison_row, init_text
@@ -105,6 +106,7 @@ class Scored:
     pred: np.ndarray  # decisions
     skipped: int = 0
     folds: np.ndarray | None = None  # fold of each image (out-of-fold evaluation of an ensemble)
+    features: np.ndarray | None = None  # texture features of `cache`, if the fusion head needed them
 
 
 def _decoded(paths: list[Path], contract: ModelContract, progress: bool) -> tuple[torch.Tensor, list[int], int]:
@@ -122,13 +124,15 @@ def _scored(model, contract: ModelContract, es: EvalSet, progress: bool) -> Scor
     if not keep:
         raise LungcadError("no readable images to evaluate", es.source)
     logits = infer_logits(model, cache, contract.preprocessing)
-    texture = contract_texture(cache, contract)  # once, for both temperatures
+    # once, for both temperatures and for baseline (b)
+    features = texture_features(cache, progress) if contract.fusion else None
+    texture = contract_texture(cache, contract, features)
     probs = contract_probs(logits, cache, contract, texture=texture)
     raw = contract_probs(logits, cache, contract, temperature=1.0, texture=texture)
     return Scored(es.subset, [es.paths[i] for i in keep], np.array([targets[i] for i in keep], dtype=int),
                   np.array([es.groups[i] for i in keep]), cache, raw,
                   probs, predict_labels(probs, contract.task, contract.decision_threshold(), contract.classes),
-                  skipped)
+                  skipped, features=features)
 
 
 def _out_of_fold(run: RunFolder, contract: ModelContract, progress: bool) -> Scored:
@@ -228,7 +232,7 @@ def evaluate_run(
         from lungcad.evaluation.compare import baseline_rows
 
         comparison += baseline_rows(run_dir, contract, s.cache, s.paths, y, groups, compare or [], baselines,
-                                    progress, n_boot, seed)
+                                    progress, n_boot, seed, features=s.features)
     metrics["comparison"] = comparison
 
     out_dir = Path(out) if out is not None else (run_dir if data is None else run_dir / f"eval-{Path(data).name}")

@@ -99,9 +99,13 @@ def texture_probs(head: TextureHead, cache: torch.Tensor) -> np.ndarray:
     return head.predict_proba(texture_features(cache))
 
 
-def contract_texture(cache: torch.Tensor, contract) -> np.ndarray | None:
-    """The contract's texture head's probabilities for a uint8 cache; None for the network alone."""
-    return texture_probs(TextureHead.from_dict(contract.fusion), cache) if contract.fusion else None
+def contract_texture(cache: torch.Tensor, contract, features: np.ndarray | None = None) -> np.ndarray | None:
+    """The contract's texture head's probabilities for a uint8 cache; None for the network alone.
+    `features`: `texture_features` of the same images, when the caller has them already."""
+    if not contract.fusion:
+        return None
+    head = TextureHead.from_dict(contract.fusion)
+    return texture_probs(head, cache) if features is None else head.predict_proba(features)
 
 
 def contract_probs(logits, cache: torch.Tensor, contract, temperature: float | None = None,
