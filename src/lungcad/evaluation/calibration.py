@@ -21,7 +21,8 @@ from lungcad.models.factory import logits_to_probs
 
 __all__ = [
     "TARGET_SENSITIVITY", "brier_score", "calibration_summary", "choose_threshold", "expected_calibration_error",
-    "fit_operating_point", "fit_temperature", "reliability_bins", "scaled_probs", "top_label",
+    "fit_operating_point", "fit_temperature", "minimise_over_temperature", "probs_nll", "reliability_bins",
+    "scaled_probs", "top_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,7 @@ T_RANGE = (0.05, 20.0)
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor, task: str, temperature: float, then: Then = None) -> float:
     if then is not None:  # the model's own probabilities (e.g. fused): what inference produces
-        p = scaled_probs(logits, task, temperature, then)[np.arange(len(targets)), targets.numpy()]
-        return float(-np.log(np.clip(p, 1e-12, None)).mean())
+        return probs_nll(scaled_probs(logits, task, temperature, then), targets.numpy())
     z = logits / temperature
     if task == "binary":
         return float(torch.nn.functional.binary_cross_entropy_with_logits(z.reshape(-1), targets.float()))
@@ -68,8 +68,20 @@ def fit_temperature(logits: torch.Tensor | np.ndarray, targets, task: str, then:
         log.warning("temperature scaling skipped: validation has %d image(s), %d class(es)", len(y),
                     len(torch.unique(y)))
         return 1.0
-    res = minimize_scalar(lambda log_t: _nll(logits, y, task, math.exp(log_t), then),
-                          bounds=tuple(math.log(t) for t in T_RANGE), method="bounded", options={"xatol": 1e-4})
+    return minimise_over_temperature(lambda t: _nll(logits, y, task, t, then))
+
+
+def probs_nll(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes under probabilities (N, C)."""
+    p = np.asarray(probs, dtype=np.float64)[np.arange(len(targets)), np.asarray(targets, dtype=int)]
+    return float(-np.log(np.clip(p, 1e-12, None)).mean())
+
+
+def minimise_over_temperature(nll: Callable[[float], float]) -> float:
+    """The temperature in T_RANGE minimising `nll(temperature)` (bounded search on log T). Shared by
+    the fits on validation or out-of-fold predictions and `lungcad calibrate`'s fit on site cases."""
+    res = minimize_scalar(lambda log_t: nll(math.exp(log_t)), bounds=tuple(math.log(t) for t in T_RANGE),
+                          method="bounded", options={"xatol": 1e-4})
     return float(math.exp(res.x))
 
 

@@ -29,18 +29,22 @@ under a temporary name and renamed when complete: nothing half-written.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lungcad.data.dataset import load_readable
 from lungcad.errors import LungcadError
 from lungcad.evaluation.bootstrap import metrics_with_intervals
-from lungcad.evaluation.calibration import T_RANGE, TARGET_SENSITIVITY, choose_threshold, expected_calibration_error
+from lungcad.evaluation.calibration import (
+    TARGET_SENSITIVITY,
+    choose_threshold,
+    expected_calibration_error,
+    minimise_over_temperature,
+    probs_nll,
+)
 from lungcad.evaluation.evaluate import eval_set
 from lungcad.evaluation.metrics import malignant_index, predict_labels
 from lungcad.inference.forward import infer_logits
@@ -68,19 +72,11 @@ def _probs(member_logits: torch.Tensor, task: str, temperature: float, texture: 
     return p if texture is None else fuse(p, texture)
 
 
-def _nll(member_logits: torch.Tensor, y: np.ndarray, task: str, temperature: float,
-         texture: np.ndarray | None = None) -> float:
-    p = np.clip(_probs(member_logits, task, temperature, texture)[np.arange(len(y)), y], 1e-12, None)
-    return float(-np.log(p).mean())
-
-
 def fit_site_operating_point(member_logits: torch.Tensor, y: np.ndarray, task: str, classes: list[str],
                              target_sensitivity: float, texture: np.ndarray | None = None) -> dict:
     """Temperature (of the members, before their mean) minimising the NLL of the deployed
     probabilities, then the malignant threshold on the calibrated ones."""
-    res = minimize_scalar(lambda log_t: _nll(member_logits, y, task, math.exp(log_t), texture),
-                          bounds=tuple(math.log(t) for t in T_RANGE), method="bounded", options={"xatol": 1e-4})
-    temperature = float(math.exp(res.x))
+    temperature = minimise_over_temperature(lambda t: probs_nll(_probs(member_logits, task, t, texture), y))
     probs = _probs(member_logits, task, temperature, texture)
     m = malignant_index(classes)
     op = choose_threshold(probs[:, m], y == m, target_sensitivity)
