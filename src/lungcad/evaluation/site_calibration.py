@@ -51,7 +51,7 @@ from lungcad.inference.forward import infer_logits
 from lungcad.models.contract import CONTRACT_FILE, load_model, read_contract
 from lungcad.models.ensemble import combine_member_logits
 from lungcad.models.factory import logits_to_probs, target_index
-from lungcad.models.fusion import TextureHead, fuse, texture_probs
+from lungcad.models.fusion import contract_texture, fuse
 from lungcad.training.adapt import check_copy_out, run_copy, site_fingerprint
 from lungcad.utils import atomic_write_json
 
@@ -143,7 +143,7 @@ def calibrate_run(run_dir: str | Path, data: str | Path, out: str | Path, label_
     source_t = float(contract.ensemble["member_temperature"]) if ensemble else float(contract.temperature)
     source_threshold = contract.decision_threshold()
     # a fused texture head: its probabilities are fixed (only the network's temperature is refitted)
-    texture = texture_probs(TextureHead.from_dict(contract.fusion), cache) if contract.fusion else None
+    texture = contract_texture(cache, contract)
     before_probs = _probs(logits, task, source_t, texture)
     before = metrics_with_intervals(y, before_probs, source_threshold, groups, classes, task, seed=seed)
 
